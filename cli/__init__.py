@@ -1,0 +1,1 @@
+"""The `medembed` command line: thin typer commands over the library."""

@@ -1,0 +1,104 @@
+"""`medembed manifest …`: build manifests from public data sets or a user's folders/CSV, and check them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from medembed import manifest as m
+
+app = typer.Typer(help="Build and check manifests (one row per image: image_id, path, label, study, patient, body part, split).", no_args_is_help=True)
+
+OUT = typer.Option(..., "--out", "-o", help="Manifest CSV to write.")
+
+
+def _written(manifest: m.Manifest, out: Path, notes: list[str] = ()) -> None:
+    m.write_manifest(manifest, out)
+    for note in notes:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"wrote {out} ({len(manifest)} rows)")
+    typer.echo(m.validate_manifest(manifest, root=None, check_files=False).format())
+
+
+@app.command()
+def fracatlas(
+    root: Path = typer.Argument(..., help="The FracAtlas folder (with dataset.csv and images/)."),
+    out: Path = OUT,
+    seed: int = typer.Option(0, help="Seed of the train/val/test split (the committed canonical manifest uses 0)."),
+) -> None:
+    """FracAtlas: label = fractured OR hardware, each image its own study, seeded 70/10/20 split.
+
+    Example: medembed manifest fracatlas ../shared/data/fracatlas --out fracatlas.csv
+    """
+    manifest, notes = m.build_fracatlas(root, seed=seed)
+    _written(manifest, out, notes)
+
+
+@app.command()
+def mura(
+    root: Path = typer.Argument(..., help="The folder holding MURA-v1.1/ (or MURA-v1.1 itself)."),
+    out: Path = OUT,
+    seed: int = typer.Option(0, help="Seed of the val split carved from train."),
+    val_fraction: float = typer.Option(0.1, help="Fraction of train images moved to val, taken as whole patients."),
+) -> None:
+    """MURA v1.1: study = (body part, patient, study); `valid` becomes test; val carved from train by patient.
+
+    Example: medembed manifest mura /data --out mura.csv
+    """
+    _written(m.build_mura(root, seed=seed, val_fraction=val_fraction), out)
+
+
+@app.command()
+def folders(
+    root: Path = typer.Argument(..., help="root/<class>/... or root/<split>/<class>/..."),
+    out: Path = OUT,
+    label: list[str] = typer.Option(None, "--label", help="Folder-to-label mapping, e.g. --label normal=0 --label fracture=1."),
+) -> None:
+    """One folder per class (optionally under train/val/test folders).
+
+    Example: medembed manifest folders my_xrays/ --label normal=0 --label abnormal=1 --out mine.csv
+    """
+    mapping = _pairs(label, int) if label else None
+    _written(m.build_from_folders(root, class_to_label=mapping), out)
+
+
+@app.command("csv")
+def from_csv(
+    csv_path: Path = typer.Argument(..., help="Your CSV, one row per image."),
+    out: Path = OUT,
+    column: list[str] = typer.Option(None, "--column", help="manifest_column=your_column, e.g. --column image_id=ID --column path=file."),
+    label_value: list[str] = typer.Option(None, "--label-value", help="your_value=0|1, e.g. --label-value abnormal=1."),
+) -> None:
+    """A CSV with your own column names, mapped onto the manifest schema.
+
+    Example: medembed manifest csv labels.csv --column image_id=ID --column path=file --column label=finding --label-value abnormal=1 --label-value normal=0 --out mine.csv
+    """
+    label_map = _pairs(label_value, int) if label_value else None
+    _written(m.build_from_csv(csv_path, _pairs(column or [], str), label_map=label_map), out)
+
+
+@app.command()
+def check(
+    manifest_path: Path = typer.Argument(..., metavar="MANIFEST", help="Manifest CSV."),
+    root: Path = typer.Option(None, "--root", help="Image root the paths are relative to (checks the files exist)."),
+    decode: bool = typer.Option(False, help="Also open every file's header (slower)."),
+) -> None:
+    """Validate a manifest and print a summary; exits non-zero on errors (warnings do not).
+
+    Example: medembed manifest check data_manifests/fracatlas.csv --root ../shared/data/fracatlas
+    """
+    report = m.validate_manifest(m.read_manifest(manifest_path), root=root, check_files=root is not None, check_decodable=decode)
+    typer.echo(report.format())
+    if report.errors:
+        raise typer.Exit(1)
+
+
+def _pairs(items: list[str], cast: type) -> dict:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"expected key=value, got {item!r}")
+        pairs[key] = cast(value)
+    return pairs
