@@ -1,0 +1,333 @@
+"""JSON, Markdown and PNG figures of a run.
+
+The report only formats and draws: every number comes from ``medembed.evaluate`` (metrics, intervals, seed
+summaries) and every curve from ``medembed.calibrate.sweep_thresholds``, the sweep that picks the thresholds.
+Figures are drawn on ``matplotlib.figure.Figure`` objects, which render with Agg and touch no pyplot state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from medembed.calibrate import check_scores, confusion_metrics, sweep_thresholds
+from medembed.errors import MedembedError
+from medembed.evaluate import binary_metrics, reliability_table
+
+LEVELS = ("image", "study")
+METRIC_LABELS = {
+    "auroc": "AUROC",
+    "auprc": "AUPRC",
+    "kappa": "Cohen's kappa",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "ppv": "PPV",
+    "npv": "NPV",
+    "f1": "F1",
+    "accuracy": "Accuracy",
+    "brier": "Brier score",
+    "ece": "ECE (15 bins)",
+    "n": "n",
+    "n_pos": "Abnormal",
+    "threshold": "Threshold",
+}
+BODY_PART_COLUMNS = ("n", "n_pos", "auroc", "auprc", "kappa", "sensitivity", "specificity")
+_INTEGER_METRICS = ("n", "n_pos")
+_FIGURE_SIZE = (5.0, 4.5)  # inches
+_DPI = 120
+
+
+def write_metrics_json(result: dict, path: Path) -> None:
+    """Write a result as JSON: NaN and infinities become null, keys sorted, replaced atomically."""
+    text = json.dumps(_json_safe(result), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def markdown_report(result: dict, *, title: str, context: dict) -> str:
+    """A Markdown report of an evaluate_predictions result or a summarize_seeds summary.
+
+    Headline table: rows = metrics, columns = image / study level, cells "0.871 (0.842–0.897)" (value and
+    bootstrap interval) or "0.871 ± 0.012" (mean ± sd over seeds). A seed summary stored beside a single run's
+    result under "over_seeds" gets its own headline table. Then one per-body-part table per level, and the
+    context (store fingerprint, head, threshold rule and value, calibration, split sizes, ...) as a list.
+    """
+    levels = [level for level in LEVELS if level in result]
+    if not levels:
+        raise MedembedError(f"result has no image or study level to report; keys: {sorted(result)}")
+    lines = [f"# {title}", ""] + _headline(result, levels)
+    if result.get("over_seeds"):
+        lines += ["", "## Over seeds", ""] + _headline(result["over_seeds"], levels)
+    for level in levels:
+        by_part = result[level].get("by_body_part") or {}
+        if not by_part:
+            continue
+        lines += ["", f"## Per body part, {level} level", ""]
+        lines += _table(
+            ["Body part"] + [METRIC_LABELS[metric] for metric in BODY_PART_COLUMNS],
+            [
+                [part] + [_cell(table.get(metric), metric) for metric in BODY_PART_COLUMNS]
+                for part, table in by_part.items()
+            ],
+        )
+    if context:
+        lines += ["", "## Context", ""]
+        lines += [f"- **{key}**: {_context_value(value)}" for key, value in context.items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_figures(
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    out_dir: Path,
+    *,
+    level: str,
+    body_parts: np.ndarray | None = None,
+    result: dict | None = None,
+) -> list[Path]:
+    """Draw the figures of one level (y [N], p [N] of images or studies) as PNGs in out_dir; returns their paths.
+
+    roc_<level>.png and pr_<level>.png with the operating point marked, reliability_<level>.png (15 bins, with
+    counts), thresholds_<level>.png (sensitivity, specificity, F1, kappa against the threshold, the chosen one
+    marked) and, when per-body-part numbers exist, body_parts_<level>.png: AUROC per body part, with interval
+    error bars from result's "by_body_part" tables (or ± sd for a seed summary) else point values from body_parts.
+    result: an evaluate_predictions result (or summarize_seeds summary), whole or just this level's entry.
+    """
+    if level not in LEVELS:
+        raise MedembedError(f"unknown level {level!r}; expected one of {', '.join(LEVELS)}")
+    y, p = check_scores(y, p)
+    sweep = sweep_thresholds(y, p)
+    if sweep.n_pos == 0 or sweep.n_neg == 0:
+        raise MedembedError(f"cannot draw ROC/PR curves at {level} level: the labels hold only one class")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    operating = binary_metrics(y, p, threshold)
+    figures = {
+        f"roc_{level}.png": _roc_figure(sweep, operating),
+        f"pr_{level}.png": _pr_figure(sweep, operating),
+        f"reliability_{level}.png": _reliability_figure(y, p, operating),
+        f"thresholds_{level}.png": _threshold_figure(sweep, threshold),
+    }
+    parts = _body_part_auroc(y, p, threshold, body_parts, result, level)
+    if parts:
+        figures[f"body_parts_{level}.png"] = _body_part_figure(parts, level)
+    paths = []
+    for name, figure in figures.items():
+        figure.savefig(out_dir / name, dpi=_DPI)
+        paths.append(out_dir / name)
+    return paths
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types: numpy scalars and arrays unwrapped, tuples to lists, non-finite floats to None."""
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _cell(leaf: dict | None, metric: str) -> str:
+    """One table cell: "v (lo–hi)", "v" without an interval, "mean ± sd" for a seed summary, "n/a" if undefined."""
+    if leaf is None:
+        return ""
+    if "mean" in leaf:
+        mean, sd = leaf["mean"], leaf["sd"]
+        if metric in _INTEGER_METRICS and not sd:
+            return _number(mean, metric)
+        return f"{_number(mean, metric)} ± {_number(sd, metric)}"
+    ci = leaf.get("ci")
+    value = _number(leaf["value"], metric)
+    if ci is None or value == "n/a" or any(bound is None or math.isnan(bound) for bound in ci):
+        return value
+    return f"{value} ({_number(ci[0], metric)}–{_number(ci[1], metric)})"
+
+
+def _number(value: float | None, metric: str) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.0f}" if metric in _INTEGER_METRICS else f"{value:.3f}"
+
+
+def _headline(result: dict, levels: list[str]) -> list[str]:
+    """Lines of the metrics x levels table and the note saying what its cells are."""
+    table = _table(
+        ["Metric"] + [f"{level.capitalize()} level" for level in levels],
+        [
+            [METRIC_LABELS[metric]] + [_cell(result[level]["overall"].get(metric), metric) for level in levels]
+            for metric in METRIC_LABELS
+            if any(metric in result[level]["overall"] for level in levels)
+        ],
+    )
+    return table + ["", _values_note(result, levels)]
+
+
+def _values_note(result: dict, levels: list[str]) -> str:
+    """The sentences under the headline table saying what the cells are."""
+    aggregation = (result.get("study") or {}).get("aggregation")
+    study_rule = f" Study probability: the {aggregation} of its images' probabilities." if aggregation else ""
+    return _interval_note(result, levels) + study_rule
+
+
+def _interval_note(result: dict, levels: list[str]) -> str:
+    overall = result[levels[0]]["overall"]
+    first_leaf = next(iter(overall.values()))
+    if "mean" in first_leaf:
+        return f"Values: mean ± sd over {first_leaf['n_seeds']} seeds."
+    units = [
+        f"{result[level]['bootstrap']['unit']}s at {level} level"
+        for level in levels
+        if (result[level].get("bootstrap") or {}).get("n_resamples")
+    ]
+    if not units:
+        return "Values: point estimates (no bootstrap)."
+    bootstrap = result[levels[0]]["bootstrap"]
+    confidence = round(100 * (1 - bootstrap["alpha"]))
+    return (
+        f"Values: point estimate ({confidence}% percentile bootstrap interval, {bootstrap['n_resamples']} resamples "
+        f"of {' and '.join(units)})."
+    )
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown table lines; numbers right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _context_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {_context_value(item)}" for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_context_value(item) for item in value)
+    return str(value)
+
+
+def _new_axes(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
+    figure = Figure(figsize=_FIGURE_SIZE, layout="constrained")
+    axes = figure.add_subplot()
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axes.grid(alpha=0.3)
+    return figure, axes
+
+
+def _mark_operating_point(axes: Any, x: float, y: float, threshold: float) -> None:
+    axes.plot(x, y, "o", color="crimson", label=f"threshold {threshold:.3f}")
+
+
+def _roc_figure(sweep: Any, operating: dict[str, float]) -> Figure:
+    figure, axes = _new_axes("ROC curve", "1 - specificity", "Sensitivity")
+    false_positive_rate = np.r_[0, sweep.fp / sweep.n_neg]
+    true_positive_rate = np.r_[0, sweep.tp / sweep.n_pos]
+    axes.plot(false_positive_rate, true_positive_rate, label=f"AUROC {operating['auroc']:.3f}")
+    axes.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    _mark_operating_point(axes, 1 - operating["specificity"], operating["sensitivity"], operating["threshold"])
+    axes.set(xlim=(0, 1), ylim=(0, 1.01))
+    axes.legend(loc="lower right")
+    return figure
+
+
+def _pr_figure(sweep: Any, operating: dict[str, float]) -> Figure:
+    figure, axes = _new_axes("Precision-recall curve", "Recall (sensitivity)", "Precision (PPV)")
+    recall = np.r_[0, sweep.tp / sweep.n_pos]
+    precision = np.r_[1, sweep.tp / (sweep.tp + sweep.fp)]
+    # "pre": precision at recall r_k holds over (r_{k-1}, r_k], the area that average precision sums.
+    axes.step(recall, precision, where="pre", label=f"AUPRC {operating['auprc']:.3f}")
+    prevalence = sweep.n_pos / (sweep.n_pos + sweep.n_neg)
+    axes.axhline(prevalence, linestyle=":", color="grey", label=f"prevalence {prevalence:.3f}")
+    _mark_operating_point(axes, operating["sensitivity"], operating["ppv"], operating["threshold"])
+    axes.set(xlim=(0, 1), ylim=(0, 1.01))
+    axes.legend(loc="lower left")
+    return figure
+
+
+def _reliability_figure(y: np.ndarray, p: np.ndarray, operating: dict[str, float]) -> Figure:
+    bins = reliability_table(y, p)
+    figure = Figure(figsize=_FIGURE_SIZE, layout="constrained")
+    curve_axes, count_axes = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    filled = bins["count"] > 0
+    curve_axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect calibration")
+    curve_axes.plot(bins["mean_p"][filled], bins["frac_pos"][filled], "o-", label=f"ECE {operating['ece']:.3f}")
+    curve_axes.set(title="Reliability diagram", ylabel="Fraction abnormal", xlim=(0, 1), ylim=(0, 1.01))
+    curve_axes.grid(alpha=0.3)
+    curve_axes.legend(loc="upper left")
+    edges = bins["edges"]
+    count_axes.bar(edges[:-1], bins["count"], width=np.diff(edges), align="edge", color="grey")
+    count_axes.set(xlabel="Predicted probability", ylabel="Count")
+    return figure
+
+
+def _threshold_figure(sweep: Any, threshold: float) -> Figure:
+    figure, axes = _new_axes("Metrics against threshold", "Threshold (abnormal when p >= threshold)", "Value")
+    rates = confusion_metrics(sweep.tp, sweep.fp, sweep.tn, sweep.fn)
+    for metric in ("sensitivity", "specificity", "f1", "kappa"):
+        axes.plot(sweep.thresholds, rates[metric], label=METRIC_LABELS[metric])
+    axes.axvline(threshold, color="crimson", linestyle="--", label=f"chosen {threshold:.3f}")
+    axes.set(xlim=(0, 1), ylim=(min(0.0, float(np.nanmin(rates["kappa"]))), 1.01))
+    axes.legend(loc="best")
+    return figure
+
+
+def _body_part_auroc(
+    y: np.ndarray, p: np.ndarray, threshold: float, body_parts: np.ndarray | None, result: dict | None, level: str
+) -> dict[str, tuple[float, float, float]]:
+    """{part: (auroc, lower error, upper error)} from the result's tables, else computed per part without errors."""
+    level_result = (result or {}).get(level, result or {})  # a whole result or just this level's entry
+    tables = level_result.get("by_body_part") or {}
+    if tables:
+        parts = {}
+        for part, table in tables.items():
+            leaf = table["auroc"]
+            # dtype=float turns the None of a reloaded metrics.json into NaN.
+            if "mean" in leaf:
+                center, spread = np.array([leaf["mean"], leaf["sd"]], dtype=float)
+                parts[part] = (center, spread, spread)
+            else:
+                center, low, high = np.array([leaf["value"], *(leaf["ci"] or (None, None))], dtype=float)
+                parts[part] = (center, center - low, high - center)
+        return parts
+    if body_parts is None:
+        return {}
+    body_parts = np.asarray(body_parts).astype(str)
+    if body_parts.shape != y.shape:
+        raise MedembedError(f"body_parts must have one entry per row ({len(y)}); got shape {body_parts.shape}")
+    return {
+        str(part): (binary_metrics(y[body_parts == part], p[body_parts == part], threshold)["auroc"], 0.0, 0.0)
+        for part in np.unique(body_parts)
+    }
+
+
+def _body_part_figure(parts: dict[str, tuple[float, float, float]], level: str) -> Figure:
+    figure, axes = _new_axes(f"AUROC per body part ({level} level)", "", "AUROC")
+    names = list(parts)
+    values = np.array([parts[name][0] for name in names], dtype=np.float64)
+    errors = np.nan_to_num(np.array([[parts[name][1] for name in names], [parts[name][2] for name in names]]))
+    axes.bar(names, np.nan_to_num(values), yerr=errors, capsize=4, color="steelblue")
+    axes.axhline(0.5, linestyle=":", color="grey")
+    axes.set(ylim=(0, 1.05))
+    axes.tick_params(axis="x", labelrotation=45)
+    return figure

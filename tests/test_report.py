@@ -1,0 +1,143 @@
+"""Reports: JSON with nulls, Markdown tables holding the numbers, real PNG figures."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medembed.errors import MedembedError
+from medembed.evaluate import evaluate_predictions, summarize_seeds
+from medembed.report import markdown_report, plot_figures, write_metrics_json
+
+
+def _leaf(value: float, low: float | None = None, high: float | None = None) -> dict:
+    return {"value": value, "ci": None if low is None else [low, high]}
+
+
+def _result(auroc: float = 0.871) -> dict:
+    bootstrap = {"n_resamples": 1000, "seed": 0, "alpha": 0.05}
+    return {
+        "image": {
+            "overall": {"auroc": _leaf(auroc, 0.842, 0.897), "kappa": _leaf(0.61, 0.58, 0.64), "n": _leaf(3000)},
+            "by_body_part": {
+                "XR_HAND": {
+                    "n": _leaf(1200),
+                    "n_pos": _leaf(500),
+                    "auroc": _leaf(0.9, 0.85, 0.95),
+                    "kappa": _leaf(math.nan),
+                }
+            },
+            "bootstrap": {**bootstrap, "unit": "patient"},
+        },
+        "study": {
+            "overall": {"auroc": _leaf(0.912, 0.880, 0.940), "kappa": _leaf(0.7, 0.65, 0.75), "n": _leaf(1000)},
+            "by_body_part": {},
+            "bootstrap": {**bootstrap, "unit": "patient"},
+            "aggregation": "mean",
+        },
+    }
+
+
+def test_metrics_json_writes_null_for_nan_with_sorted_keys(tmp_path):
+    path = tmp_path / "run" / "metrics.json"
+    write_metrics_json({"b": {"value": np.float64("nan"), "ci": (np.float32(0.5), math.inf)}, "a": np.int64(3)}, path)
+    text = path.read_text()
+    assert json.loads(text) == {"a": 3, "b": {"ci": [0.5, None], "value": None}}
+    assert text.index('"a"') < text.index('"b"') and "NaN" not in text
+    assert [entry.name for entry in path.parent.iterdir()] == ["metrics.json"]  # no temporary file left behind
+
+
+def test_markdown_report_tabulates_levels_body_parts_and_context():
+    text = markdown_report(
+        _result(),
+        title="MURA, logreg",
+        context={
+            "store fingerprint": "3f2a9c",
+            "threshold rule": "kappa",
+            "threshold": 0.43217,
+            "split sizes": {"train": 30000, "val": 6000},
+        },
+    )
+    assert text.startswith("# MURA, logreg\n")
+    assert "| Metric | Image level | Study level |" in text
+    assert "| AUROC | 0.871 (0.842–0.897) | 0.912 (0.880–0.940) |" in text
+    assert "| Cohen's kappa | 0.610 (0.580–0.640) | 0.700 (0.650–0.750) |" in text
+    assert "| n | 3000 | 1000 |" in text
+    assert "resamples of patients at image level and patients at study level)." in text
+    assert "Study probability: the mean of its images' probabilities." in text
+    assert "## Per body part, image level" in text and "Per body part, study level" not in text
+    assert "| XR_HAND | 1200 | 500 | 0.900 (0.850–0.950) |  | n/a |" in text
+    assert "- **store fingerprint**: 3f2a9c" in text and "- **threshold**: 0.4322" in text
+    assert "- **split sizes**: train 30000, val 6000" in text
+
+
+def test_markdown_report_of_seeds_shows_mean_and_sd():
+    text = markdown_report(summarize_seeds([_result(0.8), _result(0.9)]), title="seeds", context={})
+    assert "| AUROC | 0.850 ± 0.071 | 0.912 ± 0.000 |" in text
+    assert "| n | 3000 | 1000 |" in text
+    assert "mean ± sd over 2 seeds" in text
+
+
+def test_markdown_report_adds_a_seed_table_stored_beside_a_run():
+    run = {**_result(0.8), "over_seeds": summarize_seeds([_result(0.8), _result(0.9)])}
+    text = markdown_report(run, title="seeds", context={})
+    assert "| AUROC | 0.800 (0.842–0.897) |" in text
+    assert "## Over seeds" in text and "| AUROC | 0.850 ± 0.071 | 0.912 ± 0.000 |" in text
+
+
+def test_markdown_report_needs_a_level():
+    with pytest.raises(MedembedError, match="no image or study level"):
+        markdown_report({"bootstrap": {}}, title="x", context={})
+
+
+def _scores(n: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, n)
+    p = np.clip(0.4 * y + 0.6 * rng.random(n), 0, 1)
+    parts = np.array(["XR_HAND", "XR_WRIST", "XR_SHOULDER"])[np.arange(n) % 3]
+    return y, p, parts
+
+
+def test_plot_figures_writes_real_pngs(tmp_path):
+    y, p, parts = _scores()
+    result = evaluate_predictions(y, p, 0.5, body_parts=parts, n_resamples=50)
+    paths = plot_figures(y, p, 0.5, tmp_path, level="image", body_parts=parts, result=result)
+    assert sorted(path.name for path in paths) == [
+        "body_parts_image.png",
+        "pr_image.png",
+        "reliability_image.png",
+        "roc_image.png",
+        "thresholds_image.png",
+    ]
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size == (600, 540)
+            assert len(np.unique(np.asarray(image.convert("L")))) > 10  # something was drawn
+
+
+def test_plot_figures_without_body_parts_skips_the_bar_chart(tmp_path):
+    y, p, _ = _scores()
+    names = [path.name for path in plot_figures(y, p, 0.4, tmp_path, level="study")]
+    assert names == ["roc_study.png", "pr_study.png", "reliability_study.png", "thresholds_study.png"]
+
+
+def test_plot_figures_refuses_one_class_and_unknown_levels(tmp_path):
+    with pytest.raises(MedembedError, match="only one class"):
+        plot_figures(np.zeros(5, int), np.linspace(0, 1, 5), 0.5, tmp_path, level="image")
+    with pytest.raises(MedembedError, match="unknown level"):
+        plot_figures(np.array([0, 1]), np.array([0.2, 0.7]), 0.5, tmp_path, level="patient")
+
+
+def test_reports_accept_a_result_reloaded_from_metrics_json(tmp_path):
+    y, p, parts = _scores(90)
+    y[parts == "XR_SHOULDER"] = 1  # one class in a body part: its AUROC and interval are NaN, stored as null
+    result = evaluate_predictions(y, p, 0.5, body_parts=parts, n_resamples=20)
+    write_metrics_json(result, tmp_path / "metrics.json")
+    reloaded = json.loads((tmp_path / "metrics.json").read_text())
+    assert reloaded["image"]["by_body_part"]["XR_SHOULDER"]["auroc"] == {"value": None, "ci": [None, None]}
+    assert "| XR_SHOULDER | 30 | 30 | n/a |" in markdown_report(reloaded, title="reloaded", context={})
+    for result_or_level in (reloaded, reloaded["image"]):  # a whole result or just the level's entry
+        paths = plot_figures(y, p, 0.5, tmp_path / "figures", level="image", result=result_or_level)
+        assert (tmp_path / "figures" / "body_parts_image.png") in paths
