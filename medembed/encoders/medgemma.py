@@ -1,0 +1,162 @@
+"""The vision tower of a MedGemma / Gemma 3 checkpoint, loaded without its language model.
+
+Only the checkpoint's config is parsed; a SiglipVisionModel is built from `vision_config` and filled
+from the vision-tower tensors alone: the safetensors index says which shards hold them, and
+`safe_open` reads just those keys. The 4B language model is never built nor read. Tensor names
+differ by the transformers version that saved the checkpoint (hub MedGemma:
+`vision_tower.vision_model.*`, `multi_modal_projector.*`; transformers 5 in memory:
+`model.vision_tower.*`); all of these are accepted.
+
+Preprocessing is MedSigLIP's (its vision encoder is MedSigLIP's, at 896 px): zero-pad to a square,
+bilinear without antialiasing, [-1, 1]. transformers' Gemma3 image processor instead stretches the
+image to a square; medembed keeps the aspect ratio, and the spec (hashed into the store) says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import Gemma3Config, SiglipVisionModel
+from transformers.initialization import no_init_weights
+from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+
+from medembed.encoders._hf import SAFETENSORS_SINGLE, HFCheckpoint, siglip_tower_flops
+from medembed.encoders.base import Encoder, EncoderError, freeze
+from medembed.images import medsiglip_spec
+
+# Longest prefixes first: each tensor name is matched against them in order.
+_VISION_PREFIXES = (
+    "model.vision_tower.vision_model.",
+    "vision_tower.vision_model.",
+    "model.vision_tower.",
+    "vision_tower.",
+)
+_PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+
+
+class MedGemmaEncoder(Encoder):
+    """MedGemma's image encoder at the checkpoint's resolution (896 px for MedGemma 4B), MedSigLIP preprocessing.
+
+    `output`: "pooled" (the tower's pooling head, or the mean of its patch tokens when the config has
+    `vision_use_head=False`, as Gemma 3's does) or "projector" (the multimodal projector's soft tokens,
+    i.e. what the language model sees, mean-pooled).
+    """
+
+    name = "medgemma"
+    OUTPUTS = ("pooled", "projector")
+
+    def __init__(
+        self,
+        model_id: str = "google/medgemma-4b-it",
+        *,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool | None = None,
+        output: str = "pooled",
+    ) -> None:
+        if output not in self.OUTPUTS:
+            raise EncoderError(f"medgemma: output must be one of {self.OUTPUTS}, got {output!r}")
+        self.checkpoint = HFCheckpoint(model_id, revision, cache_dir, local_files_only)
+        model_type = self.checkpoint.config_dict().get("model_type")
+        if model_type != "gemma3":
+            raise EncoderError(f"{model_id}: model_type {model_type!r} is not a Gemma 3 / MedGemma checkpoint")
+        self.config = Gemma3Config.from_pretrained(self.checkpoint.directory())
+        vision_config = self.config.vision_config
+        self.output = output
+        self.model_id = model_id
+        self.revision = self.checkpoint.resolved_revision()
+        if output == "projector":
+            self.dim = self.config.text_config.hidden_size
+            self.embedding_kind = "projector_mean_tokens"
+        else:
+            self.dim = vision_config.hidden_size
+            has_head = vision_config.vision_use_head
+            self.embedding_kind = "vision_pooler_output" if has_head else "vision_mean_patch_tokens"
+        self.preprocess = medsiglip_spec(vision_config.image_size)
+        self.tensors_read: tuple[str, ...] = ()  # checkpoint tensor names actually read by the last load()
+        self._vision: torch.nn.Module | None = None
+        self._projector: torch.nn.Module | None = None
+
+    def _read_plan(self) -> dict[Path, list[tuple[str, str, str]]]:
+        """Shard path -> [(checkpoint name, part "vision"|"projector", name inside that module)] to read."""
+        parts = {"vision": _VISION_PREFIXES}
+        if self.output == "projector":
+            parts["projector"] = _PROJECTOR_PREFIXES
+        by_shard: dict[str, list[tuple[str, str, str]]] = {}
+        for name, shard in sorted(self._weight_map().items()):
+            for part, prefixes in parts.items():
+                prefix = next((prefix for prefix in prefixes if name.startswith(prefix)), None)
+                if prefix is not None:
+                    by_shard.setdefault(shard, []).append((name, part, name[len(prefix) :]))
+                    break
+        found = {part for entries in by_shard.values() for _, part, _ in entries}
+        for part in parts.keys() - found:
+            raise EncoderError(f"{self.model_id}: no {part} tensors found (names starting with {parts[part]})")
+        return {self.checkpoint.file(shard): entries for shard, entries in sorted(by_shard.items())}
+
+    def _weight_map(self) -> dict[str, str]:
+        """Tensor name -> file name, from the index or, for a single file, from its header (no tensor is read)."""
+        weight_map = self.checkpoint.weight_map()
+        if weight_map is None:
+            single = self.checkpoint.file(SAFETENSORS_SINGLE)
+            with safe_open(single, framework="pt") as handle:
+                weight_map = dict.fromkeys(handle.keys(), single.name)
+        return weight_map
+
+    def _read_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Read only the planned tensors, as float32 on the CPU; records their names in `tensors_read`."""
+        tensors: dict[str, dict[str, torch.Tensor]] = {"vision": {}, "projector": {}}
+        read: list[str] = []
+        for path, entries in self._read_plan().items():
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                for name, part, local_name in entries:
+                    tensors[part][local_name] = handle.get_tensor(name).to(torch.float32)
+                    read.append(name)
+        self.tensors_read = tuple(read)
+        return tensors
+
+    def load(self, device: torch.device) -> None:
+        """Build the vision tower (and projector if asked) from the config; fill it with float32 weights on `device`."""
+        tensors = self._read_tensors()
+        # Weights are overwritten right away, so skip the (slow, for 400M parameters) random initialisation.
+        with torch.device(device), no_init_weights():
+            vision = SiglipVisionModel._from_config(self.config.vision_config, dtype=torch.float32)
+            projector = Gemma3MultiModalProjector(self.config) if self.output == "projector" else None
+        _load_exactly(vision, tensors["vision"], self.model_id, "vision tower")
+        self._vision = freeze(vision, device)
+        if projector is not None:
+            _load_exactly(projector, tensors["projector"], self.model_id, "multimodal projector")
+            self._projector = freeze(projector, device)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, S, S]` -> `[B, dim]` float32: pooled vision output, or mean of the projected soft tokens."""
+        outputs = self._require_loaded(self._vision)(pixel_values=pixels)
+        if self.output == "projector":
+            return self._require_loaded(self._projector)(outputs.last_hidden_state).mean(dim=1).float()
+        if outputs.pooler_output is not None:
+            return outputs.pooler_output.float()
+        return outputs.last_hidden_state.mean(dim=1).float()
+
+    def weight_files(self) -> list[Path]:
+        """Only the shards that hold the tensors this encoder reads."""
+        return list(self._read_plan())
+
+    def flops_per_image(self) -> float:
+        """Vision tower FLOPs from the config, plus the projector's matmul when it is used."""
+        vision = self.config.vision_config
+        flops = siglip_tower_flops(vision)
+        if self.output == "projector":
+            flops += 2.0 * self.config.mm_tokens_per_image * vision.hidden_size * self.config.text_config.hidden_size
+        return flops
+
+
+def _load_exactly(module: torch.nn.Module, state: dict[str, torch.Tensor], model_id: str, what: str) -> None:
+    """load_state_dict(strict) with an EncoderError naming the mismatched tensors."""
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise EncoderError(
+            f"{model_id}: {what} tensors do not match its config "
+            f"(missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})"
+        )

@@ -1,0 +1,75 @@
+"""SigLIP vision towers (default MedSigLIP-448) from a hub id or a local directory.
+
+Accepts a SiglipVisionModel checkpoint or a full SiglipModel one (only its vision tower is kept).
+Embeddings are the raw pooled output (no L2 normalisation): normalising is a head option.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from medembed.encoders._hf import HFCheckpoint, load_pretrained, siglip_tower_flops
+from medembed.encoders.base import Encoder, EncoderError
+from medembed.images import medsiglip_spec
+
+_SIGLIP_MODEL_TYPES = ("siglip", "siglip_vision_model")
+
+
+class SiglipEncoder(Encoder):
+    """A SigLIP vision tower with MedSigLIP's preprocessing at the checkpoint's own resolution.
+
+    `pooling`: "pooler_output" (the attention-pooling head, SigLIP's image embedding) or
+    "mean_patch_tokens" (mean of the last hidden states).
+    """
+
+    name = "medsiglip"
+    POOLINGS = ("pooler_output", "mean_patch_tokens")
+
+    def __init__(
+        self,
+        model_id: str = "google/medsiglip-448",
+        *,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool | None = None,
+        pooling: str = "pooler_output",
+    ) -> None:
+        if pooling not in self.POOLINGS:
+            raise EncoderError(f"medsiglip: pooling must be one of {self.POOLINGS}, got {pooling!r}")
+        self.checkpoint = HFCheckpoint(model_id, revision, cache_dir, local_files_only)
+        model_type = self.checkpoint.config_dict().get("model_type")
+        if model_type not in _SIGLIP_MODEL_TYPES:
+            raise EncoderError(f"{model_id}: model_type {model_type!r} is not SigLIP (use 'medgemma' or 'hf-vision')")
+        # For a full SiglipModel config this picks its vision_config.
+        self.config = SiglipVisionConfig.from_pretrained(self.checkpoint.directory())
+        if pooling == "pooler_output" and not self.config.vision_use_head:
+            raise EncoderError(f"{model_id}: this vision tower has no pooling head; use pooling='mean_patch_tokens'")
+        self.pooling = pooling
+        self.model_id = model_id
+        self.revision = self.checkpoint.resolved_revision()
+        self.dim = self.config.hidden_size
+        self.embedding_kind = pooling
+        self.preprocess = medsiglip_spec(self.config.image_size)
+        self._model: torch.nn.Module | None = None
+
+    def load(self, device: torch.device) -> None:
+        """Load the vision tower's float32 weights onto `device`, frozen."""
+        self._model = load_pretrained(SiglipVisionModel, self.checkpoint, device)
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, S, S]` -> `[B, hidden_size]` float32 (pooled output or mean patch token)."""
+        outputs = self._require_loaded(self._model)(pixel_values=pixels)
+        if self.pooling == "pooler_output":
+            return outputs.pooler_output.float()
+        return outputs.last_hidden_state.mean(dim=1).float()
+
+    def weight_files(self) -> list[Path]:
+        """The checkpoint's safetensors files (from_pretrained reads all of them)."""
+        return self.checkpoint.weight_files()
+
+    def flops_per_image(self) -> float:
+        """ViT forward FLOPs from the config, including the attention-pooling head when present."""
+        return siglip_tower_flops(self.config)
