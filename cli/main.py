@@ -6,17 +6,20 @@ import sys
 
 import typer
 
-from cli import manifest_cmds, store_cmds
+from cli import extract_cmds, fit_cmds, manifest_cmds, store_cmds
 from medembed.errors import MedembedError
 
 app = typer.Typer(
     help="Detect abnormalities in musculoskeletal radiographs with frozen foundation-model embeddings.\n\n"
     "Typical flow: manifest -> extract (GPU box) -> fit -> evaluate / predict (laptop).",
     no_args_is_help=True,
+    add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(manifest_cmds.app, name="manifest")
+app.command()(extract_cmds.extract)
+fit_cmds.register(app)
 store_cmds.register(app)
 
 

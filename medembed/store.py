@@ -500,7 +500,7 @@ class StoreWriter:
             for record in records:
                 if record["kind"] == "rows":
                     table = _record_table(record)
-                    new = np.asarray([i not in present for i in table.image_id])
+                    new = np.asarray([i not in present for i in table.image_id], dtype=bool)
                     new_rows.append(table.subset(new))
                     present.update(record["ids"])
                     for image_id in record["ids"]:
