@@ -83,7 +83,7 @@ def markdown_report(result: dict, *, title: str, context: dict) -> str:
         lines += _table(
             ["Body part"] + [METRIC_LABELS[metric] for metric in BODY_PART_COLUMNS],
             [
-                [part] + [_cell(table.get(metric), metric) for metric in BODY_PART_COLUMNS]
+                [part] + [format_cell(table.get(metric), metric) for metric in BODY_PART_COLUMNS]
                 for part, table in by_part.items()
             ],
         )
@@ -149,7 +149,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _cell(leaf: dict | None, metric: str) -> str:
+def format_cell(leaf: dict | None, metric: str) -> str:
     """One table cell: "v (lo–hi)", "v" without an interval, "mean ± sd" for a seed summary, "n/a" if undefined."""
     if leaf is None:
         return ""
@@ -176,7 +176,7 @@ def _headline(result: dict, levels: list[str]) -> list[str]:
     table = _table(
         ["Metric"] + [f"{level.capitalize()} level" for level in levels],
         [
-            [METRIC_LABELS[metric]] + [_cell(result[level]["overall"].get(metric), metric) for level in levels]
+            [METRIC_LABELS[metric]] + [format_cell(result[level]["overall"].get(metric), metric) for level in levels]
             for metric in METRIC_LABELS
             if any(metric in result[level]["overall"] for level in levels)
         ],

@@ -1,0 +1,227 @@
+"""The autoencoder baseline: a small convolutional autoencoder trained on the train images, its bottleneck as embeddings.
+
+Grey `size` x `size` pixels in [0, 1] go through four stride-2 convolutions (`width`, 2x, 4x channels, then
+`bottleneck`) to a `[bottleneck, size/16, size/16]` map, and four transposed convolutions back; the loss is
+the pixel MSE. Training uses the manifest's train rows only, early-stopped on the val reconstruction loss.
+The bottleneck map's global average (`[bottleneck]` per image) of every manifest image is written to a
+regular embedding store, so `medembed fit` fits the same heads on it as on foundation-model embeddings:
+
+    medembed baseline autoencoder data_manifests/fracatlas.csv --root FRACATLAS --out fracatlas-ae.h5
+    medembed fit fracatlas-ae.h5 --head logreg --out runs/ae-logreg
+
+The store's fingerprint names encoder "autoencoder" and the trained weights' sha256; the weights themselves
+(model.safetensors + model.json) are saved next to the store, in `<store stem>.autoencoder/`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medembed import __version__
+from medembed.baselines._data import cache_images, failed_note, read_checked_manifest, unit_pixels
+from medembed.baselines._training import (
+    EarlyStopping,
+    autocast,
+    load_weights,
+    predict_batches,
+    read_config,
+    save_model,
+    seeded,
+    train_epochs,
+)
+from medembed.errors import MedembedError
+from medembed.extract import resolve_device
+from medembed.images import PreprocessSpec
+from medembed.store import DTYPES, StoreWriter, make_fingerprint
+
+KIND = "autoencoder"
+LEVELS = 4  # stride-2 stages: the bottleneck map is size / 16 on a side
+_STORE_BATCH = 1024  # rows per store append
+
+
+@dataclass
+class AutoencoderOptions:
+    """How the autoencoder is built and trained; stored in the store's `encoder_options` attribute."""
+
+    size: int = 128  # input side in pixels, a multiple of 16
+    width: int = 32  # channels after the first convolution; doubled at each further stage
+    bottleneck: int = 256  # channels of the bottleneck map = embedding dimension
+    epochs: int = 30  # at most; early stopping usually ends sooner
+    patience: int = 3  # epochs without a lower val loss before stopping
+    batch_size: int = 64
+    lr: float = 1e-3  # AdamW
+    weight_decay: float = 1e-4
+    store_dtype: str = "float32"
+    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:1"
+    num_workers: int | None = None  # decoding workers; None = one per CPU core
+    seed: int = 0
+
+
+@dataclass
+class AutoencoderRun:
+    """What one run did: the store written, the saved weights, training history, left-out images and timings."""
+
+    store: Path
+    weights: Path
+    embedded: int
+    history: dict  # epochs, train_loss, val_mse per epoch, best_epoch (1-based)
+    failed: dict[str, str]  # image id -> why it could not be decoded
+    seconds: dict[str, float] = field(default_factory=dict)  # decode, train, embed, total
+
+
+class ConvAutoencoder(nn.Module):
+    """Grey images [B, 1, S, S] in [0, 1] -> reconstructions [B, 1, S, S]; `embed` gives [B, bottleneck]."""
+
+    def __init__(self, width: int = 32, bottleneck: int = 256) -> None:
+        super().__init__()
+        channels = [1] + [width * 2**level for level in range(LEVELS - 1)] + [bottleneck]
+        down, up = [], []
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            down += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        for c_in, c_out in zip(channels[:0:-1], channels[-2:0:-1]):
+            up += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        up += [nn.ConvTranspose2d(channels[1], 1, 4, stride=2, padding=1), nn.Sigmoid()]
+        self.encoder, self.decoder = nn.Sequential(*down), nn.Sequential(*up)
+
+    def forward(self, grey: torch.Tensor) -> torch.Tensor:
+        """[B, 1, S, S] -> reconstruction [B, 1, S, S] in [0, 1]."""
+        return self.decoder(self.encoder(grey))
+
+    def embed(self, grey: torch.Tensor) -> torch.Tensor:
+        """[B, 1, S, S] -> [B, bottleneck]: the global average of the bottleneck map."""
+        return self.encoder(grey).mean(dim=(2, 3))
+
+
+def autoencoder_spec(size: int) -> PreprocessSpec:
+    """Zero-pad to a square, resize (bilinear, antialiased) to `size`, one grey channel in [0, 1]."""
+    return PreprocessSpec(size=size, pad_to_square=True, resize="bilinear", antialias=True, mean=(0.0,), std=(1.0,), channels=1)
+
+
+def weights_dir(store: Path) -> Path:
+    """Where the autoencoder behind `store` keeps its weights: `<store stem>.autoencoder/` beside it."""
+    return Path(store).with_name(Path(store).stem + ".autoencoder")
+
+
+def load_autoencoder(directory: Path) -> tuple[ConvAutoencoder, PreprocessSpec]:
+    """A trained autoencoder saved by `run_autoencoder_baseline` (eval mode, CPU), and its preprocessing spec."""
+    config = read_config(directory, KIND)
+    network = ConvAutoencoder(config["options"]["width"], config["options"]["bottleneck"])
+    load_weights(directory, network)
+    return network.eval(), PreprocessSpec.from_dict(config["preprocess"])
+
+
+def run_autoencoder_baseline(
+    manifest_path: Path,
+    root: Path,
+    out: Path,
+    options: AutoencoderOptions | None = None,
+    log: Callable[[str], None] | None = None,
+) -> AutoencoderRun:
+    """Train the autoencoder on the manifest's train rows (early stopping on val), then embed every manifest
+    image into the new store `out`; images that cannot be decoded go to its failed table.
+
+    `log` receives one line per stage and epoch.
+    """
+    options = options or AutoencoderOptions()
+    log = log or (lambda line: None)
+    _check_options(options)
+    out = Path(out)
+    if out.exists():
+        raise MedembedError(f"{out} already exists; an autoencoder store is written whole, so give a new path")
+    start = time.perf_counter()
+    manifest = read_checked_manifest(manifest_path, ("train", "val"))
+    spec = autoencoder_spec(options.size)
+    cache = cache_images(manifest, root, spec, options.num_workers)
+    seconds = {"decode": time.perf_counter() - start}
+    log(f"decoded {len(cache)} images in {seconds['decode']:.1f} s ({len(cache.failed)} could not be decoded)")
+    if cache.failed:
+        log(failed_note(cache.failed))
+    split = manifest.split[cache.rows]
+    train, val = (cache.pixels[torch.from_numpy(np.flatnonzero(split == name))] for name in ("train", "val"))
+    if len(train) < 2 or len(val) == 0:
+        raise MedembedError(f"{manifest_path}: {len(train)} train and {len(val)} val images could be decoded; need 2 and 1 at least")
+
+    device = resolve_device(options.device)
+    with seeded(options.seed, device):
+        network = ConvAutoencoder(options.width, options.bottleneck).to(device)
+        history = _train(network, train, val, options, device, log)
+    seconds["train"] = time.perf_counter() - start - seconds["decode"]
+
+    weights = weights_dir(out)
+    config = {"kind": KIND, "preprocess": spec.to_dict(), "options": asdict(options), "history": history}
+    weights_sha256 = save_model(weights, network, config)
+    network.eval()
+    embeddings = predict_batches(network.embed, cache.pixels, 2 * options.batch_size, device).numpy()
+    fingerprint = make_fingerprint(
+        encoder=KIND, model_id=f"medembed-conv-autoencoder-{options.width}w-{options.bottleneck}d", revision=__version__,
+        weights_sha256=weights_sha256, embedding_kind="bottleneck_global_avg_pool", preprocess_hash=spec.hash(),
+        dtype=options.store_dtype,
+    )
+    metadata = {
+        "preprocess": spec.to_json(),
+        "manifest_rows": len(manifest),
+        "image_root": str(Path(root).resolve()),
+        "encoder_options": json.dumps(asdict(options), sort_keys=True),
+        "autoencoder_weights": str(weights.resolve()),
+        "training": json.dumps(history),
+    }
+    rows = manifest.subset(cache.rows)
+    columns = {"label": rows.label, "study_id": rows.study_id, "patient_id": rows.patient_id, "body_part": rows.body_part, "split": rows.split}
+    with StoreWriter(out, dim=options.bottleneck, fingerprint=fingerprint, metadata=metadata) as writer:
+        for begin in range(0, len(rows), _STORE_BATCH):
+            part = slice(begin, begin + _STORE_BATCH)
+            writer.append(rows.image_id[part], embeddings[part], {name: values[part] for name, values in columns.items()})
+        writer.add_failed(list(cache.failed), list(cache.failed.values()))
+    seconds["embed"] = time.perf_counter() - start - seconds["decode"] - seconds["train"]
+    seconds["total"] = time.perf_counter() - start
+    return AutoencoderRun(out, weights, len(rows), history, cache.failed, seconds)
+
+
+def _check_options(options: AutoencoderOptions) -> None:
+    for name in ("size", "width", "bottleneck", "epochs", "patience", "batch_size"):
+        if getattr(options, name) < 1:
+            raise MedembedError(f"autoencoder option {name} must be a positive integer, got {getattr(options, name)}")
+    if options.size % 2**LEVELS:
+        raise MedembedError(f"autoencoder input size must be a multiple of {2**LEVELS} (it halves {LEVELS} times), got {options.size}")
+    if options.lr <= 0:
+        raise MedembedError(f"autoencoder learning rate must be positive, got {options.lr}")
+    if options.store_dtype not in DTYPES:
+        raise MedembedError(f"store dtype must be one of {', '.join(DTYPES)}, got {options.store_dtype!r}")
+
+
+def _train(
+    network: ConvAutoencoder,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    options: AutoencoderOptions,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> dict:
+    """Train on cached uint8 `train` pixels with early stopping on the `val` pixel MSE; best epoch restored."""
+
+    def batch_loss(batch: torch.Tensor) -> torch.Tensor:
+        images = unit_pixels(train[batch], device)
+        with autocast(device):
+            reconstruction = network(images)
+        return nn.functional.mse_loss(reconstruction.float(), images)
+
+    def val_mse() -> float:
+        per_image = predict_batches(lambda x: (network(x).float() - x).square().mean(dim=(1, 2, 3)), val, 2 * options.batch_size, device)
+        return float(per_image.mean())
+
+    stopper = EarlyStopping(options.patience, mode="min")
+    optimizer = torch.optim.AdamW(network.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    train_loss = train_epochs(
+        network, optimizer, batch_loss, len(train), val_mse, stopper,
+        epochs=options.epochs, batch_size=options.batch_size, generator=torch.Generator().manual_seed(options.seed),
+        log=log, score_name="MSE",
+    )
+    return {"epochs": len(stopper.scores), "train_loss": train_loss, "val_mse": stopper.scores, "best_epoch": stopper.best_epoch + 1}

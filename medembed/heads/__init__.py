@@ -1,0 +1,44 @@
+"""Light classifiers trained on frozen embeddings, behind one interface, with pickle-free save/load.
+
+    head = make_head("logreg", class_weight="balanced").fit(X, y, X_val, y_val)
+    head.save(run_dir / "head")
+    probabilities = load_head(run_dir / "head").predict_proba(X_test)[:, 1]
+"""
+
+from pathlib import Path
+from typing import Any
+
+from medembed.errors import MedembedError
+from medembed.heads.base import HEAD_FILE, Head, HeadLoadError, read_head_document
+from medembed.heads.logreg import LogisticRegressionHead
+from medembed.heads.mlp import MLPHead
+from medembed.heads.xgb import XGBoostHead
+
+__all__ = ["HEAD_NAMES", "Head", "HeadLoadError", "load_head", "make_head"]
+
+_HEADS: dict[str, type[Head]] = {head.name: head for head in (LogisticRegressionHead, MLPHead, XGBoostHead)}
+HEAD_NAMES: tuple[str, ...] = tuple(_HEADS)
+
+
+def make_head(name: str, **params: Any) -> Head:
+    """An unfitted head by name ("logreg" | "mlp" | "xgboost") with the given hyperparameters."""
+    if name not in _HEADS:
+        raise MedembedError(f"unknown head {name!r}; choose one of {', '.join(HEAD_NAMES)}")
+    head_class = _HEADS[name]
+    unknown = sorted(set(params) - set(head_class.param_names()))
+    if unknown:
+        raise MedembedError(
+            f"unknown parameter(s) {', '.join(unknown)} for head {name!r}; "
+            f"it accepts {', '.join(head_class.param_names())}"
+        )
+    return head_class(**params)
+
+
+def load_head(directory: Path) -> Head:
+    """The fitted head saved in `directory` (its head.json names which kind); HeadLoadError if unreadable."""
+    document = read_head_document(Path(directory))
+    head_class = _HEADS.get(document["head"])
+    if head_class is None:
+        known = ", ".join(HEAD_NAMES)
+        raise HeadLoadError(f"{Path(directory) / HEAD_FILE}: unknown head {document['head']!r}; medembed knows {known}")
+    return head_class.from_document(Path(directory), document)

@@ -1,0 +1,225 @@
+"""Corruption robustness of a fitted run: re-embed the test images under corruptions, score, report the metric drop.
+
+For each corruption x severity the run's own encoder re-extracts the manifest's test split through a
+`CorruptedPreprocess` into a cache store under ``RUN/corrupt/``; a clean extraction joins them as the baseline, so
+every condition goes through the same code path on the same machine. The run's head, probability calibration and
+thresholds (chosen on clean val, never touched here) score each store, and every condition is evaluated on the
+images all conditions embedded. Stores resume like any extraction, so an interrupted sweep picks up where it stopped.
+
+Outputs in the run directory: ``robustness.json`` (every metric per condition, and its change vs clean),
+``robustness.md`` (AUROC and kappa per corruption and severity, with the drop) and ``figures/robustness.png``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from medembed.corrupt import CORRUPTIONS, SEVERITY_TABLE, CorruptedPreprocess, parameter
+from medembed.encoders import Encoder
+from medembed.errors import MedembedError
+from medembed.evaluate import METRICS
+from medembed.extract import ExtractOptions, ExtractSummary, extract
+from medembed.fit import FitOptions, FittedRun, Split, evaluate_split, load_run
+from medembed.manifest import Manifest, read_manifest
+from medembed.predict import run_encoder
+from medembed.report import format_cell, write_metrics_json
+from medembed.store import EmbeddingTable, open_store
+
+CLEAN = "clean"
+TABLE_METRICS = ("auroc", "kappa")  # the Markdown table and the figure; the JSON has every metric
+_METRIC_NAMES = {"auroc": "AUROC", "kappa": "Kappa"}
+
+
+@dataclass
+class RobustnessOptions:
+    """How to extract (the run's store dtype is always used) and how many bootstrap resamples per condition."""
+
+    extract: ExtractOptions = field(default_factory=ExtractOptions)
+    n_resamples: int = 1000
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One extraction of the test images: clean (severity 0) or a corruption at a severity."""
+
+    corruption: str
+    severity: int
+
+    @property
+    def name(self) -> str:
+        """"clean" or e.g. "blur-3": the cache store's file stem."""
+        return CLEAN if self.corruption == CLEAN else f"{self.corruption}-{self.severity}"
+
+
+def labelled_test_split(manifest_path: Path) -> tuple[Manifest, list[str]]:
+    """The labelled rows of the manifest's test split, and notes on rows left out."""
+    manifest = read_manifest(manifest_path)
+    test = manifest.subset(manifest.split == "test")
+    if len(test) == 0:
+        raise MedembedError(f"{manifest_path}: no rows with split=test; give the manifest the run's store was extracted from")
+    labelled = test.label >= 0
+    notes = [] if labelled.all() else [f"{int((~labelled).sum())} test rows without a label left out"]
+    if not labelled.any():
+        raise MedembedError(f"{manifest_path}: the test split has no labels; robustness needs labelled test images")
+    return test.subset(labelled), notes
+
+
+def evaluate_corruptions(
+    run_dir: Path,
+    manifest_path: Path,
+    root: Path,
+    corruptions: Sequence[str],
+    severities: Sequence[int],
+    options: RobustnessOptions | None = None,
+    on_extracted: Callable[[Condition, ExtractSummary], None] | None = None,
+) -> dict[str, Any]:
+    """Metrics of run `run_dir` on the manifest's test images (paths under `root`), clean and corrupted.
+
+    Writes robustness.json, robustness.md and figures/robustness.png into the run directory and returns the
+    JSON's content: {"clean": {level: {metric: {"value", "ci"}}}, "conditions": [{"corruption", "severity",
+    "parameter", "metrics": {...}, "change": {level: {metric: corrupted - clean}}}], "images", "notes", ...}.
+    `on_extracted(condition, summary)` is called after each extraction (progress for the CLI).
+    """
+    options = options or RobustnessOptions()
+    run_dir = Path(run_dir)
+    run, info = load_run(run_dir)
+    encoder = run_encoder(run_dir, info)
+    test, notes = labelled_test_split(Path(manifest_path))
+    conditions = [Condition(CLEAN, 0)] + [Condition(c, s) for c in corruptions for s in severities]
+    for condition in conditions[1:]:
+        parameter(condition.corruption, condition.severity)  # fail on a bad name before hours of extraction
+    extract_options = replace(options.extract, store_dtype=info["fingerprint"]["dtype"])
+    tables: dict[Condition, EmbeddingTable] = {}
+    for condition in conditions:
+        store = run_dir / "corrupt" / f"{condition.name}.h5"
+        spec = None if condition.corruption == CLEAN else CorruptedPreprocess(encoder.preprocess, condition.corruption, condition.severity)
+        summary = extract(
+            test, Path(root), encoder, store, extract_options, encoder_options=info.get("encoder_options", {}), preprocess=spec
+        )
+        if on_extracted:
+            on_extracted(condition, summary)
+        tables[condition] = open_store(store).read()
+    rows, dropped = _common_rows(tables, run_dir / "corrupt" / f"{CLEAN}.h5", root)
+    if dropped:
+        notes.append(f"{dropped} test images not embedded under every condition left out (see the failed tables of RUN/corrupt/*.h5)")
+    n_images = len(rows[conditions[0]])
+    expected = info.get("split_sizes", {}).get("test", {}).get("images")
+    if expected is not None and expected != n_images:
+        notes.append(f"evaluated on {n_images} test images; the run was evaluated on {expected}")
+    fit_options = replace(FitOptions(**info["options"]), n_resamples=options.n_resamples)
+    metrics = {condition: _overall(run, rows[condition], fit_options) for condition in conditions}
+    result = {
+        "run": str(run_dir),
+        "manifest": str(manifest_path),
+        "root": str(root),
+        "images": n_images,
+        "thresholds": {"image": run.calibration.image_threshold, "study": run.calibration.study_threshold},
+        "severity_table": {name: list(values) for name, values in SEVERITY_TABLE.items()},
+        "notes": notes,
+        "clean": metrics[conditions[0]],
+        "conditions": [_condition_entry(condition, metrics[condition], metrics[conditions[0]]) for condition in conditions[1:]],
+    }
+    write_metrics_json(result, run_dir / "robustness.json")
+    (run_dir / "robustness.md").write_text(robustness_markdown(result, title=f"Corruption robustness: {run_dir.name}"))
+    (run_dir / "figures").mkdir(exist_ok=True)
+    robustness_figure(result).savefig(run_dir / "figures" / "robustness.png", dpi=120)
+    return result
+
+
+def _condition_entry(condition: Condition, metrics: dict, clean: dict) -> dict[str, Any]:
+    """One corrupted condition's JSON entry: its metrics and each metric's change vs clean (corrupted - clean)."""
+    return {
+        "corruption": condition.corruption,
+        "severity": condition.severity,
+        "parameter": parameter(condition.corruption, condition.severity),
+        "metrics": metrics,
+        "change": {level: {m: metrics[level][m]["value"] - clean[level][m]["value"] for m in METRICS} for level in clean},
+    }
+
+
+def _common_rows(tables: dict[Condition, EmbeddingTable], clean_store: Path, root: Path) -> tuple[dict[Condition, Split], int]:
+    """Each condition's rows restricted to the ids every condition embedded, in one order; and how many were dropped."""
+    clean_ids = next(iter(tables.values())).image_id.astype(str)
+    if len(clean_ids) == 0:
+        reasons = sorted(set(open_store(clean_store).failed().values()))[:3]
+        raise MedembedError(f"no test image could be embedded from {root} (e.g. {'; '.join(reasons)}); check --root")
+    common = set(clean_ids)
+    for table in tables.values():
+        common &= set(table.image_id.astype(str))
+    order = np.array(sorted(common), dtype=object)
+    rows = {}
+    for condition, table in tables.items():
+        position = {image_id: i for i, image_id in enumerate(table.image_id.astype(str))}
+        rows[condition] = Split.from_table(table.subset(np.array([position[i] for i in order], dtype=np.intp)))
+    return rows, len(clean_ids) - len(order)
+
+
+def _overall(run: FittedRun, rows: Split, options: FitOptions) -> dict[str, dict[str, dict]]:
+    """{level: {metric: {"value", "ci"}}} of the run's calibrated probabilities and thresholds on `rows`."""
+    result = evaluate_split(run.probabilities(rows.X), rows, run.calibration, options, seed=options.seed)
+    return {level: result[level]["overall"] for level in ("image", "study") if level in result}
+
+
+def robustness_markdown(result: dict[str, Any], *, title: str) -> str:
+    """A Markdown report: per level, one row per condition with AUROC and kappa and their change vs clean."""
+    lines = [f"# {title}", ""]
+    lines.append(
+        f"{result['images']} test images; the run's calibration and thresholds (image {result['thresholds']['image']:.4f}, "
+        f"study {result['thresholds']['study']:.4f}), chosen on clean val, are applied unchanged. "
+        "Values: point estimate (95% bootstrap interval); Δ = corrupted − clean."
+    )
+    for level in result["clean"]:
+        header = ["Corruption", "Severity", "Parameter"]
+        for metric in TABLE_METRICS:
+            header += [_METRIC_NAMES[metric], f"Δ {_METRIC_NAMES[metric]}"]
+        table = [[CLEAN, "", ""] + [cell for m in TABLE_METRICS for cell in (format_cell(result["clean"][level][m], m), "")]]
+        for condition in result["conditions"]:
+            table.append(
+                [condition["corruption"], str(condition["severity"]), f"{condition['parameter']:g}"]
+                + [
+                    cell
+                    for m in TABLE_METRICS
+                    for cell in (format_cell(condition["metrics"][level][m], m), _signed(condition["change"][level][m]))
+                ]
+            )
+        lines += ["", f"## {level.capitalize()} level", ""]
+        lines += ["| " + " | ".join(header) + " |", "|---|---:|---:" + "|---:" * (len(header) - 3) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in table]
+    lines += ["", "## Corruptions", "", "Severity tables (ImageNet-C where it has the corruption; see medembed.corrupt):", ""]
+    lines += [f"- **{name}**: {', '.join(f'{v:g}' for v in values)}" for name, values in result["severity_table"].items()]
+    if result["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _signed(change: float) -> str:
+    return "n/a" if change is None or np.isnan(change) else f"{change:+.3f}"
+
+
+def robustness_figure(result: dict[str, Any]) -> Figure:
+    """AUROC and kappa against severity (0 = clean), one line per corruption; one row of panels per level."""
+    levels = list(result["clean"])
+    figure = Figure(figsize=(5.0 * len(TABLE_METRICS), 4.0 * len(levels)), layout="constrained")
+    axes = figure.subplots(len(levels), len(TABLE_METRICS), squeeze=False)
+    corruptions = [c for c in CORRUPTIONS if any(row["corruption"] == c for row in result["conditions"])]
+    for row, level in enumerate(levels):
+        for col, metric in enumerate(TABLE_METRICS):
+            ax = axes[row][col]
+            clean = result["clean"][level][metric]["value"]
+            for corruption in corruptions:
+                points = [(0, clean)] + [
+                    (c["severity"], c["metrics"][level][metric]["value"]) for c in result["conditions"] if c["corruption"] == corruption
+                ]
+                ax.plot(*zip(*points), marker="o", label=corruption)
+            ax.axhline(clean, linestyle=":", color="grey", label="clean")
+            ax.set(title=f"{_METRIC_NAMES[metric]}, {level} level", xlabel="severity (0 = clean)", ylabel=_METRIC_NAMES[metric])
+            ax.set_xticks(range(0, 6))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+    return figure

@@ -1,0 +1,118 @@
+"""Stage 2 end to end on real HDF5 stores: fit, calibrate on val, evaluate on test, run directory, refusals."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medembed.errors import MedembedError
+from medembed.fit import FitOptions, evaluate_run, fit_run, load_run
+from medembed.store import StoreWriter, make_fingerprint
+
+FP = make_fingerprint(encoder="synthetic", model_id="test", embedding_kind="pooled", preprocess_hash="p", dtype="float32")
+FAST = {"n_resamples": 50}
+
+
+def write_store(path, n_patients=60, images_per_study=2, dim=16, seed=0, splits=("train", "val", "test"), fingerprint=FP, corrupt=None):
+    """Patients with one study of several images each; abnormal studies are shifted along one direction."""
+    rng = np.random.default_rng(seed)
+    direction = rng.standard_normal(dim)
+    ids, emb, cols = [], [], {k: [] for k in ("label", "study_id", "patient_id", "body_part", "split")}
+    for p in range(n_patients):
+        label = (p // len(splits)) % 3 == 0  # a third abnormal within every split
+        split = splits[p % len(splits)]
+        for k in range(images_per_study):
+            ids.append(f"p{p}_img{k}")
+            emb.append(rng.standard_normal(dim) + 1.5 * label * direction)
+            cols["label"].append(int(label))
+            cols["study_id"].append(f"p{p}_s1")
+            cols["patient_id"].append(f"p{p}")
+            cols["body_part"].append(("wrist", "elbow")[(p // len(splits)) % 2])
+            cols["split"].append(split)
+    emb = np.asarray(emb, dtype=np.float32)
+    if corrupt:
+        corrupt(ids, emb, cols)
+    with StoreWriter(path, dim=dim, fingerprint=fingerprint) as writer:
+        writer.append(ids, emb, cols)
+    return path
+
+
+@pytest.mark.parametrize("head", ["logreg", "mlp", "xgboost"])
+def test_fit_writes_a_complete_run_directory(tmp_path, head):
+    store = write_store(tmp_path / "s.h5")
+    params = {"max_epochs": 20} if head == "mlp" else {"n_estimators": 50} if head == "xgboost" else {}
+    metrics = fit_run([store], tmp_path / "run", FitOptions(head=head, head_params=params, **FAST))
+    run = tmp_path / "run"
+    for name in ("run.json", "metrics.json", "report.md", "predictions.csv", "head/head.json"):
+        assert (run / name).is_file(), name
+    assert {p.name for p in (run / "figures").glob("*.png")} >= {"roc_image.png", "roc_study.png", "reliability_study.png"}
+    assert metrics["study"]["overall"]["auroc"]["value"] > 0.85
+    lo, hi = metrics["study"]["overall"]["auroc"]["ci"]
+    assert lo <= metrics["study"]["overall"]["auroc"]["value"] <= hi
+    info = json.loads((run / "run.json").read_text())
+    assert info["fingerprint"] == FP and info["split_sizes"]["test"]["studies"] == 20
+    assert set(metrics["study"]["by_body_part"]) == {"wrist", "elbow"}
+    # evaluate reproduces the numbers from the saved head, calibration and thresholds
+    again = evaluate_run(run)
+    assert again["study"]["overall"]["kappa"]["value"] == pytest.approx(metrics["study"]["overall"]["kappa"]["value"])
+
+
+def test_thresholds_are_chosen_on_val_at_each_level(tmp_path):
+    store = write_store(tmp_path / "s.h5", images_per_study=3)
+    fit_run([store], tmp_path / "run", FitOptions(threshold="youden", calibration="platt", **FAST))
+    run, info = load_run(tmp_path / "run")
+    assert 0 < run.calibration.image_threshold < 1 and 0 < run.calibration.study_threshold < 1
+    assert info["calibration"]["kind"] == "platt" and info["options"]["threshold"] == "youden"
+
+
+def test_val_is_carved_from_train_by_patient_when_missing(tmp_path):
+    store = write_store(tmp_path / "s.h5", n_patients=90, splits=("train", "train", "test"))
+    fit_run([store], tmp_path / "run", FitOptions(**FAST))
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert any("carved" in note for note in info["notes"])
+    assert info["split_sizes"]["val"]["images"] > 0
+
+
+def test_seeds_give_mean_and_sd(tmp_path):
+    store = write_store(tmp_path / "s.h5")
+    metrics = fit_run([store], tmp_path / "run", FitOptions(head="mlp", head_params={"max_epochs": 5}, seeds=2, **FAST))
+    assert metrics["over_seeds"]["study"]["overall"]["auroc"]["n_seeds"] == 2
+    assert "Over seeds" in (tmp_path / "run" / "report.md").read_text()
+
+
+def _nan_row(ids, emb, cols):
+    emb[3, 0] = np.nan
+
+
+def _single_class_train(ids, emb, cols):
+    cols["label"] = [0 if s == "train" else label for s, label in zip(cols["split"], cols["label"])]
+
+
+def _leak_patient(ids, emb, cols):
+    cols["patient_id"][0] = cols["patient_id"][-1]  # one patient in two splits
+    cols["split"][0] = "train"
+
+
+def _no_labels(ids, emb, cols):
+    cols["label"] = [-1] * len(ids)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [(_nan_row, "NaN or infinite"), (_single_class_train, "train split has a single class"), (_leak_patient, "leakage"), (_no_labels, "no labels")],
+)
+def test_bad_stores_are_refused_with_clear_errors(tmp_path, corrupt, message):
+    store = write_store(tmp_path / "s.h5", corrupt=corrupt)
+    with pytest.raises(MedembedError, match=message):
+        fit_run([store], tmp_path / "run", FitOptions(**FAST))
+
+
+def test_stores_with_different_fingerprints_are_not_mixed(tmp_path):
+    a = write_store(tmp_path / "a.h5")
+    b = write_store(tmp_path / "b.h5", fingerprint=dict(FP, encoder="other"))
+    with pytest.raises(MedembedError, match="fingerprints differ"):
+        fit_run([a, b], tmp_path / "run", FitOptions(**FAST))
+    fit_run([a], tmp_path / "run", FitOptions(**FAST))
+    with pytest.raises(MedembedError, match="differ from the ones this run was fitted on"):
+        evaluate_run(tmp_path / "run", stores=[b])

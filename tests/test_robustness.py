@@ -1,0 +1,113 @@
+"""Corruption robustness end to end: a logreg run on real FracAtlas images, re-extracted under corruptions."""
+
+import json
+
+import numpy as np
+import pytest
+
+from medembed.corrupt import CorruptedPreprocess
+from medembed.encoders import get_encoder
+from medembed.errors import MedembedError
+from medembed.extract import ExtractOptions, extract
+from medembed.fit import FitOptions, fit_run
+from medembed.manifest import Manifest, build_fracatlas, read_manifest, write_manifest
+from medembed.robustness import RobustnessOptions, evaluate_corruptions
+from medembed.store import open_store
+
+ENCODER_OPTIONS = {"size": 64}  # EfficientNet-Lite0 at 64 px: real weights, a fraction of the 224-px cost
+EXTRACT = ExtractOptions(batch_size=16, num_workers=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(fracatlas_root, tmp_path_factory):
+    """30 FracAtlas images (train 12, val 8, test 10; both classes everywhere), embedded and fitted with logreg."""
+    manifest, _ = build_fracatlas(fracatlas_root)
+    abnormal = np.flatnonzero(manifest.label == 1)[:15]
+    normal = np.flatnonzero(manifest.label == 0)[:15]
+    split = ["train"] * 6 + ["val"] * 4 + ["test"] * 5
+    columns = {name: values[np.r_[abnormal, normal]] for name, values in manifest.columns.items()}
+    columns["split"] = np.array(split + split, dtype=object)
+    small = Manifest(columns)
+    directory = tmp_path_factory.mktemp("robustness")
+    write_manifest(small, directory / "manifest.csv")
+    encoder = get_encoder("efficientnet-lite0", **ENCODER_OPTIONS)
+    extract(small, fracatlas_root, encoder, directory / "store.h5", EXTRACT, encoder_options=ENCODER_OPTIONS)
+    fit_run([directory / "store.h5"], directory / "run", FitOptions(head="logreg", n_resamples=20))
+    return directory
+
+
+def test_corruption_sweep_reports_every_condition_and_resumes(tiny_run, fracatlas_root):
+    run = tiny_run / "run"
+    options = RobustnessOptions(extract=EXTRACT, n_resamples=20)
+    seen = []
+    result = evaluate_corruptions(
+        run, tiny_run / "manifest.csv", fracatlas_root, ["noise", "jpeg"], [1, 5], options,
+        on_extracted=lambda condition, summary: seen.append((condition.name, summary.done)),
+    )
+    assert seen == [("clean", 10), ("noise-1", 10), ("noise-5", 10), ("jpeg-1", 10), ("jpeg-5", 10)]
+    assert result["images"] == 10 and result["notes"] == []
+
+    # The clean condition reproduces the run's own test metrics (same encoder, head, calibration, thresholds).
+    fitted = json.loads((run / "metrics.json").read_text())
+    assert result["clean"]["image"]["auroc"]["value"] == pytest.approx(fitted["image"]["overall"]["auroc"]["value"], abs=1e-6)
+    assert result["clean"]["study"]["kappa"]["value"] == pytest.approx(fitted["study"]["overall"]["kappa"]["value"], abs=1e-6)
+    conditions = {(c["corruption"], c["severity"]): c for c in result["conditions"]}
+    assert sorted(conditions) == [("jpeg", 1), ("jpeg", 5), ("noise", 1), ("noise", 5)]
+    assert conditions[("jpeg", 5)]["parameter"] == 7
+    for condition in conditions.values():
+        for metric in ("auroc", "kappa", "brier"):
+            change = condition["metrics"]["image"][metric]["value"] - result["clean"]["image"][metric]["value"]
+            assert condition["change"]["image"][metric] == pytest.approx(change, nan_ok=True)
+
+    # Each corrupted store has its own fingerprint, its embeddings differ from the clean ones, and severity 5
+    # moves them further than severity 1.
+    stores = {name: open_store(run / "corrupt" / f"{name}.h5") for name in ("clean", "noise-1", "noise-5", "jpeg-1", "jpeg-5")}
+    assert len({s.fingerprint["preprocess_hash"] for s in stores.values()}) == 5
+    clean = stores["clean"].read()
+    order = np.argsort(clean.image_id.astype(str))
+    for corruption in ("noise", "jpeg"):
+        moved = []
+        for severity in (1, 5):
+            table = stores[f"{corruption}-{severity}"].read()
+            table = table.subset(np.argsort(table.image_id.astype(str)))
+            moved.append(float(np.abs(table.embeddings.astype(np.float32) - clean.embeddings[order]).mean()))
+        assert 0 < moved[0] < moved[1]
+
+    written = json.loads((run / "robustness.json").read_text())
+    assert written["conditions"][0]["corruption"] == "noise" and written["images"] == 10
+    report = (run / "robustness.md").read_text()
+    assert "| jpeg | 5 | 7 |" in report and "Δ AUROC" in report and "## Study level" in report
+    assert (run / "figures" / "robustness.png").stat().st_size > 10_000
+
+    # A rerun finds every store complete and embeds nothing; the same numbers come out.
+    seen.clear()
+    again = evaluate_corruptions(
+        run, tiny_run / "manifest.csv", fracatlas_root, ["noise", "jpeg"], [1, 5], options,
+        on_extracted=lambda condition, summary: seen.append(summary.done),
+    )
+    assert seen == [0] * 5
+    assert again["conditions"][3]["metrics"]["image"]["auroc"] == result["conditions"][3]["metrics"]["image"]["auroc"]
+
+
+def test_corrupted_extraction_uses_the_wrapper_and_refuses_mixing_with_clean(tiny_run, fracatlas_root):
+    manifest = read_manifest(tiny_run / "manifest.csv")
+    encoder = get_encoder("efficientnet-lite0", **ENCODER_OPTIONS)
+    wrapped = CorruptedPreprocess(encoder.preprocess, "contrast", 5)
+    store = tiny_run / "contrast.h5"
+    extract(manifest.subset(np.arange(3)), fracatlas_root, encoder, store, EXTRACT, preprocess=wrapped)
+    written = open_store(store)
+    assert written.fingerprint["preprocess_hash"] == wrapped.hash() != encoder.preprocess.hash()
+    assert json.loads(written.attrs["preprocess"])["corruption"]["name"] == "contrast"
+    with pytest.raises(MedembedError, match="preprocess_hash"):
+        extract(manifest.subset(np.arange(3, 5)), fracatlas_root, encoder, store, EXTRACT)
+
+
+def test_unknown_corruption_and_missing_test_split_are_refused_before_extracting(tiny_run, fracatlas_root, tmp_path):
+    run = tiny_run / "run"
+    with pytest.raises(MedembedError, match="unknown corruption 'fog'"):
+        evaluate_corruptions(run, tiny_run / "manifest.csv", fracatlas_root, ["fog"], [1], RobustnessOptions(extract=EXTRACT))
+    assert not (run / "corrupt" / "fog-1.h5").exists()
+    manifest = read_manifest(tiny_run / "manifest.csv")
+    write_manifest(manifest.subset(manifest.split != "test"), tmp_path / "no_test.csv")
+    with pytest.raises(MedembedError, match="no rows with split=test"):
+        evaluate_corruptions(run, tmp_path / "no_test.csv", fracatlas_root, ["blur"], [1], RobustnessOptions(extract=EXTRACT))
