@@ -10,7 +10,7 @@ WORK ?= work
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo bench-store bench-extract bench-fit sweep clean
+.PHONY: help install test demo sweep bench-store bench-extract bench-fit clean
 
 help: ## List the targets with one-line descriptions
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-15s %s\n", $$1, $$2}'
@@ -26,11 +26,28 @@ install: $(STAMP) ## Create .venv and install medembed with everything it needs 
 test: install ## Run the test suite
 	$(BIN)/python -m pytest -q
 
-demo: install ## The main job on FracAtlas: build + check the manifest (then extract -> fit -> evaluate)
+STORE := $(WORK)/fracatlas-effl0.h5
+HEADS := logreg mlp xgboost
+
+demo: install ## The main job on FracAtlas: manifest -> extract (offline EfficientNet-Lite0) -> fit 3 heads -> results table
 	$(BIN)/medembed manifest check data_manifests/fracatlas.csv --root $(FRACATLAS)
+	$(BIN)/medembed extract data_manifests/fracatlas.csv --root $(FRACATLAS) --encoder efficientnet-lite0 --out $(STORE)
+	$(BIN)/medembed info $(STORE)
+	for head in $(HEADS); do $(BIN)/medembed fit $(STORE) --head $$head --threshold f1 --out $(WORK)/runs/frac-$$head || exit 1; done
+	$(BIN)/medembed compare $(foreach head,$(HEADS),$(WORK)/runs/frac-$(head)) --out $(WORK)/runs/results.md
+
+sweep: install ## Benchmark sweep on FracAtlas: encoders x heads x label budgets x seeds, plus CNN/autoencoder baselines
+	$(BIN)/medembed sweep data_manifests/fracatlas_sweep.toml
 
 bench-store: install ## Store write/read throughput on a MURA-sized store (40,561 x 1152 float16)
 	$(BIN)/python benchmarks/bench_store.py
+
+bench-extract: install ## Extraction throughput: EfficientNet-Lite0 over FracAtlas on CPU; MedSigLIP-448 on CUDA when present
+	$(BIN)/python benchmarks/bench_extract.py --fracatlas $(FRACATLAS)
+
+bench-fit: install ## Head fitting (with val search) and bootstrap evaluation on a MURA-sized synthetic store
+	$(BIN)/python benchmarks/bench_fit_heads.py
+	$(BIN)/python benchmarks/bench_evaluate.py
 
 clean: ## Remove the virtual environment and generated work files
 	rm -rf $(VENV) $(WORK) .pytest_cache

@@ -119,7 +119,24 @@ def predict(
     typer.echo(f"wrote {summary.images_csv}" + (f" and {summary.studies_csv}" if summary.studies_csv else ""))
 
 
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Run directories (each with metrics.json)."),
+    level: str = typer.Option("study", help="image | study"),
+    out: Path = typer.Option(None, "--out", "-o", help="Also write the table to this Markdown file."),
+) -> None:
+    """Print a Markdown table of several runs side by side (AUROC, kappa, sensitivity, specificity, F1 with CIs).
+
+    Example: medembed compare runs/frac-logreg runs/frac-mlp runs/frac-xgboost
+    """
+    from medembed.report import compare_table, read_metrics_json
+
+    table = compare_table({run.name: read_metrics_json(run / "metrics.json") for run in runs}, level=level)
+    typer.echo(f"{level} level, test split\n\n{table}")
+    if out:
+        out.write_text(table)
+
+
 def register(app: typer.Typer) -> None:
     """Add the stage-2 commands to the top-level app."""
-    for command in (fit, evaluate, predict):
+    for command in (fit, evaluate, predict, compare):
         app.command()(command)

@@ -61,6 +61,16 @@ def write_metrics_json(result: dict, path: Path) -> None:
         raise
 
 
+def read_metrics_json(path: Path) -> dict:
+    """A result written by write_metrics_json (undefined values come back as None, which the tables show as n/a)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MedembedError(f"{path}: no such metrics file; is this a run directory written by `medembed fit`?") from None
+    except json.JSONDecodeError as error:
+        raise MedembedError(f"{path}: not valid JSON ({error})") from None
+
+
 def markdown_report(result: dict, *, title: str, context: dict) -> str:
     """A Markdown report of an evaluate_predictions result or a summarize_seeds summary.
 
@@ -91,6 +101,20 @@ def markdown_report(result: dict, *, title: str, context: dict) -> str:
         lines += ["", "## Context", ""]
         lines += [f"- **{key}**: {_context_value(value)}" for key, value in context.items()]
     return "\n".join(lines) + "\n"
+
+
+COMPARE_METRICS = ("auroc", "kappa", "sensitivity", "specificity", "f1")
+
+
+def compare_table(results: dict[str, dict], level: str = "study", metrics: tuple[str, ...] = COMPARE_METRICS) -> str:
+    """Markdown table of several runs side by side: one row per run name, one column per metric at `level`."""
+    rows = []
+    for name, result in results.items():
+        node = result.get(level) or result["image"]
+        rows.append([name] + [format_cell(node["overall"].get(metric), metric) for metric in metrics])
+    first = next(iter(results.values()))
+    note = _interval_note(first, [level if level in first else "image"])
+    return "\n".join(_table(["Run"] + [METRIC_LABELS[m] for m in metrics], rows) + ["", note]) + "\n"
 
 
 def plot_figures(

@@ -3,10 +3,11 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-FRACATLAS_ROOT = Path(os.environ.get("MEDEMBED_FRACATLAS", REPO_ROOT.parent / "shared" / "data" / "fracatlas"))
+REPO = Path(__file__).resolve().parent.parent
+FRACATLAS_ROOT = Path(os.environ.get("MEDEMBED_FRACATLAS", REPO.parent / "shared" / "data" / "fracatlas"))
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +18,22 @@ def fracatlas_root() -> Path:
             pytest.fail(f"FracAtlas not found at {FRACATLAS_ROOT}; CI must run with ../shared beside the checkout")
         pytest.skip(f"FracAtlas not found at {FRACATLAS_ROOT} (set MEDEMBED_FRACATLAS)")
     return FRACATLAS_ROOT
+
+
+TRUNCATED = ["IMG0004028", "IMG0004029"]  # two of the 59 JPEGs truncated in the FracAtlas release itself
+
+
+@pytest.fixture(scope="session")
+def small_manifest(tmp_path_factory, fracatlas_root) -> Path:
+    """26 rows of the canonical FracAtlas manifest: 4 normal + 4 abnormal per split, plus two truncated JPEGs."""
+    from medembed.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(REPO / "data_manifests" / "fracatlas.csv")
+    picks = []
+    for split in ("train", "val", "test"):
+        for label in (0, 1):
+            picks += np.flatnonzero((manifest.split == split) & (manifest.label == label))[:4].tolist()
+    picks += [int(np.flatnonzero(manifest.image_id == i)[0]) for i in TRUNCATED]
+    path = tmp_path_factory.mktemp("manifest") / "small.csv"
+    write_manifest(manifest.subset(np.asarray(picks)), path)
+    return path

@@ -12,27 +12,13 @@ import pytest
 
 from medembed.errors import MedembedError
 from medembed.extract import ExtractOptions, build_encoder, extract
-from medembed.manifest import read_manifest, write_manifest
+from medembed.manifest import read_manifest
 from medembed.store import StoreWriter, open_store
 
-REPO = Path(__file__).resolve().parent.parent
-TRUNCATED = ["IMG0004028", "IMG0004029"]  # two of the 59 JPEGs truncated in the FracAtlas release itself
+from tests.conftest import REPO, TRUNCATED
+
 ENCODER = {"size": 64}
 OPTIONS = ExtractOptions(batch_size=8, num_workers=0)
-
-
-@pytest.fixture(scope="module")
-def small_manifest(tmp_path_factory, fracatlas_root):
-    """24 canonical-manifest rows (all splits, both labels) plus two truncated JPEGs."""
-    manifest = read_manifest(REPO / "data_manifests" / "fracatlas.csv")
-    picks = []
-    for split in ("train", "val", "test"):
-        for label in (0, 1):
-            picks += np.flatnonzero((manifest.split == split) & (manifest.label == label))[:4].tolist()
-    picks += [int(np.flatnonzero(manifest.image_id == i)[0]) for i in TRUNCATED]
-    path = tmp_path_factory.mktemp("manifest") / "small.csv"
-    write_manifest(manifest.subset(np.asarray(picks)), path)
-    return path
 
 
 def assert_same_embeddings(a, b) -> None:
