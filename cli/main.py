@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from cli import extract_cmds, fit_cmds, manifest_cmds, store_cmds, zeroshot_cmds
+from cli import baseline_cmds, extract_cmds, fit_cmds, manifest_cmds, store_cmds, zeroshot_cmds
 from medembed.errors import MedembedError
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app.add_typer(manifest_cmds.app, name="manifest")
 app.command()(extract_cmds.extract)
 fit_cmds.register(app)
 app.command()(zeroshot_cmds.zeroshot)
+app.add_typer(baseline_cmds.app, name="baseline")
 store_cmds.register(app)
 
 

@@ -109,6 +109,9 @@ def load_splits(stores: list[Path], options: FitOptions) -> tuple[dict[str, Spli
     """
     table, fingerprint = read_stores(stores)
     notes: list[str] = []
+    failed = sum(len(open_store(s).failed()) for s in stores)
+    if failed:
+        notes.append(f"{failed} images the extractor could not read (the store's failed table) are not scored")
     if len(table) == 0:
         raise MedembedError(f"{', '.join(map(str, stores))}: the store has no rows")
     labelled = table.label >= 0
@@ -279,6 +282,7 @@ def write_outputs(p: np.ndarray, rows: Split, calibration: Calibration, metrics:
         "model": info["fingerprint"].get("model_id", ""),
         "preprocess hash": info["fingerprint"].get("preprocess_hash", ""),
         "splits": ", ".join(f"{k} {v['images']} images ({v['abnormal']} abnormal)" for k, v in info["split_sizes"].items()),
+        **({"notes": "; ".join(info["notes"])} if info.get("notes") else {}),
     }
     (out / "report.md").write_text(markdown_report(metrics, title=f"medembed run: {out.name}", context=context))
     figures = out / "figures"

@@ -40,6 +40,7 @@ METRIC_LABELS = {
 }
 BODY_PART_COLUMNS = ("n", "n_pos", "auroc", "auprc", "kappa", "sensitivity", "specificity")
 _INTEGER_METRICS = ("n", "n_pos")
+_PLURAL = {"study": "studies"}
 _FIGURE_SIZE = (5.0, 4.5)  # inches
 _DPI = 120
 
@@ -221,7 +222,7 @@ def _interval_note(result: dict, levels: list[str]) -> str:
     if "mean" in first_leaf:
         return f"Values: mean ± sd over {first_leaf['n_seeds']} seeds."
     units = [
-        f"{result[level]['bootstrap']['unit']}s at {level} level"
+        f"{_PLURAL.get(result[level]['bootstrap']['unit'], result[level]['bootstrap']['unit'] + 's')} at {level} level"
         for level in levels
         if (result[level].get("bootstrap") or {}).get("n_resamples")
     ]

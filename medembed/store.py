@@ -452,8 +452,10 @@ class StoreWriter:
                 raise StoreError(f"{self.path}: column {name!r} has {len(values)} values for {len(ids)} ids")
         failed = {str(k): str(v) for k, v in (failed or {}).items()}
         header = {"kind": "rows", "ids": ids, "columns": record_columns, "failed": failed}
-        self._write(header, embeddings.tobytes())
-        self._unfolded.append(dict(header, embeddings=embeddings))
+        body = embeddings.tobytes()
+        self._write(header, body)
+        # Kept as a read-only view of the bytes written, so a caller reusing its buffer cannot change it.
+        self._unfolded.append(dict(header, embeddings=np.frombuffer(body, dtype=self.dtype).reshape(embeddings.shape)))
         self._done.update(ids)
         for image_id in ids:
             self._failed.pop(image_id, None)
