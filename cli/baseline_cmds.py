@@ -20,6 +20,7 @@ MANIFEST = typer.Argument(..., help="Manifest CSV with train/val/test splits.")
 ROOT = typer.Option(..., "--root", help="Folder the manifest's paths are relative to.")
 DEVICE = typer.Option("auto", help="auto (CUDA when present, bf16), cpu, cuda or cuda:N.")
 WORKERS = typer.Option(None, "--workers", help="Image-decoding worker processes (default: one per CPU core).")
+THREADS = typer.Option(None, "--threads", help="CPU threads for training (default: torch's); 1 is often fastest on a busy machine.")
 SEED = typer.Option(0, help="Seed of weight initialisation, shuffling and augmentation.")
 
 
@@ -40,6 +41,7 @@ def cnn(
     aggregation: str = typer.Option(FitOptions.aggregation, help="Study probability from its images': mean or max."),
     device: str = DEVICE,
     workers: int | None = WORKERS,
+    threads: int | None = THREADS,
     seed: int = SEED,
 ) -> None:
     """Fine-tune EfficientNet-Lite0 (ImageNet weights) end to end; calibrate on val, evaluate on test.
@@ -49,7 +51,7 @@ def cnn(
     options = CNNOptions(
         size=size, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
         pos_weight=pos_weight if pos_weight == "balanced" else _positive_number(pos_weight),
-        augment=augment, device=device, num_workers=workers, seed=seed,
+        augment=augment, device=device, num_workers=workers, threads=threads, seed=seed,
     )
     fit_options = FitOptions(threshold=threshold, calibration=calibration, aggregation=aggregation, seed=seed)
     run = run_cnn_baseline(manifest, root, out, options, fit_options, log=typer.echo)
@@ -76,6 +78,7 @@ def autoencoder(
     lr: float = typer.Option(AutoencoderOptions.lr, help="AdamW learning rate."),
     device: str = DEVICE,
     workers: int | None = WORKERS,
+    threads: int | None = THREADS,
     seed: int = SEED,
 ) -> None:
     """Train a convolutional autoencoder on the train images; write every image's bottleneck features to a store.
@@ -87,7 +90,7 @@ def autoencoder(
     """
     options = AutoencoderOptions(
         size=size, width=width, bottleneck=bottleneck, epochs=epochs, patience=patience, batch_size=batch_size,
-        lr=lr, device=device, num_workers=workers, seed=seed,
+        lr=lr, device=device, num_workers=workers, threads=threads, seed=seed,
     )
     run = run_autoencoder_baseline(manifest, root, out, options, log=typer.echo)
     typer.echo(f"embedded {run.embedded} images into {run.store} ({len(run.failed)} failed); weights in {run.weights}")

@@ -76,7 +76,7 @@ class ExtractSummary:
         return "\n".join(lines)
 
 
-class _ManifestImages(Dataset):
+class ManifestImages(Dataset):
     """(index, pixels [3, S, S] float32 or None, failure reason) for each manifest row; decoding errors are data."""
 
     def __init__(self, paths: list[Path], spec: PreprocessSpec) -> None:
@@ -94,12 +94,12 @@ class _ManifestImages(Dataset):
             return index, None, f"unexpected decoding error: {type(error).__name__}: {error}"
 
 
-def _init_worker(_: int) -> None:
+def init_decode_worker(_: int) -> None:
     # Each decoding worker gets one thread: several workers x several intra-op threads oversubscribe the cores.
     torch.set_num_threads(1)
 
 
-def _collate(items: list[tuple[int, np.ndarray | None, str]]) -> tuple[list[int], torch.Tensor | None, list[int], list[str]]:
+def collate_images(items: list[tuple[int, np.ndarray | None, str]]) -> tuple[list[int], torch.Tensor | None, list[int], list[str]]:
     good = [(i, x) for i, x, _ in items if x is not None]
     bad = [(i, reason) for i, x, reason in items if x is None]
     pixels = torch.from_numpy(np.stack([x for _, x in good])) if good else None
@@ -241,11 +241,11 @@ def _run(
     embed = torch.compile(encoder.embed) if options.compile else encoder.embed
     workers = options.num_workers if options.num_workers is not None else max(0, (os.cpu_count() or 1) - 1)
     loader = DataLoader(
-        _ManifestImages(todo.resolve(root), spec),
+        ManifestImages(todo.resolve(root), spec),
         batch_size=options.batch_size,
         num_workers=workers,
-        collate_fn=_collate,
-        worker_init_fn=_init_worker,
+        collate_fn=collate_images,
+        worker_init_fn=init_decode_worker,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medembed.errors import MedembedError
-from medembed.extract import _collate, _init_worker, _ManifestImages
+from medembed.extract import collate_images, init_decode_worker, ManifestImages
 from medembed.images import PreprocessSpec
 from medembed.manifest import Manifest, read_manifest, validate_manifest
 
@@ -81,11 +81,11 @@ def cache_images(
         raise ValueError(f"the image cache holds [0, 1] pixels; got a spec with mean {spec.mean} and std {spec.std}")
     workers = (os.cpu_count() or 1) if num_workers is None else num_workers
     loader = DataLoader(
-        _ManifestImages(manifest.resolve(root), spec),
+        ManifestImages(manifest.resolve(root), spec),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=_collate,
-        worker_init_fn=_init_worker if workers else None,
+        collate_fn=collate_images,
+        worker_init_fn=init_decode_worker if workers else None,
     )
     pixels = torch.empty((len(manifest), spec.channels, spec.size, spec.size), dtype=torch.uint8)
     decoded = np.zeros(len(manifest), dtype=bool)
@@ -107,7 +107,7 @@ def failed_note(failed: dict[str, str]) -> str:
     for image_id, reason in failed.items():
         by_reason.setdefault(reason, []).append(image_id)
     groups = "; ".join(f"{reason} ({len(ids)}): {', '.join(sorted(ids))}" for reason, ids in sorted(by_reason.items()))
-    return f"{len(failed)} images could not be decoded and were left out: {groups}"
+    return f"{len(failed)} image{'s' if len(failed) != 1 else ''} could not be decoded and {'were' if len(failed) != 1 else 'was'} left out: {groups}"
 
 
 def unit_pixels(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:

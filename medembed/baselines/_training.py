@@ -28,12 +28,48 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
 
 
+class StageTimer:
+    """Wall-clock seconds of consecutive named stages of a run."""
+
+    def __init__(self) -> None:
+        self._start = self._last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, stage: str) -> float:
+        """End `stage` now (it began when the previous one ended); returns its seconds."""
+        now = time.perf_counter()
+        self.seconds[stage], self._last = now - self._last, now
+        return self.seconds[stage]
+
+    def summary(self) -> dict[str, float]:
+        """Seconds per stage, plus "total" since the timer was made."""
+        return {**self.seconds, "total": time.perf_counter() - self._start}
+
+
 @contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Run the block with torch's global generators (weight init, dropout) seeded; the caller's state comes back after."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
+
+
+@contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with torch using `threads` CPU threads (None: leave torch's default); restored after.
+
+    One thread can be several times faster than two on a machine other processes keep busy: each parallel
+    kernel waits for its slowest thread, and a descheduled thread stalls them all.
+    """
+    if threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def autocast(device: torch.device) -> AbstractContextManager:

@@ -60,6 +60,11 @@ class EfficientNetLite0Encoder(Encoder):
         model.load_state_dict(state, strict=True)
         self._model = freeze(model, device)
 
+    @property
+    def network(self) -> EfficientNet:
+        """The loaded network (frozen), e.g. for a fine-tuning baseline to start from."""
+        return self._require_loaded(self._model)
+
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """`[B, 3, S, S]` -> `[B, 1280]` float32: mean of the final 1280-channel feature map."""
         features = self._require_loaded(self._model).extract_features(pixels)
