@@ -36,7 +36,7 @@ demo: install ## The main job on FracAtlas: manifest -> extract (offline Efficie
 	for head in $(HEADS); do $(BIN)/medembed fit $(STORE) --head $$head --threshold f1 --out $(WORK)/runs/frac-$$head || exit 1; done
 	$(BIN)/medembed compare $(foreach head,$(HEADS),$(WORK)/runs/frac-$(head)) --out $(WORK)/runs/results.md
 
-sweep: install ## Benchmark sweep on FracAtlas: encoders x heads x label budgets x seeds, plus CNN/autoencoder baselines
+sweep: demo ## Benchmark sweep on FracAtlas: encoders x heads x label budgets x seeds, plus CNN/autoencoder baselines
 	$(BIN)/medembed sweep data_manifests/fracatlas_sweep.toml
 
 bench-store: install ## Store write/read throughput on a MURA-sized store (40,561 x 1152 float16)

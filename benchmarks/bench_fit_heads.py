@@ -3,7 +3,9 @@
 Targets: every head fits in <= 60 s with peak memory <= 2 GB on a 2-core machine. The "official notebook
 recipe" (scikit-learn's LogisticRegression(max_iter=250) on raw embeddings: no scaling, no search) is timed
 on the same data for comparison. Each head runs in a fresh subprocess, so its peak RSS is its own.
-Run: python benchmarks/bench_fit_heads.py [--rows 40561 --dim 1152 --heads logreg mlp xgboost]
+Run: python benchmarks/bench_fit_heads.py [--rows 40561 --dim 1152 --heads logreg mlp xgboost --n-jobs 1]
+On a machine shared with other busy processes, --n-jobs 1 is much faster for the MLP and XGBoost: their
+OpenMP threads wait on each other whenever one of them is descheduled.
 """
 
 import argparse
@@ -53,7 +55,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_worker(head: str, rows: int, dim: int) -> dict:
+def run_worker(head: str, rows: int, dim: int, n_jobs: int | None) -> dict:
     """Fit one head (or the notebook recipe) on an 80/10/10 split; return timings, memory and AUROCs."""
     X, y = synthetic_store(rows, dim, seed=0)
     n_train, n_val = int(rows * 0.8), int(rows * 0.1)
@@ -65,7 +67,8 @@ def run_worker(head: str, rows: int, dim: int) -> dict:
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
         chosen, val_scores, test_scores = "-", model.decision_function(X[val]), model.decision_function(X[test])
     else:
-        fitted = make_head(head).fit(X[train], y[train], X[val], y[val])
+        params = {"n_jobs": n_jobs} if n_jobs and "n_jobs" in make_head(head).param_names() else {}
+        fitted = make_head(head, **params).fit(X[train], y[train], X[val], y[val])
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
         chosen = f"{fitted.selection_['searched']}={fitted.selection_['chosen']:.4g}"
         val_scores, test_scores = fitted.predict_proba(X[val])[:, 1], fitted.predict_proba(X[test])[:, 1]
@@ -87,16 +90,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=40_561)
     parser.add_argument("--dim", type=int, default=1152)
     parser.add_argument("--heads", nargs="+", default=list(HEAD_NAMES), choices=list(HEAD_NAMES))
+    parser.add_argument("--n-jobs", type=int, help="threads for the heads that take n_jobs (default: all cores)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one head in this process
     args = parser.parse_args()
 
     if args.worker:
-        print(json.dumps(run_worker(args.worker, args.rows, args.dim)))
+        print(json.dumps(run_worker(args.worker, args.rows, args.dim, args.n_jobs)))
         return
 
     results = []
     for head in [NOTEBOOK, *args.heads]:
         command = [sys.executable, __file__, "--worker", head, "--rows", str(args.rows), "--dim", str(args.dim)]
+        command += ["--n-jobs", str(args.n_jobs)] if args.n_jobs else []
         completed = subprocess.run(command, check=True, capture_output=True, text=True)
         results.append(json.loads(completed.stdout.strip().splitlines()[-1]))
 

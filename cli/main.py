@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from cli import baseline_cmds, extract_cmds, fit_cmds, manifest_cmds, store_cmds, zeroshot_cmds
+from cli import baseline_cmds, extract_cmds, fit_cmds, manifest_cmds, store_cmds, sweep_cmds, zeroshot_cmds
 from medembed.errors import MedembedError
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.command()(extract_cmds.extract)
 fit_cmds.register(app)
 app.command()(zeroshot_cmds.zeroshot)
 app.add_typer(baseline_cmds.app, name="baseline")
+app.command()(sweep_cmds.sweep)
 store_cmds.register(app)
 
 

@@ -91,7 +91,7 @@ def markdown_report(result: dict, *, title: str, context: dict) -> str:
         if not by_part:
             continue
         lines += ["", f"## Per body part, {level} level", ""]
-        lines += _table(
+        lines += markdown_table(
             ["Body part"] + [METRIC_LABELS[metric] for metric in BODY_PART_COLUMNS],
             [
                 [part] + [format_cell(table.get(metric), metric) for metric in BODY_PART_COLUMNS]
@@ -115,7 +115,7 @@ def compare_table(results: dict[str, dict], level: str = "study", metrics: tuple
         rows.append([name] + [format_cell(node["overall"].get(metric), metric) for metric in metrics])
     first = next(iter(results.values()))
     note = _interval_note(first, [level if level in first else "image"])
-    return "\n".join(_table(["Run"] + [METRIC_LABELS[m] for m in metrics], rows) + ["", note]) + "\n"
+    return "\n".join(markdown_table(["Run"] + [METRIC_LABELS[m] for m in metrics], rows) + ["", note]) + "\n"
 
 
 def plot_figures(
@@ -198,7 +198,7 @@ def _number(value: float | None, metric: str) -> str:
 
 def _headline(result: dict, levels: list[str]) -> list[str]:
     """Lines of the metrics x levels table and the note saying what its cells are."""
-    table = _table(
+    table = markdown_table(
         ["Metric"] + [f"{level.capitalize()} level" for level in levels],
         [
             [METRIC_LABELS[metric]] + [format_cell(result[level]["overall"].get(metric), metric) for level in levels]
@@ -236,7 +236,7 @@ def _interval_note(result: dict, levels: list[str]) -> str:
     )
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Markdown table lines; numbers right-aligned."""
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]

@@ -21,13 +21,16 @@ class Splits(NamedTuple):
 
 
 def make_splits(
-    n_train: int = 400, n_val: int = 200, n_test: int = 200, dim: int = 48, shift: float = 3.0,
-    positive_rate: float = 0.5, seed: int = 0,
+    sizes: tuple[int, int, int] = (400, 200, 200),
+    dim: int = 48,
+    shift: float = 3.0,
+    positive_rate: float = 0.5,
+    seed: int = 0,
 ) -> Splits:
-    """Two Gaussian classes whose means differ by `shift` along the first three features."""
+    """Train/val/test `sizes` rows of two Gaussian classes whose means differ by `shift` on the first 3 features."""
     rng = np.random.default_rng(seed)
     arrays = []
-    for n in (n_train, n_val, n_test):
+    for n in sizes:
         y = (rng.random(n) < positive_rate).astype(np.int64)
         y[:2] = [0, 1]  # every split holds both classes
         X = rng.standard_normal((n, dim)) * 2.0 + 0.5

@@ -1,0 +1,319 @@
+"""The sweep's TOML config: what to run (encoders x heads x label budgets x seeds, baselines) under which protocol.
+
+    name = "fracatlas"
+    manifest = "data_manifests/fracatlas.csv"
+    root = "${FRACATLAS:-../shared/data/fracatlas}"   # ${VAR} and ${VAR:-default} read the environment
+    out = "work/sweeps/fracatlas"
+    budgets = [0.01, 0.1, 1.0]          # fractions of the training labels, in (0, 1]
+    seeds = [0, 1, 2]
+    heads = ["logreg", "mlp", "xgboost"]
+    threshold = "f1"                    # chosen on val, as `medembed fit --threshold` (default: fit's)
+    calibration = "none"                # default: fit's
+    aggregation = "mean"                # default: fit's
+    bootstrap = 1000                    # resamples for the 95% intervals (0: none; default: fit's)
+
+    [head_params.xgboost]               # optional, per head, as `medembed fit --param`
+    n_estimators = 200
+
+    [extract]                           # optional, as `medembed extract`'s options
+    batch_size = 32
+
+    [[encoders]]
+    name = "efficientnet-lite0"         # a registered encoder
+    label = "effl0-224"                 # optional: results' encoder column and store name (default: name)
+    options = { size = 224 }            # optional, as `medembed extract --option` (used when the sweep extracts)
+    store = "work/fracatlas-effl0.h5"   # optional: an existing, complete store, used as is; otherwise
+                                        # OUT/stores/<label>.h5 is extracted (or finished) with `options`
+
+    [[baselines]]
+    kind = "cnn"                        # fine-tuned EfficientNet-Lite0: one run per seed and budget
+    options = { size = 128, epochs = 5 }
+    budgets = [1.0]                     # optional (default [1.0]: each run fine-tunes a CNN)
+    seeds = [0]                         # optional (default: the sweep's seeds)
+
+    [[baselines]]
+    kind = "autoencoder"                # trained once on the train images, then heads x budgets x seeds on its store
+    options = { epochs = 20 }
+
+Relative paths resolve against the current directory. Every problem raises SweepConfigError naming the file
+and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from medembed.baselines.autoencoder import AutoencoderOptions
+from medembed.baselines.autoencoder import KIND as AUTOENCODER
+from medembed.baselines.cnn import CNNOptions
+from medembed.calibrate import CALIBRATIONS, parse_threshold_rule
+from medembed.encoders import available_encoders
+from medembed.errors import MedembedError
+from medembed.evaluate import AGGREGATIONS
+from medembed.extract import ExtractOptions
+from medembed.fit import FitOptions
+from medembed.heads import HEAD_NAMES, make_head
+from medembed.sweep.budgets import check_fraction
+
+CNN = "cnn"
+BASELINE_KINDS = (CNN, AUTOENCODER)
+_TOP_KEYS = (
+    "name", "manifest", "root", "out", "budgets", "seeds", "heads", "head_params", "threshold", "calibration",
+    "aggregation", "bootstrap", "extract", "encoders", "baselines",
+)
+_ENCODER_KEYS = ("name", "label", "options", "store")
+_BASELINE_KEYS = {CNN: ("kind", "options", "budgets", "seeds"), AUTOENCODER: ("kind", "options")}
+# Baseline options the sweep sets itself: the CNN's seed is each sweep seed.
+_BASELINE_OPTIONS = {
+    CNN: tuple(f.name for f in fields(CNNOptions) if f.name != "seed"),
+    AUTOENCODER: tuple(f.name for f in fields(AutoencoderOptions)),
+}
+# A sweep embeds every image once, so extraction's `limit` and `retry_failed` have no place here.
+_EXTRACT_KEYS = ("batch_size", "num_workers", "device", "precision", "store_dtype", "compile")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+class SweepConfigError(MedembedError):
+    """A sweep config that cannot be read or asks for something medembed cannot do; names the file and key."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One embedding source: a registered encoder (extracted into the sweep's own store unless `store` is given)."""
+
+    name: str
+    label: str  # the results' encoder column; also the store's file name
+    options: dict[str, Any]
+    store: Path | None = None
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    """A conventional baseline from medembed.baselines. The CNN runs once per (budget, seed) of its own; the
+    autoencoder is trained once (its `seed` option) and its store gets the sweep's budgets and seeds."""
+
+    kind: str  # "cnn" | "autoencoder"
+    options: dict[str, Any]
+    budgets: tuple[float, ...] = ()
+    seeds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A validated sweep: the grid and the one protocol every cell of it follows."""
+
+    name: str
+    manifest: Path
+    root: Path | None  # needed only to extract stores or train baselines
+    out: Path
+    budgets: tuple[float, ...]
+    seeds: tuple[int, ...]
+    heads: tuple[str, ...]
+    head_params: dict[str, dict[str, Any]]
+    threshold: str
+    calibration: str
+    aggregation: str
+    bootstrap: int
+    extract: ExtractOptions
+    encoders: tuple[EncoderSpec, ...]
+    baselines: tuple[BaselineSpec, ...]
+    source: Path
+
+    def baseline(self, kind: str) -> BaselineSpec | None:
+        """The baseline of this kind, if the sweep has one."""
+        return next((b for b in self.baselines if b.kind == kind), None)
+
+
+def load_config(path: Path) -> SweepConfig:
+    """Read and validate a sweep config TOML file."""
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SweepConfigError(f"{path}: no such sweep config") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise SweepConfigError(f"{path}: not valid TOML ({error})") from None
+    return parse_config(document, source=path)
+
+
+def parse_config(document: dict[str, Any], source: Path) -> SweepConfig:
+    """Validate a parsed TOML document (see the module docstring for the keys)."""
+    where = _Where(source)
+    where.known_keys(document, _TOP_KEYS, "the top level")
+    heads = tuple(where.items(document, "heads"))
+    for head in heads:
+        if head not in HEAD_NAMES:
+            raise where.error("heads", f"unknown head {head!r}; choose from {', '.join(HEAD_NAMES)}")
+    threshold = where.value(document, "threshold", str, FitOptions.threshold)
+    where.check(lambda: parse_threshold_rule(threshold), "threshold")
+    seeds = _seeds(where, document, "seeds", [0])
+    encoders = tuple(_encoder(where, entry, i) for i, entry in enumerate(where.tables(document, "encoders")))
+    baselines = tuple(_baseline(where, entry, i, seeds) for i, entry in enumerate(where.tables(document, "baselines")))
+    if not encoders and not baselines:
+        raise where.error("encoders", "the sweep needs at least one [[encoders]] or [[baselines]] entry")
+    labels = [e.label for e in encoders] + [b.kind for b in baselines]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise where.error("encoders", f"{', '.join(repeated)} appears twice; give each encoder a distinct `label` (baselines: one of each kind)")
+    extract_options = where.value(document, "extract", dict, {})
+    where.known_keys(extract_options, _EXTRACT_KEYS, "[extract]")
+    return SweepConfig(
+        name=where.value(document, "name", str, source.stem),
+        manifest=where.path(document, "manifest", required=True),
+        root=where.path(document, "root", required=False),
+        out=where.path(document, "out", required=True),
+        budgets=_budgets(where, document, "budgets", [1.0]),
+        seeds=seeds,
+        heads=heads,
+        head_params=_head_params(where, where.value(document, "head_params", dict, {}), heads),
+        threshold=threshold,
+        calibration=_choice(where, document, "calibration", CALIBRATIONS, FitOptions.calibration),
+        aggregation=_choice(where, document, "aggregation", AGGREGATIONS, FitOptions.aggregation),
+        bootstrap=where.count(document.get("bootstrap", FitOptions.n_resamples), "bootstrap"),
+        extract=ExtractOptions(**extract_options),
+        encoders=encoders,
+        baselines=baselines,
+        source=source,
+    )
+
+
+def _budgets(where: _Where, table: dict, name: str, default: list, key: str | None = None) -> tuple[float, ...]:
+    key = key or name
+    return tuple(where.check(lambda: check_fraction(b, "budget"), key) for b in where.items(table, name, default, key))
+
+
+def _seeds(where: _Where, table: dict, name: str, default: list, key: str | None = None) -> tuple[int, ...]:
+    key = key or name
+    return tuple(where.count(seed, key) for seed in where.items(table, name, default, key))
+
+
+def _head_params(where: _Where, table: dict, heads: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    for head, params in table.items():
+        if head not in heads:
+            raise where.error(f"head_params.{head}", f"{head!r} is not one of the sweep's heads ({', '.join(heads)})")
+        if not isinstance(params, dict):
+            raise where.error(f"head_params.{head}", "must be a table of the head's parameters")
+        where.check(lambda: make_head(head, **params), f"head_params.{head}")
+    return {head: dict(table.get(head, {})) for head in heads}
+
+
+def _choice(where: _Where, table: dict, key: str, choices: tuple[str, ...], default: str) -> str:
+    value = where.value(table, key, str, default)
+    if value not in choices:
+        raise where.error(key, f"{value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _encoder(where: _Where, entry: dict, index: int) -> EncoderSpec:
+    key = f"encoders[{index}]"
+    where.known_keys(entry, _ENCODER_KEYS, key)
+    name = where.value(entry, "name", str, key=f"{key}.name")
+    if name not in available_encoders():
+        raise where.error(f"{key}.name", f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
+    label = where.value(entry, "label", str, name, key=f"{key}.label")
+    if not _LABEL.match(label) or label in BASELINE_KINDS:
+        raise where.error(f"{key}.label", f"{label!r} must be letters, digits, '.', '_' or '-' and not a baseline's name ({', '.join(BASELINE_KINDS)})")
+    options = dict(where.value(entry, "options", dict, {}, key=f"{key}.options"))
+    return EncoderSpec(name, label, options, where.path(entry, "store", required=False, key=f"{key}.store"))
+
+
+def _baseline(where: _Where, entry: dict, index: int, sweep_seeds: tuple[int, ...]) -> BaselineSpec:
+    key = f"baselines[{index}]"
+    kind = where.value(entry, "kind", str, key=f"{key}.kind")
+    if kind not in BASELINE_KINDS:
+        raise where.error(f"{key}.kind", f"unknown baseline {kind!r}; choose from {', '.join(BASELINE_KINDS)}")
+    where.known_keys(entry, _BASELINE_KEYS[kind], f"{key} ({kind})")
+    options = dict(where.value(entry, "options", dict, {}, key=f"{key}.options"))
+    where.known_keys(options, _BASELINE_OPTIONS[kind], f"{key}.options ({kind})")
+    if kind == AUTOENCODER:
+        return BaselineSpec(kind, options)
+    return BaselineSpec(
+        kind,
+        options,
+        budgets=_budgets(where, entry, "budgets", [1.0], f"{key}.budgets"),
+        seeds=_seeds(where, entry, "seeds", list(sweep_seeds), f"{key}.seeds"),
+    )
+
+
+class _Where:
+    """Typed access to config values; every error names the file and the key."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+
+    def error(self, key: str, problem: str) -> SweepConfigError:
+        return SweepConfigError(f"{self.source}: {key}: {problem}")
+
+    def check(self, validate: Callable[[], Any], key: str) -> Any:
+        """validate()'s result, its MedembedError re-raised naming the key."""
+        try:
+            return validate()
+        except MedembedError as error:
+            raise self.error(key, str(error)) from None
+
+    def known_keys(self, table: dict, allowed: tuple[str, ...], where: str) -> None:
+        unknown = sorted(set(table) - set(allowed))
+        if unknown:
+            raise SweepConfigError(f"{self.source}: unknown key(s) {', '.join(unknown)} in {where}; expected {', '.join(allowed)}")
+
+    def value(self, table: dict, name: str, expected: type, default: Any = None, key: str | None = None) -> Any:
+        """table[name] checked to be of type `expected`; `default` where absent (required when default is None)."""
+        key = key or name
+        if name not in table:
+            if default is None:
+                raise self.error(key, "is required")
+            return default
+        value = table[name]
+        # TOML booleans are Python ints: refuse them where a number is expected.
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+            raise self.error(key, f"expected {_TYPE_NAMES[expected]}, got {value!r}")
+        return value
+
+    def count(self, value: Any, key: str) -> int:
+        """An integer >= 0 (a seed, a number of resamples)."""
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise self.error(key, f"expected an integer >= 0, got {value!r}")
+        return value
+
+    def items(self, table: dict, name: str, default: list | None = None, key: str | None = None) -> list:
+        """A non-empty list without repeats."""
+        values = self.value(table, name, list, default, key)
+        if not values:
+            raise self.error(key or name, "must list at least one value")
+        if len(set(map(repr, values))) != len(values):
+            raise self.error(key or name, f"repeats a value: {values}")
+        return values
+
+    def tables(self, table: dict, name: str) -> list[dict]:
+        """An array of tables ([[name]]), possibly empty."""
+        values = self.value(table, name, list, [])
+        for value in values:
+            if not isinstance(value, dict):
+                raise self.error(name, f"expected [[{name}]] tables, got {value!r}")
+        return values
+
+    def path(self, table: dict, name: str, required: bool, key: str | None = None) -> Path | None:
+        """A path with ${VAR} / ${VAR:-default} expanded from the environment."""
+        if name not in table and not required:
+            return None
+        text = self.value(table, name, str, key=key)
+
+        def expand(match: re.Match) -> str:
+            variable, default = match.group(1), match.group(2)
+            if variable in os.environ:
+                return os.environ[variable]
+            if default is None:
+                raise self.error(key or name, f"environment variable {variable} is not set (write ${{{variable}:-default}} for a fallback)")
+            return default
+
+        return Path(_ENV.sub(expand, text))
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "a table"}

@@ -1,0 +1,177 @@
+"""results.md and the figures of a sweep, drawn from its results rows.
+
+Every number is a study-level metric's mean ± sd over seeds, computed by `medembed.evaluate.summarize_seeds`
+(the same summary as `medembed fit --seeds`) and formatted by `medembed.report.format_cell`. Figures are drawn
+on `matplotlib.figure.Figure` objects (Agg, no pyplot state).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from medembed.evaluate import summarize_seeds
+from medembed.report import METRIC_LABELS, format_cell, markdown_table
+from medembed.sweep.results import row_key
+
+if TYPE_CHECKING:
+    from medembed.sweep.config import SweepConfig
+
+LEVEL = "study"
+HEADLINE = ("auroc", "kappa")
+_DPI = 120
+
+Cell = tuple[str, str, float]  # encoder, head, budget
+
+
+def summarize_cells(rows: list[dict[str, Any]]) -> dict[Cell, dict[str, dict]]:
+    """{(encoder, head, budget): {metric: seed summary}} over the seeds of the cells that ran.
+
+    Metrics: HEADLINE at LEVEL, and train_images; each a summarize_seeds leaf {"mean", "sd", "n_seeds", "values"}.
+    Rows with a note (cells that could not run) are left out.
+    """
+    by_cell: dict[Cell, list[dict]] = defaultdict(list)
+    for row in rows:
+        if not row["note"]:
+            values = {metric: {"value": row[f"{LEVEL}_{metric}"]} for metric in HEADLINE}
+            by_cell[(row["encoder"], row["head"], row["budget"])].append({**values, "train_images": {"value": row["train_images"]}})
+    return {cell: summarize_seeds(results) for cell, results in sorted(by_cell.items())}
+
+
+def write_report(rows: list[dict[str, Any]], config: SweepConfig, record: dict[str, Any]) -> tuple[Path, list[Path]]:
+    """Write OUT/results.md, OUT/learning_curve.png and OUT/heads_encoders.png; returns their paths.
+
+    rows: typed results rows (`read_results`) of the sweep's grid. record: sweep.json's content (protocol,
+    and per-source notes).
+    """
+    summary = summarize_cells(rows)
+    out = Path(config.out)
+    markdown = out / "results.md"
+    markdown.write_text(results_markdown(summary, rows, config, record), encoding="utf-8")
+    figures = [out / "learning_curve.png", out / "heads_encoders.png"]
+    learning_curve_figure(summary).savefig(figures[0], dpi=_DPI)
+    heads_encoders_figure(summary).savefig(figures[1], dpi=_DPI)
+    return markdown, figures
+
+
+def results_markdown(summary: dict[Cell, dict[str, dict]], rows: list[dict[str, Any]], config: SweepConfig, record: dict[str, Any]) -> str:
+    """The sweep's Markdown report: protocol, heads x encoders at the largest budget, learning curves, notes."""
+    protocol = record.get("protocol", {})
+    seeds = ", ".join(map(str, config.seeds))
+    lines = [
+        f"# Sweep: {config.name}",
+        "",
+        f"One protocol for every cell: manifest `{config.manifest}` (sha256 {str(protocol.get('manifest_sha256', ''))[:12]}); "
+        "each head is fitted on a label budget of the train split (whole patients, else studies, stratified by label, "
+        "nested across budgets, drawn per seed); probability calibration "
+        f"`{config.calibration}` and the `{config.threshold}` threshold are chosen on the whole val split; metrics on the "
+        f"whole test split, study probability = {config.aggregation} of its images'. "
+        f"Values: {LEVEL}-level mean ± sd over seeds ({seeds}); a bare value is one seed's. Every cell's values with 95% bootstrap intervals "
+        f"({config.bootstrap} resamples): `results.csv`.",
+    ]
+    if summary:
+        full = max(budget for _, _, budget in summary)
+        lines += ["", f"## Heads × encoders, {percent(full)} of the training labels", ""]
+        for metric in HEADLINE:
+            lines += [f"{METRIC_LABELS[metric]} ({LEVEL} level):", ""] + _heads_by_encoders(summary, full, metric) + [""]
+        lines += ["## Learning curves", ""]
+        for encoder in sorted({e for e, _, _ in summary}):
+            for metric in HEADLINE:
+                lines += [f"{encoder}, {METRIC_LABELS[metric]} ({LEVEL} level):", ""] + _learning_curve_table(summary, encoder, metric) + [""]
+    sources = {row["encoder"] for row in rows}
+    notes = [f"{source}: {note}" for source, info in sorted(record.get("sources", {}).items()) if source in sources for note in info.get("notes", [])]
+    notes += [f"{row_key(row)}: not run: {row['note']}" for row in rows if row["note"]]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _cell_text(leaf: dict | None, metric: str) -> str:
+    """mean ± sd; the bare value for one seed (its sd is undefined); '—' for a cell not in the sweep."""
+    if leaf is None:
+        return "—"
+    if leaf["n_seeds"] == 1:
+        return format_cell({"value": leaf["mean"], "ci": None}, metric)
+    return format_cell(leaf, metric)
+
+
+def _heads_by_encoders(summary: dict[Cell, dict[str, dict]], budget: float, metric: str) -> list[str]:
+    encoders = sorted({e for e, _, b in summary if b == budget})
+    heads = sorted({h for _, h, b in summary if b == budget})
+    table = [[head] + [_cell_text(summary.get((e, head, budget), {}).get(metric), metric) for e in encoders] for head in heads]
+    return markdown_table(["Head"] + encoders, table)
+
+
+def _learning_curve_table(summary: dict[Cell, dict[str, dict]], encoder: str, metric: str) -> list[str]:
+    heads = sorted({h for e, h, _ in summary if e == encoder})
+    budgets = sorted({b for e, _, b in summary if e == encoder})
+    table = []
+    for budget in budgets:
+        cells = [summary.get((encoder, head, budget)) for head in heads]
+        images = next(cell["train_images"]["mean"] for cell in cells if cell)
+        table.append([percent(budget), f"{images:.0f}"] + [_cell_text(cell and cell[metric], metric) for cell in cells])
+    return markdown_table(["Budget", "Train images"] + heads, table)
+
+
+def learning_curve_figure(summary: dict[Cell, dict[str, dict]]) -> Figure:
+    """HEADLINE metrics against the number of labelled training images (log x): one line per encoder x head,
+    its mean over seeds with a ± sd band."""
+    figure = Figure(figsize=(13, 4.5), layout="constrained")
+    axes_by_metric = figure.subplots(1, len(HEADLINE))
+    for axes, metric in zip(axes_by_metric, HEADLINE):
+        for (encoder, head), cells in _series(summary).items():
+            x = np.array([cell["train_images"]["mean"] for cell in cells])
+            mean = np.array([cell[metric]["mean"] for cell in cells])
+            sd = np.nan_to_num(np.array([cell[metric]["sd"] for cell in cells]))
+            line = axes.plot(x, mean, "o-", markersize=3, label=f"{encoder} · {head}")[0]
+            axes.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.15, linewidth=0)
+        axes.set(xscale="log", xlabel="Labelled training images", ylabel=f"{METRIC_LABELS[metric]} ({LEVEL} level)", title=METRIC_LABELS[metric])
+        axes.grid(alpha=0.3, which="both")
+    _legend(figure, axes_by_metric[-1])
+    return figure
+
+
+def heads_encoders_figure(summary: dict[Cell, dict[str, dict]]) -> Figure:
+    """HEADLINE metrics at the largest budget as grouped bars: heads along x, one bar per encoder, ± sd."""
+    figure = Figure(figsize=(13, 4.5), layout="constrained")
+    axes_by_metric = figure.subplots(1, len(HEADLINE))
+    full = max((b for _, _, b in summary), default=1.0)
+    encoders = sorted({e for e, _, b in summary if b == full})
+    heads = sorted({h for _, h, b in summary if b == full})
+    width = 0.8 / max(len(encoders), 1)
+    for axes, metric in zip(axes_by_metric, HEADLINE):
+        for k, encoder in enumerate(encoders):
+            leaves = [summary.get((encoder, head, full), {}).get(metric) for head in heads]
+            mean = np.array([leaf["mean"] if leaf else math.nan for leaf in leaves])
+            sd = np.nan_to_num(np.array([leaf["sd"] if leaf else math.nan for leaf in leaves]))
+            axes.bar(np.arange(len(heads)) + (k - (len(encoders) - 1) / 2) * width, np.nan_to_num(mean), width, yerr=sd, capsize=3, label=encoder)
+        axes.set_xticks(np.arange(len(heads)), heads)
+        axes.set(ylabel=f"{METRIC_LABELS[metric]} ({LEVEL} level)", title=f"{METRIC_LABELS[metric]}, {percent(full)} of the training labels")
+        axes.grid(alpha=0.3, axis="y")
+    _legend(figure, axes_by_metric[-1])
+    return figure
+
+
+def percent(budget: float) -> str:
+    """A label budget as a percentage of the training labels: 0.125 -> '12.5%'."""
+    return f"{100 * budget:g}%"
+
+
+def _legend(figure: Figure, axes: Any) -> None:
+    """One legend for both panels, right of them, where it hides no line or bar."""
+    handles, labels = axes.get_legend_handles_labels()
+    if handles:  # a sweep whose cells all failed to run draws nothing to label
+        figure.legend(handles, labels, loc="outside right upper", fontsize="small")
+
+
+def _series(summary: dict[Cell, dict[str, dict]]) -> dict[tuple[str, str], list[dict[str, dict]]]:
+    """Each (encoder, head)'s cells in budget order."""
+    series: dict[tuple[str, str], list[dict[str, dict]]] = defaultdict(list)
+    for (encoder, head, _), cell in sorted(summary.items()):
+        series[(encoder, head)].append(cell)
+    return dict(series)

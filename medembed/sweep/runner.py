@@ -1,0 +1,332 @@
+"""Run a sweep: every (encoder, head, label budget, seed) cell under one protocol, appended to results.csv.
+
+Protocol, the same for every cell and the same as `medembed fit`'s: the manifest's own train/val/test rows;
+the head is fitted on the budgeted train rows, probability calibration and thresholds are chosen on the whole
+val split, metrics and bootstrap intervals are computed on the whole test split with `medembed.fit`'s own
+functions. A budget's images are drawn per seed from the manifest's labelled train rows (`budget_subset`), so
+every source gets the same images, less any it could not decode. Every cell's bootstrap uses the same seed
+(BOOTSTRAP_SEED), so all cells are scored on the same test resamples.
+
+Embedding sources:
+- each [[encoders]] entry: its `store`, or OUT/stores/<label>.h5, extracted (or finished) when incomplete;
+- the autoencoder baseline: trained once on the train images (no labels: a label budget does not limit it,
+  as it does not limit the foundation model's pretraining), its store OUT/stores/autoencoder.h5 then gets
+  the same heads x budgets x seeds as any encoder.
+The CNN baseline fine-tunes EfficientNet-Lite0 per (budget, seed) on the same budgeted train images (head
+"finetune", run directories under OUT/baselines/); on a CPU each run takes minutes, so its budgets default
+to 1.0 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medembed.baselines.autoencoder import AutoencoderOptions, run_autoencoder_baseline
+from medembed.baselines.cnn import CNNOptions, run_cnn_baseline
+from medembed.errors import MedembedError
+from medembed.extract import build_encoder, extract
+from medembed.fit import FitOptions, Split, evaluate_split, fit_once, load_splits
+from medembed.heads import make_head
+from medembed.manifest import Manifest, read_manifest, write_manifest
+from medembed.store import open_store
+from medembed.sweep.budgets import MIN_PER_CLASS, budget_subset
+from medembed.sweep.config import AUTOENCODER, BASELINE_KINDS, CNN, EncoderSpec, SweepConfig
+from medembed.sweep.report import write_report
+from medembed.sweep.results import CellKey, ResultsLog, cell_row, read_results, row_key
+
+BOOTSTRAP_SEED = 0
+CNN_HEAD = "finetune"
+# Options that change how fast a baseline runs, not what it computes: not part of its recorded identity.
+_RUNTIME_OPTIONS = ("device", "num_workers", "threads")
+
+
+@dataclass
+class SweepSummary:
+    """What one `run_sweep` call did."""
+
+    cells_run: int  # cells fitted (or found unrunnable) in this call
+    cells_already_done: int  # cells skipped because results.csv already had them
+    results_csv: Path
+    results_md: Path
+    figures: list[Path]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def run_sweep(config: SweepConfig, *, baselines: bool = True, log: Callable[[str], None] | None = None) -> SweepSummary:
+    """Run every cell of `config` not yet in OUT/results.csv, then write results.md and the figures.
+
+    `baselines=False` leaves the config's [[baselines]] out (their existing rows stay in the table).
+    `log` receives one line per stage and per finished cell.
+    """
+    log = log or (lambda line: None)
+    start = time.perf_counter()
+    manifest = read_manifest(config.manifest)
+    grid = grid_cells(config)
+    with ResultsLog(config.out, _protocol(config)) as results:
+        active = [cell for cell in grid if baselines or cell.encoder not in BASELINE_KINDS]
+        sweep = _Sweep(config, manifest, results, log, total=len(active))
+        for head in config.heads:
+            # Every parameter, defaults included: a changed medembed default changes the results too.
+            results.check_source("heads", head, make_head(head, **config.head_params[head]).get_params())
+        for spec in config.encoders:
+            sweep.run_heads(_cells_of(grid, spec.label), lambda spec=spec: sweep.encoder_store(spec))
+        autoencoder = config.baseline(AUTOENCODER)
+        if baselines and autoencoder is not None:
+            sweep.run_heads(_cells_of(grid, AUTOENCODER), lambda: sweep.autoencoder_store(autoencoder.options))
+        cnn = config.baseline(CNN)
+        if baselines and cnn is not None:
+            sweep.run_cnn(_cells_of(grid, CNN), cnn.options)
+        record = results.record
+    in_grid = set(grid)
+    rows = [row for row in read_results(results.path) if row_key(row) in in_grid]
+    results_md, figures = write_report(rows, config, record)
+    return SweepSummary(
+        cells_run=sweep.cells_run,
+        cells_already_done=sweep.cells_already_done,
+        results_csv=results.path,
+        results_md=results_md,
+        figures=figures,
+        seconds=time.perf_counter() - start,
+        notes=sweep.notes,
+    )
+
+
+def grid_cells(config: SweepConfig) -> list[CellKey]:
+    """Every cell the config asks for, baselines included, in the order they run."""
+    sources = [spec.label for spec in config.encoders] + ([AUTOENCODER] if config.baseline(AUTOENCODER) else [])
+    cells = [
+        CellKey(source, head, budget, seed)
+        for source in sources for seed in config.seeds for budget in config.budgets for head in config.heads
+    ]
+    cnn = config.baseline(CNN)
+    if cnn is not None:
+        cells += [CellKey(CNN, CNN_HEAD, budget, seed) for seed in cnn.seeds for budget in cnn.budgets]
+    return cells
+
+
+def _cells_of(cells: list[CellKey], source: str) -> list[CellKey]:
+    return [cell for cell in cells if cell.encoder == source]
+
+
+def _protocol(config: SweepConfig) -> dict[str, object]:
+    """What every cell shares; a resumed sweep must have the same."""
+    return {
+        "manifest_sha256": hashlib.sha256(Path(config.manifest).read_bytes()).hexdigest(),
+        "threshold": config.threshold,
+        "calibration": config.calibration,
+        "aggregation": config.aggregation,
+        "bootstrap": config.bootstrap,
+        "bootstrap_seed": BOOTSTRAP_SEED,
+    }
+
+
+class _Sweep:
+    """The state one run_sweep call shares between its stages: config, manifest, results table, counters."""
+
+    def __init__(self, config: SweepConfig, manifest: Manifest, results: ResultsLog, log: Callable[[str], None], total: int) -> None:
+        self.config, self.manifest, self.results, self.log = config, manifest, results, log
+        self.total = total  # cells this call is responsible for, done before or not
+        self.cells_run = self.cells_already_done = 0
+        self.notes: list[str] = []
+
+    def fit_options(self, head: str = "logreg") -> FitOptions:
+        """The protocol as FitOptions; seed 0 carves val identically for every cell where a store has none."""
+        c = self.config
+        return FitOptions(
+            head=head, head_params=c.head_params.get(head, {}), threshold=c.threshold, calibration=c.calibration,
+            aggregation=c.aggregation, n_resamples=c.bootstrap, seed=BOOTSTRAP_SEED,
+        )
+
+    # -- cells of heads on a store -----------------------------------------------------------------------
+
+    def run_heads(self, cells: list[CellKey], store: Callable[[], Path]) -> None:
+        """Heads on one source's embeddings, the `cells` not done yet; `store()` makes the embeddings only when needed."""
+        todo = self._todo(cells)
+        if not todo:
+            return
+        label, path = todo[0].encoder, store()
+        splits, fingerprint, notes = load_splits([path], self.fit_options())
+        self.results.check_source("sources", label, {"fingerprint": fingerprint, "notes": notes})
+        self.notes += [f"{label}: {note}" for note in notes]
+        _check_matches_manifest(splits, self.manifest, path, self.config.manifest)
+        train_ids = splits["train"].image_id
+        for key, chosen in self._budgets(todo):
+            self._record(self._fit_cell, key, splits, np.isin(train_ids, chosen))
+
+    def _fit_cell(self, key: CellKey, splits: dict[str, Split], mask: np.ndarray) -> dict:
+        train, test = _rows(splits["train"], mask), splits["test"]
+        counts = {"train_images": len(train), "train_abnormal": int(train.y.sum()), "test_images": len(test)}
+        short = _short_of_classes(train.y)
+        if short:
+            return cell_row(key, None, note=short, **counts)
+        options = self.fit_options(key.head)
+        started = time.perf_counter()
+        fitted = fit_once({**splits, "train": train}, options, seed=key.seed)
+        seconds = time.perf_counter() - started
+        metrics = evaluate_split(fitted.probabilities(test.X), test, fitted.calibration, options, seed=BOOTSTRAP_SEED)
+        thresholds = {"image_threshold": fitted.calibration.image_threshold, "study_threshold": fitted.calibration.study_threshold}
+        return cell_row(key, metrics, fit_seconds=seconds, **counts, **thresholds)
+
+    # -- embedding sources -------------------------------------------------------------------------------
+
+    def encoder_store(self, spec: EncoderSpec) -> Path:
+        """The store of `spec`: the given one (checked complete), else OUT/stores/<label>.h5, extracted as needed."""
+        if spec.store is not None:
+            store = open_store(spec.store)
+            if store.fingerprint.get("encoder") != spec.name:
+                raise MedembedError(f"{spec.store}: holds {store.fingerprint.get('encoder')!r} embeddings, the config names encoder {spec.name!r}")
+            missing = self._missing_images(spec.store)
+            if missing:
+                raise MedembedError(
+                    f"{spec.store}: {missing} of the manifest's images are neither embedded nor listed as failed "
+                    "(an extraction still running, or stopped?); finish it with `medembed extract`, or drop `store` to let the sweep extract"
+                )
+            return spec.store
+        path = self.config.out / "stores" / f"{spec.label}.h5"
+        self._check_store_options(path, spec.options)
+        if not path.exists() or self._missing_images(path):
+            self.log(f"extracting {spec.label} into {path}")
+            summary = extract(
+                self.manifest, self._root(f"extracting {spec.label}"), build_encoder(spec.name, spec.options), path,
+                self.config.extract, encoder_options=spec.options,
+            )
+            self.log(summary.format())
+        return path
+
+    def autoencoder_store(self, options: dict) -> Path:
+        """OUT/stores/autoencoder.h5, trained and written unless it is there already."""
+        path = self.config.out / "stores" / f"{AUTOENCODER}.h5"
+        expected = dataclasses.asdict(AutoencoderOptions(**options))
+        self._check_store_options(path, expected)
+        if path.exists():
+            missing = self._missing_images(path)
+            if missing:
+                raise MedembedError(f"{path}: lacks {missing} of the manifest's images (a sweep stopped while writing it?); delete it to train the autoencoder again")
+            return path
+        self.log(f"training the autoencoder baseline into {path}")
+        run = run_autoencoder_baseline(self.config.manifest, self._root("training the autoencoder"), path, AutoencoderOptions(**options), log=self.log)
+        self.log(f"autoencoder: {run.embedded} images embedded in {run.seconds['total']:.0f} s")
+        return path
+
+    def _check_store_options(self, path: Path, expected: dict) -> None:
+        """A sweep-made store must have been made with the options the config now gives."""
+        if not path.exists():
+            return
+        recorded = json.loads(str(open_store(path).attrs.get("encoder_options", "{}")))
+        differ = sorted(k for k in set(recorded) | set(expected) if k not in _RUNTIME_OPTIONS and recorded.get(k) != expected.get(k))
+        if differ:
+            raise MedembedError(
+                f"{path} was made with other options ({', '.join(f'{k}: {recorded.get(k)!r} vs {expected.get(k)!r} now' for k in differ)}); "
+                "give this encoder another `label`, or delete the store"
+            )
+
+    def _missing_images(self, path: Path) -> int:
+        """How many manifest images the store neither holds nor lists as failed."""
+        store = open_store(path)
+        present = store.image_ids() | set(store.failed())
+        return sum(image_id not in present for image_id in self.manifest.image_id)
+
+    def _root(self, purpose: str) -> Path:
+        if self.config.root is None:
+            raise MedembedError(f"{self.config.source}: root: {purpose} needs the images; set `root` to the folder the manifest's paths are relative to")
+        return self.config.root
+
+    # -- the CNN baseline --------------------------------------------------------------------------------
+
+    def run_cnn(self, cells: list[CellKey], options: dict) -> None:
+        """Fine-tune the CNN for the `cells` not done yet, on the same budgeted train rows the heads get."""
+        todo = self._todo(cells)
+        if not todo:
+            return
+        identity = {k: v for k, v in dataclasses.asdict(CNNOptions(**options)).items() if k not in _RUNTIME_OPTIONS + ("seed",)}
+        self.results.check_source("sources", CNN, {"options": identity})
+        for key, chosen in self._budgets(todo):
+            self._record(self._cnn_cell, key, options, chosen)
+
+    def _cnn_cell(self, key: CellKey, options: dict, chosen: np.ndarray) -> dict:
+        out = self.config.out / "baselines" / f"{CNN}-budget{key.budget:g}-seed{key.seed}"
+        manifest_path = self.config.manifest
+        keep = (self.manifest.split != "train") | np.isin(self.manifest.image_id, chosen)
+        if not keep.all():
+            manifest_path = out / "manifest.csv"
+            write_manifest(self.manifest.subset(keep), manifest_path)
+        run = run_cnn_baseline(
+            manifest_path, self._root("the CNN baseline"), out, CNNOptions(**options, seed=key.seed), self.fit_options(),
+            log=lambda line: self.log(f"  {key}: {line}"),
+        )
+        sizes = json.loads((out / "run.json").read_text())["split_sizes"]
+        return cell_row(
+            key, run.metrics,
+            train_images=sizes["train"]["images"], train_abnormal=sizes["train"]["abnormal"], test_images=sizes["test"]["images"],
+            fit_seconds=run.seconds["decode"] + run.seconds["train"],
+        )
+
+    # -- bookkeeping -------------------------------------------------------------------------------------
+
+    def _budgets(self, cells: list[CellKey]) -> Iterator[tuple[CellKey, np.ndarray]]:
+        """Each cell with the image ids [K] its budget and seed label: drawn from the manifest's labelled train
+        rows, so every source (each store, the CNN) gets the same images, less those it could not decode."""
+        train = self.manifest.subset((self.manifest.split == "train") & (self.manifest.label >= 0))
+        for seed in sorted({cell.seed for cell in cells}):
+            masks = budget_subset(train.group_ids(), train.label, sorted({cell.budget for cell in cells}), seed)
+            for cell in cells:
+                if cell.seed == seed:
+                    yield cell, train.image_id[masks[cell.budget]]
+
+    def _todo(self, cells: list[CellKey]) -> list[CellKey]:
+        """The `cells` results.csv does not have yet."""
+        todo = [cell for cell in cells if not self.results.has(cell)]
+        self.cells_already_done += len(cells) - len(todo)
+        return todo
+
+    def _record(self, compute: Callable[..., dict], key: CellKey, *args: object) -> None:
+        """Compute one cell's row (`compute(key, *args)`), append it to results.csv and log it."""
+        started = time.perf_counter()
+        row = compute(key, *args)
+        self.results.append(row)
+        self.cells_run += 1
+        done = f"[{self.cells_run + self.cells_already_done}/{self.total}]"
+        if row["note"]:
+            self.notes.append(f"{key}: {row['note']}")
+            self.log(f"{done} {key}: not run: {row['note']}")
+        else:
+            self.log(f"{done} {key}: {time.perf_counter() - started:.1f} s, study AUROC {row['study_auroc']:.3f}, kappa {row['study_kappa']:.3f}")
+
+
+def _rows(split: Split, mask: np.ndarray) -> Split:
+    """The rows of `split` selected by a [N] bool mask."""
+    columns = ("X", "y", "image_id", "study_id", "patient_id", "body_part")
+    return dataclasses.replace(split, **{name: getattr(split, name)[mask] for name in columns})
+
+
+def _short_of_classes(y: np.ndarray) -> str:
+    """Why a budgeted train set cannot be fitted ('' when it can)."""
+    counts = {"abnormal": int(y.sum()), "normal": int(len(y) - y.sum())}
+    short = [f"{n} {name}" for name, n in counts.items() if n < MIN_PER_CLASS]
+    return f"the budgeted train rows hold only {' and '.join(short)} image(s); at least {MIN_PER_CLASS} of each class are needed" if short else ""
+
+
+def _check_matches_manifest(splits: dict[str, Split], manifest: Manifest, store: Path, manifest_path: Path) -> None:
+    """Every store row must be a manifest image with the same label and split (val may be carved from train)."""
+    expected = dict(zip(manifest.image_id, zip(manifest.split, manifest.label.tolist())))
+    carved = not (manifest.split == "val").any()
+    wrong = []
+    for name, rows in splits.items():
+        for image_id, label in zip(rows.image_id, rows.y.tolist()):
+            split, manifest_label = expected.get(image_id, (None, None))
+            if manifest_label != label or not (split == name or (carved and (split, name) == ("train", "val"))):
+                wrong.append(f"{image_id} (store {name}/{label}, manifest {split or 'absent'}/{manifest_label})")
+    if wrong:
+        raise MedembedError(
+            f"{store}: {len(wrong)} rows disagree with {manifest_path} on split or label, e.g. {', '.join(wrong[:3])}; "
+            "it was extracted from another manifest"
+        )
