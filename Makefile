@@ -40,14 +40,14 @@ sweep: demo ## Benchmark sweep on FracAtlas: encoders x heads x label budgets x 
 	$(BIN)/medembed sweep data_manifests/fracatlas_sweep.toml
 
 bench-store: install ## Store write/read throughput on a MURA-sized store (40,561 x 1152 float16)
-	$(BIN)/python benchmarks/bench_store.py
+	$(BIN)/python tests/benchmarks/bench_store.py
 
 bench-extract: install ## Extraction throughput: EfficientNet-Lite0 over FracAtlas on CPU; MedSigLIP-448 on CUDA when present
-	$(BIN)/python benchmarks/bench_extract.py --fracatlas $(FRACATLAS)
+	$(BIN)/python tests/benchmarks/bench_extract.py --fracatlas $(FRACATLAS)
 
 bench-fit: install ## Head fitting (with val search) and bootstrap evaluation on a MURA-sized synthetic store
-	$(BIN)/python benchmarks/bench_fit_heads.py
-	$(BIN)/python benchmarks/bench_evaluate.py
+	$(BIN)/python tests/benchmarks/bench_fit_heads.py --n-jobs 1
+	$(BIN)/python tests/benchmarks/bench_evaluate.py
 
 clean: ## Remove the virtual environment and generated work files
 	rm -rf $(VENV) $(WORK) .pytest_cache

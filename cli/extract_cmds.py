@@ -19,7 +19,7 @@ def extract(
     model: str = typer.Option(None, "--model", help="Hub id or local directory of the checkpoint (HF encoders)."),
     revision: str = typer.Option(None, "--revision", help="Model revision (branch, tag or commit) on the hub."),
     option: list[str] = typer.Option(None, "--option", help="Encoder option key=value, e.g. --option pooling=mean_patch_tokens --option size=320."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Images per forward pass (default: 128 on CUDA, 8 on CPU)."),
     workers: int = typer.Option(None, "--workers", "-j", help="Decoding worker processes (default: CPU cores - 1)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32."),

@@ -503,7 +503,7 @@ class StoreWriter:
                 if record["kind"] == "rows":
                     table = _record_table(record)
                     new = np.asarray([i not in present for i in table.image_id], dtype=bool)
-                    new_rows.append(table.subset(new))
+                    new_rows.append(table if new.all() else table.subset(new))
                     present.update(record["ids"])
                     for image_id in record["ids"]:
                         failed.pop(image_id, None)

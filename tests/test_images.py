@@ -1,5 +1,6 @@
 """Decoding (8/16-bit, colour, DICOM, broken files, FracAtlas) and the preprocessing spec's numerics."""
 
+import dataclasses
 import pickle
 import struct
 import zlib
@@ -383,3 +384,19 @@ def test_fracatlas_strict_decoding_rejects_exactly_the_59_truncated_jpegs(fracat
     assert all("IMG0004028" <= path.stem <= "IMG0004347" for path in refused)
     for path in refused:
         assert decode_image(path, lenient=True).ndim == 2
+
+
+def test_jpeg_draft_decodes_at_reduced_scale_but_never_below_the_target(tmp_path):
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 255, (32, 40)), np.ones((32, 32))).astype(np.uint8)  # 1024 x 1280
+    path = tmp_path / "big.jpg"
+    Image.fromarray(smooth).save(path, quality=95)
+    full, draft = decode_image(path), decode_image(path, draft_size=224)
+    assert full.shape == (1024, 1280) and draft.shape == (256, 320)  # 1/4 scale: the smallest with both sides >= 224
+    spec = PreprocessSpec(size=224, pad_to_square=True, resize="bilinear", antialias=True, mean=(0.5,) * 3, std=(0.5,) * 3)
+    drafted = dataclasses.replace(spec, jpeg_draft=True)
+    assert drafted.hash() != spec.hash()
+    assert np.abs(drafted.load(path) - spec.load(path)).mean() < 0.02  # in [-1, 1] units: the same picture
+    png = tmp_path / "big.png"
+    Image.fromarray(smooth).save(png)
+    assert decode_image(png, draft_size=224).shape == (1024, 1280)  # only JPEG has a DCT-domain draft

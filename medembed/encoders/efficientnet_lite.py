@@ -41,6 +41,7 @@ class EfficientNetLite0Encoder(Encoder):
             antialias=True,
             mean=(127 / 255,) * 3,
             std=(128 / 255,) * 3,
+            jpeg_draft=True,  # our own choice of preprocessing for this encoder: 2-4x faster JPEG decoding
         )
         self.dim = 1280
         self.embedding_kind = "global_avg_pool"
@@ -58,7 +59,8 @@ class EfficientNetLite0Encoder(Encoder):
         model = self._build()
         state = torch.load(self.weight_files()[0], map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
-        self._model = freeze(model, device)
+        # channels_last lets oneDNN/cuDNN run the depthwise convolutions without layout shuffles: ~2x on CPU.
+        self._model = freeze(model, device).to(memory_format=torch.channels_last)
 
     @property
     def network(self) -> EfficientNet:
@@ -67,7 +69,7 @@ class EfficientNetLite0Encoder(Encoder):
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """`[B, 3, S, S]` -> `[B, 1280]` float32: mean of the final 1280-channel feature map."""
-        features = self._require_loaded(self._model).extract_features(pixels)
+        features = self._require_loaded(self._model).extract_features(pixels.contiguous(memory_format=torch.channels_last))
         return features.mean(dim=(2, 3)).float()
 
     def weight_files(self) -> list[Path]:

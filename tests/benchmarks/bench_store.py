@@ -1,7 +1,7 @@
 """Store throughput: append a MURA-sized set of embeddings in extractor-sized batches, then read it back.
 
 Targets (issue 2): write >= 200 MB/s, full read <= 1 s on a 2-core machine.
-Run: make bench-store   (or: python benchmarks/bench_store.py --rows 40561 --dim 1152 --batch 256)
+Run: make bench-store   (or: python tests/benchmarks/bench_store.py --rows 40561 --dim 1152 --batch 256)
 """
 
 import argparse

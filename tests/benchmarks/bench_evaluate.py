@@ -1,6 +1,6 @@
 """Time the patient-level bootstrap at MURA's scale: 40,561 images of ~15,000 patients, 1,000 resamples.
 
-Run from the repository root: ``python benchmarks/bench_evaluate.py`` (options: --images, --groups, --resamples,
+Run from the repository root: ``python tests/benchmarks/bench_evaluate.py`` (options: --images, --groups, --resamples,
 --seed). Prints one line per timed step with wall-clock and CPU seconds.
 """
 

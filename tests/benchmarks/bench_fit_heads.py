@@ -3,7 +3,7 @@
 Targets: every head fits in <= 60 s with peak memory <= 2 GB on a 2-core machine. The "official notebook
 recipe" (scikit-learn's LogisticRegression(max_iter=250) on raw embeddings: no scaling, no search) is timed
 on the same data for comparison. Each head runs in a fresh subprocess, so its peak RSS is its own.
-Run: python benchmarks/bench_fit_heads.py [--rows 40561 --dim 1152 --heads logreg mlp xgboost --n-jobs 1]
+Run: python tests/benchmarks/bench_fit_heads.py [--rows 40561 --dim 1152 --heads logreg mlp xgboost --n-jobs 1]
 On a machine shared with other busy processes, --n-jobs 1 is much faster for the MLP and XGBoost: their
 OpenMP threads wait on each other whenever one of them is descheduled.
 """

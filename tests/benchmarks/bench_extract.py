@@ -24,7 +24,7 @@ from medembed.encoders import get_encoder
 from medembed.extract import ExtractOptions, extract
 from medembed.manifest import read_manifest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # google/medsiglip-448 vision tower (SigLIP so400m, patch 14, 448 px).
 MEDSIGLIP_448 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14, image_size=448)
 # Dense bf16 peak FLOP/s by device name (NVIDIA datasheets, without sparsity).
