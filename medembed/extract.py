@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 class ExtractOptions:
     """How to run the encoder. Defaults suit both a CPU laptop and one GPU."""
 
-    batch_size: int | None = None  # None: 128 on CUDA, 8 on CPU (small batches stay in cache: faster on CPU)
-    num_workers: int | None = None  # None: one per CPU core, leaving one for the main process
+    batch_size: int | None = None  # None: 128 on CUDA, 4 on CPU (small batches stay in cache: faster on CPU)
+    num_workers: int | None = None  # None: see default_workers
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" | "fp32"
     store_dtype: str = "float16"
@@ -128,6 +128,14 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise MedembedError(f"device {device!r} requested but CUDA is not available on this machine")
     return resolved
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding worker processes: every core but one on a GPU box (the GPU does the model); on a CPU the
+    model needs the cores, so a quarter of them decode (none on a 2-core laptop, where decoding in-process
+    between batches is fastest: measured in tests/benchmarks/bench_extract.py)."""
+    cores = os.cpu_count() or 1
+    return max(0, cores - 1) if device.type == "cuda" else cores // 4
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -238,8 +246,8 @@ def _run(
     autocast = _autocast_dtype(options.precision, device)
     encoder.load(device)
     embed = torch.compile(encoder.embed) if options.compile else encoder.embed
-    workers = options.num_workers if options.num_workers is not None else max(0, (os.cpu_count() or 1) - 1)
-    batch_size = options.batch_size or (128 if device.type == "cuda" else 8)
+    workers = options.num_workers if options.num_workers is not None else default_workers(device)
+    batch_size = options.batch_size or (128 if device.type == "cuda" else 4)
     loader = DataLoader(
         ManifestImages(todo.resolve(root), spec),
         batch_size=batch_size,
@@ -252,23 +260,30 @@ def _run(
     )
     columns = {name: todo.label if name == "label" else getattr(todo, name) for name in ("label", "study_id", "patient_id", "body_part", "split")}
     ids = todo.image_id
-    with torch.inference_mode():
-        for good, pixels, bad, reasons in loader:
-            failed = {str(ids[i]): reason for i, reason in zip(bad, reasons)}
-            embeddings = np.zeros((0, encoder.dim), dtype=np.float32)
-            if pixels is not None:
-                pixels = pixels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    embeddings = embed(pixels).float().cpu().numpy()
-                finite = np.isfinite(embeddings).all(axis=1)
-                failed.update({str(ids[i]): "non-finite embedding" for i, ok in zip(good, finite) if not ok})
-                good, embeddings = [i for i, ok in zip(good, finite) if ok], embeddings[finite]
-            writer.append(ids[good], embeddings, {k: v[good] for k, v in columns.items()}, failed=failed)
-            summary.done += len(good)
-            summary.failed += len(failed)
-            summary.failure_reasons.update(failed.values())
-            if on_progress:
-                on_progress(len(good) + len(failed))
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # Decoding workers and the model's threads share the cores; oversubscribed threads stall each other.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
+    try:
+        with torch.inference_mode():
+            for good, pixels, bad, reasons in loader:
+                failed = {str(ids[i]): reason for i, reason in zip(bad, reasons)}
+                embeddings = np.zeros((0, encoder.dim), dtype=np.float32)
+                if pixels is not None:
+                    pixels = pixels.to(device, non_blocking=True)
+                    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                        embeddings = embed(pixels).float().cpu().numpy()
+                    finite = np.isfinite(embeddings).all(axis=1)
+                    failed.update({str(ids[i]): "non-finite embedding" for i, ok in zip(good, finite) if not ok})
+                    good, embeddings = [i for i, ok in zip(good, finite) if ok], embeddings[finite]
+                writer.append(ids[good], embeddings, {k: v[good] for k, v in columns.items()}, failed=failed)
+                summary.done += len(good)
+                summary.failed += len(failed)
+                summary.failure_reasons.update(failed.values())
+                if on_progress:
+                    on_progress(len(good) + len(failed))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _merge_shards(out: Path, rank: int, world: int) -> None:

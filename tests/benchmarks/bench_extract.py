@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["cpu", "gpu", "all"], default="all")
     parser.add_argument("--fracatlas", type=Path, default=REPO.parent / "shared" / "data" / "fracatlas")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the extractor's (4 on CPU)")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--limit", type=int, default=None, help="only the first N manifest rows (cpu part)")
     parser.add_argument("--skip-naive", action="store_true", help="skip the naive CPU loop (it takes minutes)")
