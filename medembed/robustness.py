@@ -21,7 +21,6 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from medembed.corrupt import CORRUPTIONS, SEVERITY_TABLE, CorruptedPreprocess, parameter
-from medembed.encoders import Encoder
 from medembed.errors import MedembedError
 from medembed.evaluate import METRICS
 from medembed.extract import ExtractOptions, ExtractSummary, extract

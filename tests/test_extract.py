@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from medembed.errors import MedembedError
 from medembed.extract import ExtractOptions, build_encoder, extract
 from medembed.manifest import read_manifest
-from medembed.store import StoreWriter, open_store
+from medembed.store import open_store
 
 from tests.conftest import REPO, TRUNCATED
 

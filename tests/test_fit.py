@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from medembed.errors import MedembedError
 from medembed.fit import FitOptions, evaluate_run, fit_run, load_run
