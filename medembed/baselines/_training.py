@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,16 @@ from medembed.errors import MedembedError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
+
+
+@dataclass
+class TrainingResources:
+    """Where and how a baseline trains; the CNN's and the autoencoder's options both extend it."""
+
+    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:1"
+    num_workers: int | None = None  # decoding workers; None = one per CPU core
+    threads: int | None = None  # CPU threads for training and inference; None = torch's default
+    seed: int = 0
 
 
 class StageTimer:

@@ -27,6 +27,7 @@ from torch import nn
 from medembed import __version__
 from medembed.baselines._data import cache_images, failed_note, read_checked_manifest, unit_pixels
 from medembed.baselines._training import (
+    TrainingResources,
     EarlyStopping,
     StageTimer,
     autocast,
@@ -49,7 +50,7 @@ _STORE_BATCH = 1024  # rows per store append
 
 
 @dataclass
-class AutoencoderOptions:
+class AutoencoderOptions(TrainingResources):
     """How the autoencoder is built and trained; stored in the store's `encoder_options` attribute."""
 
     size: int = 128  # input side in pixels, a multiple of 16
@@ -61,10 +62,6 @@ class AutoencoderOptions:
     lr: float = 1e-3  # AdamW
     weight_decay: float = 1e-4
     store_dtype: str = "float32"
-    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:1"
-    num_workers: int | None = None  # decoding workers; None = one per CPU core
-    threads: int | None = None  # CPU threads for training and inference; None = torch's default
-    seed: int = 0
 
 
 @dataclass

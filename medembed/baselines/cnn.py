@@ -30,6 +30,7 @@ from torch import nn
 
 from medembed.baselines._data import ImageCache, cache_images, failed_note, grey_spec, read_checked_manifest, unit_pixels
 from medembed.baselines._training import (
+    TrainingResources,
     EarlyStopping,
     StageTimer,
     autocast,
@@ -55,7 +56,7 @@ MODEL_DIR = "model"
 
 
 @dataclass
-class CNNOptions:
+class CNNOptions(TrainingResources):
     """How the CNN is trained; stored in run.json (as the options' head_params) so a run is reproducible."""
 
     size: int = 128  # input side in pixels; EfficientNet-Lite0 was trained at 224, CPUs need smaller
@@ -66,10 +67,6 @@ class CNNOptions:
     weight_decay: float = 1e-2  # AdamW's decoupled decay
     pos_weight: float | str = 1.0  # BCE weight of abnormal images; "balanced" = n_normal / n_abnormal of train
     augment: bool = True
-    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:1"
-    num_workers: int | None = None  # decoding workers; None = one per CPU core
-    threads: int | None = None  # CPU threads for training and inference; None = torch's default
-    seed: int = 0
 
 
 @dataclass
