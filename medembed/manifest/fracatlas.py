@@ -84,7 +84,8 @@ def build_fracatlas(root: Path, seed: int = 0) -> tuple[Manifest, list[str]]:
     """
     root = Path(root)
     csv_path = root / "dataset.csv"
-    header, table = read_csv_table(csv_path)
+    # file names (image_id) are kept exactly; the 0/1 flags may carry stray spaces
+    header, table = read_csv_table(csv_path, strip_columns=(*_FLAG_COLUMNS, "fracture_count"))
     missing = [name for name in ("image_id", *_FLAG_COLUMNS, "fracture_count") if name not in table]
     if missing:
         raise ManifestError(f"{csv_path}: missing column(s) {', '.join(missing)}; it has {', '.join(header)}")

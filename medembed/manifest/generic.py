@@ -7,7 +7,15 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from medembed.manifest.table import EXAMPLES, MANIFEST_COLUMNS, Manifest, ManifestError, listing, read_csv_table
+from medembed.manifest.table import (
+    EXAMPLES,
+    MANIFEST_COLUMNS,
+    STRIPPED_COLUMNS,
+    Manifest,
+    ManifestError,
+    listing,
+    read_csv_table,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff")
 DEFAULT_CLASS_LABELS = {
@@ -120,7 +128,9 @@ def build_from_csv(csv_path: Path, mapping: Mapping[str, str], label_map: Mappin
     column already named like a manifest column maps to it unless mapped otherwise. ``path`` is needed;
     without ``image_id`` it is the path without its suffix. ``label_map`` maps label values (matched
     case-insensitively) to 0/1, e.g. ``{"abnormal": 1, "normal": 0}``; without it labels must be 0/1/empty.
-    Split values valid/validation become val. Unmapped user columns are carried as extras, in order.
+    Split values valid/validation become val. Unmapped user columns are carried as extras, in order. Values
+    are kept exactly as written (paths with leading/trailing spaces included) except label, split and body
+    part, whose surrounding spaces are stripped.
     """
     csv_path = Path(csv_path)
     header, table = read_csv_table(csv_path)
@@ -143,6 +153,10 @@ def build_from_csv(csv_path: Path, mapping: Mapping[str, str], label_map: Mappin
         raise ManifestError(f"{csv_path}: map a column to 'path' (it has {', '.join(header)})")
 
     columns = {name: table[sources[name]] for name in MANIFEST_COLUMNS if name in sources}
+    # ids and paths are kept exactly as written (" x.png" is a real file name); vocabulary values are stripped
+    for name in STRIPPED_COLUMNS:
+        if name in columns:
+            columns[name] = np.array([value.strip() for value in columns[name]], dtype=object)
     if "image_id" not in columns:
         columns["image_id"] = [PurePosixPath(p).with_suffix("").as_posix() if p else "" for p in columns["path"]]
     if "label" in columns:

@@ -8,8 +8,11 @@ where absent; any further column is carried along in its original order.
 from __future__ import annotations
 
 import csv
+import io
 import os
-from collections.abc import Iterable, Sequence
+import posixpath
+import re
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,10 @@ REQUIRED_COLUMNS = ("image_id", "path")
 SPLITS = ("train", "val", "test")
 LABEL_VALUES = ("0", "1", "")  # normal, abnormal, unknown
 EXAMPLES = 5  # how many offending items an error message quotes; the total count is always given
+# Columns whose values come from a fixed vocabulary: read_manifest strips spaces around them. Every other
+# value (ids, paths, extras) is kept exactly as written: " x.png" is a real file name.
+STRIPPED_COLUMNS = ("label", "split", "body_part")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # str that cannot be encoded as UTF-8 (e.g. a non-UTF-8 file name)
 
 
 class ManifestError(MedembedError):
@@ -165,55 +172,118 @@ class Manifest:
         patient = self.patient_id
         return np.where(patient != "", patient, self.study_ids())
 
-    def resolve(self, root: Path) -> list[Path]:
-        """Absolute path of every image: ``root / path`` (an absolute ``path`` is kept as is)."""
+    def resolve(self, root: Path, *, allow_outside_root: bool = False, allow_absolute: bool = False) -> list[Path]:
+        """Absolute path of every image: ``root / path``.
+
+        Refused (ManifestError naming the rows) unless explicitly allowed: absolute paths (kept as they are
+        with ``allow_absolute``), and relative paths whose ``..`` lead outside ``root`` (``allow_outside_root``).
+        The check is lexical (``os.path.normpath``): symbolic links are not followed for it, so a root whose
+        sub-folders are symlinks to other disks still works, while ``../../etc/passwd`` is refused whatever
+        the file system holds. The paths returned are ``root / path`` as written (not normalised).
+        """
         root = Path(root).absolute()
+        problems = []
+        if not allow_absolute:
+            problems += _refused_rows(self.path, absolute_paths(self.path), "absolute paths (pass allow_absolute=True)")
+        if not allow_outside_root:
+            what = f"paths outside the root {root} (pass allow_outside_root=True)"
+            problems += _refused_rows(self.path, paths_outside_root(self.path), what)
+        if problems:
+            raise ManifestError("refused manifest paths: " + "; ".join(problems))
         return [root / p for p in self.path]
 
 
-def read_csv_table(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Read a headed CSV into (header, column name -> [N] object array of str), fields stripped of spaces.
+def absolute_paths(paths: Sequence[str]) -> np.ndarray:
+    """[N] bool: paths that are absolute (``/x.png``), which ignore the root they are joined to."""
+    return np.fromiter((os.path.isabs(p) for p in paths), dtype=bool, count=len(paths))
 
-    Raises ManifestError for a missing or empty file, unnamed or repeated columns, and ragged rows
-    (naming the 1-based data row and its line). Blank lines are skipped.
+
+def paths_outside_root(paths: Sequence[str]) -> np.ndarray:
+    """[N] bool: relative paths whose ``..`` components lead outside the root, judged lexically.
+
+    ``a/../b.png`` stays inside; ``../x.png`` and ``a/../../etc/passwd`` do not. Absolute paths are False
+    here (see ``absolute_paths``); symbolic links are not followed.
+    """
+
+    def escapes(path: str) -> bool:
+        if not path or os.path.isabs(path):
+            return False
+        normal = posixpath.normpath(path.replace(os.sep, "/"))
+        return normal == ".." or normal.startswith("../")
+
+    return np.fromiter((escapes(p) for p in paths), dtype=bool, count=len(paths))
+
+
+def _refused_rows(paths: np.ndarray, mask: np.ndarray, what: str) -> list[str]:
+    rows = np.flatnonzero(mask)
+    if len(rows) == 0:
+        return []
+    return [f"{len(rows)} {what}: {format_rows(rows + 1)} ({listing(paths[rows], quote=True)})"]
+
+
+def not_text(values: Sequence[str]) -> np.ndarray:
+    """[N] bool: values holding lone surrogates, i.e. not valid Unicode text (cannot be written as UTF-8)."""
+    return np.fromiter((_SURROGATE.search(v) is not None for v in values), dtype=bool, count=len(values))
+
+
+def read_csv_table(path: Path, strip_columns: Collection[str] = ()) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Read a headed CSV into (header, column name -> [N] object array of str).
+
+    Header names are stripped of spaces; values are kept exactly as written except in ``strip_columns``.
+    Raises ManifestError for a missing or empty file, text that is not UTF-8 (naming the line), unnamed or
+    repeated columns, and ragged rows (naming the 1-based data row and its line). Blank lines are skipped.
     """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: no such file")
+    raw = path.read_bytes()
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None:
-                raise ManifestError(f"{path}: the file is empty (expected a header row)")
-            header = [name.strip() for name in header]
-            unnamed = [i + 1 for i, name in enumerate(header) if not name]
-            if unnamed:
-                raise ManifestError(f"{path}: header column(s) {unnamed} have no name")
-            repeated = sorted({name for name in header if header.count(name) > 1})
-            if repeated:
-                raise ManifestError(f"{path}: header repeats column(s) {', '.join(repeated)}")
-            rows = []
-            for row in reader:
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise ManifestError(
-                        f"{path}: row {len(rows) + 1} (line {reader.line_num}) has {len(row)} fields, "
-                        f"the header has {len(header)}"
-                    )
-                rows.append([value.strip() for value in row])
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        column = error.start - (raw.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ManifestError(
+            f"{path}: line {line} is not UTF-8 text (byte 0x{raw[error.start]:02x} at column {column}); "
+            "save the file as UTF-8"
+        ) from error
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if header is None:
+            raise ManifestError(f"{path}: the file is empty (expected a header row)")
+        header = [name.strip() for name in header]
+        unnamed = [i + 1 for i, name in enumerate(header) if not name]
+        if unnamed:
+            raise ManifestError(f"{path}: header column(s) {unnamed} have no name")
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise ManifestError(f"{path}: header repeats column(s) {', '.join(repeated)}")
+        stripped = [i for i, name in enumerate(header) if name in strip_columns]
+        rows = []
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ManifestError(
+                    f"{path}: row {len(rows) + 1} (line {reader.line_num}) has {len(row)} fields, "
+                    f"the header has {len(header)}"
+                )
+            for i in stripped:
+                row[i] = row[i].strip()
+            rows.append(row)
     except csv.Error as error:
         raise ManifestError(f"{path}: not a readable CSV ({error})") from error
-    except UnicodeDecodeError as error:
-        raise ManifestError(f"{path}: not UTF-8 text ({error})") from error
     fields = list(zip(*rows)) if rows else [()] * len(header)
     return header, {name: np.array(values, dtype=object) for name, values in zip(header, fields)}
 
 
 def read_manifest(path: Path) -> Manifest:
-    """Read a manifest CSV. Raises ManifestError naming the file and the problem (see ``read_csv_table``)."""
-    header, columns = read_csv_table(path)
+    """Read a manifest CSV. Raises ManifestError naming the file and the problem (see ``read_csv_table``).
+
+    Values are kept exactly as written (ids and paths with leading or trailing spaces included; validation
+    warns about such ids), except that spaces around label, split and body_part values are stripped.
+    """
+    header, columns = read_csv_table(path, strip_columns=STRIPPED_COLUMNS)
     missing = [name for name in REQUIRED_COLUMNS if name not in columns]
     if missing:
         raise ManifestError(f"{path}: missing required column(s) {', '.join(missing)}; it has {', '.join(header)}")
@@ -223,8 +293,19 @@ def read_manifest(path: Path) -> Manifest:
 
 
 def write_manifest(manifest: Manifest, path: Path) -> None:
-    """Write ``manifest`` as CSV atomically (temp file + rename), columns in the manifest's order."""
+    """Write ``manifest`` as CSV atomically (temp file + rename), columns in the manifest's order.
+
+    Raises ManifestError naming the rows where a value is not valid Unicode text (lone surrogates, as a file
+    name in another encoding decodes to), which UTF-8 cannot hold.
+    """
     path = Path(path)
+    for name, values in manifest.columns.items():
+        bad = np.flatnonzero(not_text(values))
+        if len(bad):
+            raise ManifestError(
+                f"cannot write {path}: column {name!r} {format_rows(bad + 1)} hold(s) text that is not valid "
+                f"Unicode ({listing(values[bad], quote=True)}; a file name in another encoding?)"
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     # a plain open (not tempfile) so the file gets the usual umask permissions, not 0600
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -1,12 +1,13 @@
 """Manifest validation: every problem named with its offending rows, plus a label-balance summary.
 
 Checks are vectorised (numpy) so a 40k-row manifest validates in well under a second; file checks
-only stat each file, and the optional decodability check reads image headers, never pixels.
+only stat each file, and the optional decodability check reads image headers, never pixels
+(``medembed.images.probe_image``: DICOM recognised by content, the same size limits as decoding).
 """
 
 from __future__ import annotations
 
-import os
+import re
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -14,12 +15,32 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 
-from medembed.manifest.table import EXAMPLES, LABEL_VALUES, SPLITS, Manifest, ManifestError, format_rows, listing
+from medembed.images import (
+    DECODE_ERROR_KINDS,
+    DEFAULT_MAX_ASPECT_RATIO,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    REFUSED_KINDS,
+    ImageDecodeError,
+    check_regular_file,
+    probe_image,
+)
+from medembed.manifest.table import (
+    EXAMPLES,
+    LABEL_VALUES,
+    SPLITS,
+    Manifest,
+    ManifestError,
+    absolute_paths,
+    format_rows,
+    listing,
+    not_text,
+    paths_outside_root,
+)
 
-DICOM_SUFFIXES = (".dcm", ".dicom")
 NONE = "(none)"  # how an empty split or body part is shown in the summary
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters (NUL, tab, newline, DEL, ...)
 
 
 @dataclass
@@ -119,17 +140,62 @@ def _conflict_problem(code: str, what: str, keys: np.ndarray, values: np.ndarray
     return [Problem("error", code, message, (rows + 1).tolist())]
 
 
+def _matches(values: np.ndarray, pattern: re.Pattern) -> np.ndarray:
+    return np.fromiter((pattern.search(v) is not None for v in values), dtype=bool, count=len(values))
+
+
 def _check_ids(manifest: Manifest) -> list[Problem]:
     ids = manifest.image_id
-    problems = _rows_problem("error", "empty_image_id", "rows without an image_id", ids == "")
+    blank = np.fromiter((not v.strip() for v in ids), dtype=bool, count=len(ids))
+    problems = _rows_problem("error", "empty_image_id", "rows without an image_id", blank)
     problems += _rows_problem("error", "empty_path", "rows without a path", manifest.path == "")
-    repeated = [name for name, count in Counter(ids).items() if count > 1 and name != ""]
+    invalid = not_text(ids)
+    problems += _rows_problem(
+        "error", "image_id_not_text", "image_ids that are not valid Unicode text (cannot be stored as UTF-8)", invalid, ids
+    )
+    control = _matches(ids, _CONTROL) & ~invalid
+    what = "image_ids with control characters (NUL, tab, newline, ...)"
+    problems += _rows_problem("error", "image_id_control_character", what, control, ids)
+    padded = np.fromiter((v != v.strip() for v in ids), dtype=bool, count=len(ids)) & ~blank & ~control
+    what = "image_ids with leading or trailing whitespace (kept as written: ' a' and 'a' are different ids)"
+    problems += _rows_problem("warning", "image_id_whitespace", what, padded, ids)
+    repeated = [name for name, count in Counter(ids).items() if count > 1 and name.strip() != ""]
     if repeated:
         shown = [f"{name!r} ({format_rows(np.flatnonzero(ids == name) + 1)})" for name in repeated[:EXAMPLES]]
         rows = np.flatnonzero(_rows_of(ids, set(repeated))) + 1
         examples = listing(shown, total=len(repeated))
         message = f"{len(repeated)} image_id(s) used more than once: {examples}; {len(rows)} rows"
         problems.append(Problem("error", "duplicate_image_id", message, rows.tolist()))
+    return problems
+
+
+def _refused_paths(manifest: Manifest, allow_outside_root: bool, allow_absolute: bool) -> np.ndarray:
+    """[N] bool: rows whose path is an error on its own (no file is looked up for them)."""
+    path = manifest.path
+    refused = not_text(path) | _matches(path, re.compile("\x00"))
+    if not allow_absolute:
+        refused |= absolute_paths(path)
+    if not allow_outside_root:
+        refused |= paths_outside_root(path)
+    return refused
+
+
+def _check_paths(manifest: Manifest, allow_outside_root: bool, allow_absolute: bool) -> list[Problem]:
+    path = manifest.path
+    invalid = not_text(path)
+    what = "paths that are not valid Unicode text (a file name in another encoding?)"
+    problems = _rows_problem("error", "path_not_text", what, invalid, path)
+    nul = _matches(path, re.compile("\x00")) & ~invalid
+    problems += _rows_problem("error", "path_nul_character", "paths with a NUL character (no file can have one)", nul, path)
+    control = _matches(path, _CONTROL) & ~nul & ~invalid
+    what = "paths with control characters (tab, newline, ...); legal in file names but usually a broken CSV"
+    problems += _rows_problem("warning", "path_control_character", what, control, path)
+    if not allow_absolute:
+        what = "absolute paths (paths are relative to the root; allow them with allow_absolute)"
+        problems += _rows_problem("error", "absolute_path", what, absolute_paths(path), path)
+    if not allow_outside_root:
+        what = "paths whose '..' lead outside the root (allow them with allow_outside_root)"
+        problems += _rows_problem("error", "path_outside_root", what, paths_outside_root(path), path)
     return problems
 
 
@@ -166,37 +232,50 @@ def _check_groups(manifest: Manifest) -> list[Problem]:
     return problems
 
 
-def _header_error(path: Path) -> str | None:
-    """Why the image file cannot be opened as an image (header only, pixels not decoded), or None."""
-    try:
-        if path.suffix.lower() in DICOM_SUFFIXES:
-            import pydicom  # imported here: slow to import and only DICOM manifests need it
-
-            pydicom.dcmread(path, stop_before_pixels=True)
-        else:
-            with Image.open(path) as image:
-                image.verify()
-    except Exception as error:  # any failure to parse means "unreadable"; the reason is reported
-        return f"{type(error).__name__}: {error}"
-    return None
+_FILE_CODES = {"not_found": "missing_file", "not_a_file": "not_a_file"}  # other kinds: unreadable/unusable
 
 
-def _check_files(manifest: Manifest, root: Path, check_decodable: bool) -> list[Problem]:
-    paths = manifest.resolve(root)
-    has_path = manifest.path != ""  # empty paths are reported by _check_ids
-    exists = np.fromiter((os.path.isfile(p) for p in paths), dtype=bool, count=len(paths))
-    missing = has_path & ~exists
+def _file_code(kind: str) -> str:
+    if kind in _FILE_CODES:
+        return _FILE_CODES[kind]
+    return "unusable_image" if kind in REFUSED_KINDS else "unreadable_file"
+
+
+def _check_files(
+    manifest: Manifest,
+    root: Path,
+    check_decodable: bool,
+    refused: np.ndarray,
+    limits: dict,
+) -> list[Problem]:
+    """Missing files, non-files, and (``check_decodable``) unreadable or refused images, one problem per kind."""
+    paths = manifest.resolve(root, allow_outside_root=True, allow_absolute=True)  # refused rows are skipped
+    checked = (manifest.path != "") & ~refused  # empty and refused paths are reported on their own
+    failures: dict[int, ImageDecodeError] = {}
+    for i in np.flatnonzero(checked):
+        try:
+            check_regular_file(paths[i])
+            if check_decodable:
+                probe_image(paths[i], **limits)
+        except ImageDecodeError as error:
+            failures[i] = error
+    missing = np.zeros(len(paths), dtype=bool)
+    missing[[i for i, error in failures.items() if error.kind == "not_found"]] = True
     problems = _rows_problem("error", "missing_file", f"files not found under {root}", missing, manifest.path)
-    if check_decodable:
-        reasons = np.full(len(paths), "", dtype=object)
-        for i in np.flatnonzero(exists):
-            reasons[i] = _header_error(paths[i]) or ""
-        unreadable = reasons != ""
-        if unreadable.any():
-            rows = np.flatnonzero(unreadable)
-            examples = listing([f"row {r + 1} {manifest.path[r]!r} ({reasons[r]})" for r in rows[:EXAMPLES]], len(rows))
-            message = f"{len(rows)} file(s) are not readable images: {examples}"
-            problems.append(Problem("error", "unreadable_file", message, (rows + 1).tolist()))
+    by_kind: dict[str, list[int]] = {}
+    for i, error in failures.items():
+        if error.kind != "not_found":
+            by_kind.setdefault(error.kind, []).append(i)
+    for kind, rows in by_kind.items():
+        code = _file_code(kind)
+        what = {
+            "not_a_file": "path(s) are not image files",
+            "unreadable_file": "file(s) are not readable images",
+            "unusable_image": "image(s) would be refused by the decoder",
+        }[code]
+        examples = listing([f"row {r + 1} {manifest.path[r]!r} ({failures[r].reason})" for r in rows[:EXAMPLES]], len(rows))
+        message = f"{len(rows)} {what} ({DECODE_ERROR_KINDS[kind]}): {examples}"
+        problems.append(Problem("error", code, message, [int(r) + 1 for r in rows]))
     return problems
 
 
@@ -232,18 +311,36 @@ def summarize(manifest: Manifest, files_checked: bool = False) -> dict:
 
 
 def validate_manifest(
-    manifest: Manifest, root: Path | None, check_files: bool = True, check_decodable: bool = False
+    manifest: Manifest,
+    root: Path | None,
+    check_files: bool = True,
+    check_decodable: bool = False,
+    *,
+    allow_outside_root: bool = False,
+    allow_absolute: bool = False,
+    min_side: int = DEFAULT_MIN_SIDE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
 ) -> ValidationReport:
     """Check ``manifest`` and summarise it; never raises for bad content, every finding is a Problem.
 
-    Errors: empty or duplicate image_ids, empty paths, labels outside {0, 1, ""}, splits outside
-    train/val/test, a patient in several splits, a study spanning splits or disagreeing on its label,
-    and (when ``root`` is given) missing files and, with ``check_decodable``, files whose image header
-    cannot be read (DICOM via pydicom, others via PIL ``verify``; truncated pixel data is not caught
-    here). Warnings: no label or split column, rows without a label or split.
+    Errors: empty (or blank) or duplicate image_ids, image_ids with control characters (NUL, tab, newline,
+    ...) or that are not valid Unicode text, empty paths, paths with a NUL or not valid text, absolute paths
+    (unless ``allow_absolute``) and paths whose ``..`` lead outside the root (unless ``allow_outside_root``;
+    judged lexically, symlinks not followed, as ``Manifest.resolve`` does), labels outside {0, 1, ""},
+    splits outside train/val/test, a patient in several splits, a study spanning splits or disagreeing on its
+    label, and (when ``root`` is given) missing files or paths that are not regular files (directories,
+    symlink loops) and, with ``check_decodable``, files whose image header cannot be read or that the
+    decoder would refuse (``min_side``, ``max_pixels``, ``max_aspect_ratio``, as in ``decode_image``); the
+    header check recognises DICOM by content and reads no pixels, so truncated pixel data is not caught here.
+    Warnings: no label or split column, rows without a label or split, image_ids with leading or trailing
+    whitespace, paths with control characters other than NUL.
     """
-    problems = _check_ids(manifest) + _check_values(manifest) + _check_groups(manifest)
+    problems = _check_ids(manifest) + _check_paths(manifest, allow_outside_root, allow_absolute)
+    problems += _check_values(manifest) + _check_groups(manifest)
     files_checked = root is not None and (check_files or check_decodable)
     if files_checked:
-        problems += _check_files(manifest, Path(root), check_decodable)
+        refused = _refused_paths(manifest, allow_outside_root, allow_absolute)
+        limits = {"min_side": min_side, "max_pixels": max_pixels, "max_aspect_ratio": max_aspect_ratio}
+        problems += _check_files(manifest, Path(root), check_decodable, refused, limits)
     return ValidationReport(problems, summarize(manifest, files_checked))

@@ -12,7 +12,7 @@ def _images(root: Path, *relative: str) -> None:
     for name in relative:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("L", (4, 4)).save(path, format="PNG" if path.suffix == ".png" else "JPEG")
+        Image.new("L", (32, 32)).save(path, format="PNG" if path.suffix == ".png" else "JPEG")
 
 
 def test_class_folders_with_default_mapping(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ def make_mura(root: Path) -> Path:
         (base / folder).mkdir(parents=True)
         labels[mura_split].append(f"MURA-v1.1/{folder}/,{int(positive)}")
         for k in range(1, n_images + 1):
-            Image.new("L", (4, 4), color=k).save(base / folder / f"image{k}.png")
+            Image.new("L", (32, 32), color=k).save(base / folder / f"image{k}.png")
             listings[mura_split].append(f"MURA-v1.1/{folder}/image{k}.png")
     for mura_split in listings:
         (base / f"{mura_split}_image_paths.csv.unused").write_text("\n".join(listings[mura_split]) + "\n")

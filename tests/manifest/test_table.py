@@ -119,9 +119,65 @@ def test_read_missing_file(tmp_path: Path) -> None:
         read_manifest(tmp_path / "absent.csv")
 
 
-def test_read_strips_spaces_and_skips_blank_lines(tmp_path: Path) -> None:
+def test_read_keeps_ids_and_paths_exactly_strips_vocabulary_and_skips_blank_lines(tmp_path: Path) -> None:
     path = tmp_path / "m.csv"
-    path.write_text("\ufeffimage_id , path, label\n a , a.png , 1\n\nb,b.png,\n")
+    path.write_text("\ufeffimage_id , path, label, split, body_part\n a , a.png , 1 , train , wrist \n\nb,b.png,,,\n")
     manifest = read_manifest(path)
-    assert manifest.image_id.tolist() == ["a", "b"]
+    assert list(manifest.columns) == ["image_id", "path", "label", "body_part", "split"]  # header names stripped
+    assert manifest.image_id.tolist() == [" a ", "b"]  # kept as written; validation warns
+    assert manifest.path.tolist() == [" a.png ", "b.png"]  # " a.png " is a real file name
     assert manifest.label.tolist() == [1, -1]
+    assert manifest.split.tolist() == ["train", ""] and manifest.body_part.tolist() == ["wrist", ""]
+
+
+def test_paths_with_spaces_round_trip_exactly(tmp_path: Path) -> None:
+    manifest = Manifest({"image_id": ["x", "y"], "path": [" x.png", "y.png  "]})
+    write_manifest(manifest, tmp_path / "m.csv")
+    assert read_manifest(tmp_path / "m.csv") == manifest
+
+
+def test_read_names_the_line_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"image_id,path\na,a.png\nb\xe9,b.png\n")
+    with pytest.raises(ManifestError, match=r"line 3 is not UTF-8 text \(byte 0xe9 at column 2\)"):
+        read_manifest(path)
+
+
+def test_write_refuses_text_utf8_cannot_hold_naming_the_rows(tmp_path: Path) -> None:
+    name = b"caf\xe9.png".decode("utf-8", "surrogateescape")  # a Latin-1 file name as os.listdir gives it
+    manifest = Manifest({"image_id": ["a", "b"], "path": ["a.png", name]})
+    with pytest.raises(ManifestError, match="column 'path' row 2 hold.*not valid Unicode"):
+        write_manifest(manifest, tmp_path / "m.csv")
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_resolve_refuses_paths_escaping_the_root_unless_allowed(tmp_path: Path) -> None:
+    manifest = Manifest(
+        {
+            "image_id": ["ok", "inside", "up", "deep", "abs"],
+            "path": ["a/b.png", "a/../b.png", "../x.png", "a/../../../etc/passwd", "/etc/passwd"],
+        }
+    )
+    with pytest.raises(ManifestError) as raised:
+        manifest.resolve(tmp_path)
+    message = str(raised.value)
+    assert "1 absolute paths (pass allow_absolute=True): row 5 ('/etc/passwd')" in message
+    assert "2 paths outside the root" in message and "rows 3, 4" in message and "'../x.png'" in message
+    with pytest.raises(ManifestError, match="absolute"):
+        manifest.resolve(tmp_path, allow_outside_root=True)
+    with pytest.raises(ManifestError, match="outside the root"):
+        manifest.resolve(tmp_path, allow_absolute=True)
+    paths = manifest.resolve(tmp_path, allow_outside_root=True, allow_absolute=True)
+    assert paths[0] == tmp_path / "a" / "b.png" and paths[4] == Path("/etc/passwd")
+    assert manifest.subset([0, 1]).resolve(tmp_path)[1] == tmp_path / "a/../b.png"  # inside: kept as written
+
+
+def test_resolve_is_lexical_so_symlinked_subfolders_still_work(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "other_disk"
+    elsewhere.mkdir()
+    (elsewhere / "x.png").write_bytes(b"")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (path,) = Manifest({"image_id": ["x"], "path": ["linked/x.png"]}).resolve(root)
+    assert path.is_file() and path.resolve() == elsewhere / "x.png"  # outside the root on disk, allowed

@@ -49,7 +49,7 @@ def _manifest(rows: list[tuple]) -> Manifest:
 
 @pytest.fixture
 def image_root(tmp_path: Path) -> Path:
-    Image.new("L", (8, 8)).save(tmp_path / "ok.png")
+    Image.new("L", (32, 32)).save(tmp_path / "ok.png")
     (tmp_path / "garbage.png").write_bytes(b"not an image at all")
     return tmp_path
 
@@ -134,3 +134,77 @@ def test_large_manifest_validates_and_counts() -> None:
     report = validate_manifest(manifest, None)
     assert report.problems == []
     assert report.summary["patients"] == n // 4 and report.summary["studies"] == n
+
+
+# --- integrity under bad input: ids, paths, files ---------------------------------------------------
+
+
+def test_bad_image_ids_are_errors_naming_the_rows() -> None:
+    latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")  # how os.listdir decodes a non-UTF-8 name
+    ids = ["ok", "nul\x00id", "tab\tid", "new\nline", "   ", latin1, " padded", "ok2 ", "del\x7f"]
+    manifest = Manifest({"image_id": ids, "path": [f"{i}.png" for i in range(len(ids))]})
+    report = validate_manifest(manifest, None)
+    found = {p.code: (p.severity, p.rows) for p in report.problems if p.code.startswith(("image_id", "empty"))}
+    assert found == {
+        "empty_image_id": ("error", [5]),
+        "image_id_not_text": ("error", [6]),
+        "image_id_control_character": ("error", [2, 3, 4, 9]),
+        "image_id_whitespace": ("warning", [7, 8]),
+    }
+    messages = {p.code: p.message for p in report.problems}
+    assert "'nul\\x00id'" in messages["image_id_control_character"]  # shown escaped, on one line
+    assert "\n" not in "".join(messages.values())
+
+
+def test_paths_escaping_the_root_or_absolute_are_errors_unless_allowed(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    Image.new("L", (32, 32)).save(tmp_path / "b.png")
+    paths = ["a/../b.png", "../../etc/passwd", "/etc/passwd", "x\x00.png", "tab\t.png"]
+    manifest = Manifest({"image_id": list("abcde"), "path": paths})
+    report = validate_manifest(manifest, tmp_path)
+    found = {p.code: (p.severity, p.rows) for p in report.problems if "path" in p.code or "file" in p.code}
+    assert found == {
+        "path_outside_root": ("error", [2]),
+        "absolute_path": ("error", [3]),
+        "path_nul_character": ("error", [4]),
+        "path_control_character": ("warning", [5]),
+        "missing_file": ("error", [5]),  # refused paths are not looked up; the others are
+    }
+    assert "'../../etc/passwd'" in next(p.message for p in report.problems if p.code == "path_outside_root")
+    allowed = validate_manifest(manifest, tmp_path, allow_outside_root=True, allow_absolute=True)
+    codes = {p.code for p in allowed.errors}
+    assert "path_outside_root" not in codes and "absolute_path" not in codes
+    assert [p.rows for p in allowed.errors if p.code == "missing_file"] == [[2, 5]]  # /etc/passwd exists: a file
+
+
+def test_names_with_leading_or_trailing_spaces_are_found(tmp_path: Path) -> None:
+    Image.new("L", (32, 32)).save(tmp_path / " spaced.png ", format="PNG")
+    (tmp_path / "m.csv").write_text('image_id,path\nspaced," spaced.png "\n')
+    from medembed.manifest import read_manifest
+
+    report = validate_manifest(read_manifest(tmp_path / "m.csv"), tmp_path, check_decodable=True)
+    assert report.errors == []
+
+
+def test_files_that_are_not_images_are_named_with_their_reason(tmp_path: Path) -> None:
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    Image.new("L", (1, 50_000)).save(tmp_path / "sliver.png")
+    Image.new("L", (40, 800)).save(tmp_path / "strip.png")
+    (tmp_path / "junk.dcm").write_bytes(b"this is not a DICOM file")
+    names = ["folder.png", "loop.png", "dangling.png", "sliver.png", "strip.png", "junk.dcm"]
+    manifest = Manifest({"image_id": names, "path": names})
+    stat_only = validate_manifest(manifest, tmp_path)
+    assert {p.code: p.rows for p in stat_only.errors} == {"missing_file": [3], "not_a_file": [1, 2]}
+    report = validate_manifest(manifest, tmp_path, check_decodable=True)
+    messages = [p.message for p in report.errors]
+    assert any("row 1 'folder.png' (a directory, not a file)" in m for m in messages)
+    assert any("row 2 'loop.png' (symbolic-link loop)" in m for m in messages)
+    assert any("'dangling.png'" in m for m in messages if "not found" in m)
+    assert any("row 4 'sliver.png' (image is 1x50000 px; below the minimum side of 32 px)" in m for m in messages)
+    assert any("row 5 'strip.png' (image is 40x800 px; aspect ratio 20.0:1 exceeds the maximum of 10:1)" in m for m in messages)
+    assert any("row 6 'junk.dcm' (not a readable DICOM file (no 'DICM' marker" in m for m in messages)
+    assert {p.code for p in report.errors} == {"missing_file", "not_a_file", "unusable_image", "unreadable_file"}
+    relaxed = validate_manifest(manifest.subset([3, 4]), tmp_path, check_decodable=True, min_side=1, max_aspect_ratio=None)
+    assert relaxed.errors == []
