@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
+from cli._generate import command
 from medembed.encoders import available_encoders
-from medembed.extract import ExtractOptions, build_encoder, extract as run_extract
-from medembed.manifest import read_manifest
+from medembed.extract import ExtractOptions
 
 
 def extract(
@@ -19,15 +19,8 @@ def extract(
     model: str = typer.Option(None, "--model", help="Hub id or local directory of the checkpoint (HF encoders)."),
     revision: str = typer.Option(None, "--revision", help="Model revision (branch, tag or commit) on the hub."),
     option: list[str] = typer.Option(None, "--option", help="Encoder option key=value, e.g. --option pooling=mean_patch_tokens --option size=320."),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Images per forward pass (default: 128 on CUDA, 8 on CPU)."),
-    workers: int = typer.Option(None, "--workers", "-j", help="Decoding worker processes (default: CPU cores - 1)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32."),
-    dtype: str = typer.Option("float16", help="Store dtype: float16 | float32."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the encoder (GPU, long runs)."),
     lenient: bool = typer.Option(False, "--lenient", help="Decode truncated images (grey fill) instead of listing them as failed; recorded in the store's fingerprint."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again the images an earlier run listed as failed."),
-    limit: int = typer.Option(None, help="Embed at most this many new images."),
+    options: ExtractOptions = None,
 ) -> None:
     """Embed every image of a manifest into an HDF5 store; rerun the same command to resume.
 
@@ -41,38 +34,19 @@ def extract(
     """
     from tqdm import tqdm
 
-    encoder_options = _options(option or [])
-    if model:
-        encoder_options["model_id"] = model
-    if revision:
-        encoder_options["revision"] = revision
-    if lenient:
-        encoder_options["lenient_decoding"] = True
+    from medembed.extract import build_encoder, extract as run_extract
+    from medembed.manifest import read_manifest
+    from medembed.options import parse_key_values
+
+    encoder_options = parse_key_values(option or [], "--option")
+    encoder_options |= {k: v for k, v in {"model_id": model, "revision": revision, "lenient_decoding": lenient or None}.items() if v is not None}
     table = read_manifest(manifest)
     built = build_encoder(encoder, encoder_options)
-    options = ExtractOptions(
-        batch_size=batch_size, num_workers=workers, device=device, precision=precision, store_dtype=dtype,
-        compile=compile_model, retry_failed=retry_failed, limit=limit,
-    )
     with tqdm(total=len(table), unit="img", desc=f"extract {encoder}", dynamic_ncols=True) as bar:
         summary = run_extract(table, root, built, out, options, on_progress=bar.update, encoder_options=encoder_options)
     typer.echo(summary.format())
     typer.echo(f"store: {out}  (medembed info {out})")
 
 
-def _options(items: list[str]) -> dict:
-    """key=value pairs; values parsed as int, float, true/false where they look like one."""
-    parsed: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"expected key=value, got {item!r}")
-        for cast in (int, float):
-            try:
-                parsed[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            parsed[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return parsed
+def register(app: typer.Typer) -> None:
+    command(app)(extract)

@@ -1,28 +1,15 @@
-"""`medembed fit`, `evaluate`, `predict`: stage 2, light heads on a store, and applying a fitted run."""
+"""`medembed fit`, `evaluate`, `predict`, `compare`: stage 2, heads on a store, and what works on any run."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
-from medembed.fit import FitOptions, evaluate_run, fit_run
-from medembed.heads import HEAD_NAMES
-
-
-def _parse_params(items: list[str]) -> dict:
-    """key=value head parameters; values parsed as JSON where possible (numbers, lists, true/false)."""
-    params = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"expected key=value, got {item!r}")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
-    return params
+from cli._generate import command
+from medembed.extract import ExtractOptions
+from medembed.fit import FitOptions
+from medembed.robustness import RobustnessOptions
 
 
 def print_headline(metrics: dict) -> None:
@@ -40,15 +27,8 @@ def print_headline(metrics: dict) -> None:
 
 def fit(
     stores: list[Path] = typer.Argument(..., help="One or more embedding stores with the same fingerprint."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
-    head: str = typer.Option("logreg", "--head", help=f"One of: {', '.join(HEAD_NAMES)}."),
-    param: list[str] = typer.Option(None, "--param", "-p", help="Head hyperparameter key=value, e.g. -p hidden=[256] -p dropout=0.2."),
-    threshold: str = typer.Option("f1", "--threshold", help="f1 | youden | kappa | sensitivity:0.90 | specificity:0.90 | fixed:0.5 (chosen on val)."),
-    calibration: str = typer.Option("none", "--calibration", help="none | platt | isotonic (fitted on val)."),
-    aggregation: str = typer.Option("mean", "--aggregation", help="Study probability: mean (MURA's rule) or max of its images'."),
-    seeds: int = typer.Option(1, "--seeds", help="Fit N times with seeds seed..seed+N-1 and report mean ± sd."),
-    seed: int = typer.Option(0, "--seed"),
-    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% intervals (0: none)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (an earlier run there is replaced only once the new one is complete)."),
+    options: FitOptions = None,
 ) -> None:
     """Fit a head on train, choose everything on val, evaluate on test; write a run directory.
 
@@ -57,27 +37,26 @@ def fit(
       medembed fit fracatlas-effl0.h5 --head mlp --threshold f1 --out runs/frac-mlp
 
       medembed fit mura.h5 --head logreg --threshold kappa --calibration platt --seeds 5 --out runs/mura-logreg
+
+      medembed fit mura.h5 --head sklearn:sklearn.svm.SVC -p probability=true --out runs/mura-svc
     """
-    options = FitOptions(
-        head=head, head_params=_parse_params(param or []), threshold=threshold, calibration=calibration,
-        aggregation=aggregation, seeds=seeds, seed=seed, n_resamples=bootstrap,
-    )
+    from medembed.fit import fit_run
+
     metrics = fit_run(stores, out, options)
     print_headline(metrics)
     typer.echo(f"run written to {out} (report: {out / 'report.md'})")
 
 
 def evaluate(
-    run: Path = typer.Argument(..., help="A run directory written by `medembed fit`."),
+    run: Path = typer.Argument(..., help="A run directory of any kind (fit, baseline cnn, zeroshot)."),
     store: list[Path] = typer.Option(None, "--store", help="Evaluate on these stores instead of the run's own (same fingerprint)."),
-    split: str = typer.Option("test", help="Split to evaluate."),
+    split: str = typer.Option("test", help="Split to evaluate: train | val | test."),
     bootstrap: int = typer.Option(None, "--bootstrap", help="Bootstrap resamples (default: the run's)."),
-    corrupt: str = typer.Option(None, "--corrupt", help="Robustness: re-extract the test images under corruptions noise,blur,contrast,gamma,jpeg (or all)."),
+    corrupt: str = typer.Option(None, "--corrupt", help="Robustness: re-read the test images under corruptions noise,blur,contrast,gamma,jpeg (or all)."),
     severity: str = typer.Option("1..5", "--severity", help="With --corrupt: severities 1..5, a list 1,3,5, or one."),
-    manifest: Path = typer.Option(None, "--manifest", help="With --corrupt: the manifest the run's store was extracted from."),
+    manifest: Path = typer.Option(None, "--manifest", help="With --corrupt: the manifest of the run's images."),
     root: Path = typer.Option(None, "--root", help="With --corrupt: folder the manifest's paths are relative to."),
-    batch_size: int = typer.Option(64, "--batch-size", "-b", help="With --corrupt: images per forward pass."),
-    device: str = typer.Option("auto", help="With --corrupt: auto | cpu | cuda."),
+    extract: ExtractOptions = None,
 ) -> None:
     """Recompute a run's metrics, report and figures (on its test split, or other stores); or, with --corrupt,
     how its metrics drop on corrupted test images.
@@ -88,55 +67,87 @@ def evaluate(
 
       medembed evaluate runs/frac-mlp --corrupt noise,blur,jpeg --severity 1..5 --manifest data_manifests/fracatlas.csv --root ../shared/data/fracatlas
     """
+    if split not in ("train", "val", "test"):
+        raise typer.BadParameter(f"expected train, val or test; got {split!r}", param_hint="--split")
     if corrupt:
-        from cli.robustness_cmds import evaluate_corrupt
-
         if manifest is None or root is None:
-            raise typer.BadParameter("--corrupt needs --manifest and --root (the images to re-extract)")
-        evaluate_corrupt(run, corrupt, severity, manifest, root, batch_size, device, bootstrap)
+            raise typer.BadParameter("--corrupt needs --manifest and --root (the images to re-read)", param_hint="--corrupt")
+        _evaluate_corrupt(run, corrupt, severity, manifest, root, RobustnessOptions(extract, 1000 if bootstrap is None else bootstrap))
         return
+    from medembed.fit import evaluate_run
+
     metrics = evaluate_run(run, stores=store or None, split=split, n_resamples=bootstrap)
     print_headline(metrics)
     typer.echo(f"report: {run / 'report.md'}")
 
 
-def predict(
-    run: Path = typer.Argument(..., help="A run directory written by `medembed fit`."),
-    inputs: list[Path] = typer.Argument(..., help="Image files, folders of images, or one manifest CSV."),
-    out: Path = typer.Option(..., "--out", "-o", help="CSV of image probabilities and decisions."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-) -> None:
-    """Score new images with a fitted run: its own encoder, head, calibration and thresholds.
+def _evaluate_corrupt(run: Path, corrupt: str, severity: str, manifest: Path, root: Path, options: RobustnessOptions) -> None:
+    from medembed.corrupt import parse_corruptions, parse_severities
+    from medembed.robustness import evaluate_corruptions
 
-    Example: medembed predict runs/frac-mlp new_xrays/ --out predictions.csv
+    result = evaluate_corruptions(
+        run, manifest, root, parse_corruptions(corrupt), parse_severities(severity), options,
+        on_extracted=lambda condition, read: typer.echo(
+            f"{condition.name:<11} " + (read.extraction.format() if read.extraction else f"{len(read.rows)} images read, {len(read.failed)} could not be")
+        ),
+    )
+    level = "study" if "study" in result["clean"] else "image"
+    clean = result["clean"][level]
+    typer.echo(f"{level} level, clean: auroc {clean['auroc']['value']:.3f}  kappa {clean['kappa']['value']:.3f}")
+    for condition in result["conditions"]:
+        change = condition["change"][level]
+        typer.echo(f"  {condition['corruption']:<9}{condition['severity']}  Δauroc {change['auroc']:+.3f}  Δkappa {change['kappa']:+.3f}")
+    typer.echo(f"report: {run / 'robustness.md'}")
+
+
+def predict(
+    run: Path = typer.Argument(..., help="A run directory of any kind (fit, baseline cnn, zeroshot)."),
+    inputs: list[Path] = typer.Argument(..., help="Image files, folders of images, or one manifest CSV."),
+    out: Path = typer.Option(None, "--out", "-o", help="CSV of image probabilities and decisions (default: standard output)."),
+    extract: ExtractOptions = None,
+) -> None:
+    """Score new images with a fitted run: its own encoder or model, calibration and thresholds.
+
+    Examples:
+
+      medembed predict runs/frac-mlp new_xrays/ --out predictions.csv
+
+      medembed predict runs/frac-mlp scan1.png scan2.dcm > predictions.csv
     """
-    from medembed.extract import ExtractOptions
     from medembed.predict import predict as run_predict
 
-    summary = run_predict(run, inputs, out, ExtractOptions(batch_size=batch_size, device=device))
-    typer.echo(f"{summary.scored} of {summary.images} images scored, {summary.abnormal} called abnormal, {summary.failed} could not be read")
-    typer.echo(f"wrote {summary.images_csv}" + (f" and {summary.studies_csv}" if summary.studies_csv else ""))
+    summary = run_predict(run, inputs, out, extract)
+    typer.echo(f"{summary.scored} of {summary.images} images scored, {summary.abnormal} called abnormal, {summary.failed} could not be read", err=out is None)
+    if out is not None:
+        typer.echo(f"wrote {summary.images_csv}" + (f" and {summary.studies_csv}" if summary.studies_csv else ""))
 
 
 def compare(
-    runs: list[Path] = typer.Argument(..., help="Run directories (each with metrics.json)."),
+    runs: list[Path] = typer.Argument(..., help="Run directories of any kind (each with metrics.json)."),
     level: str = typer.Option("study", help="image | study"),
     out: Path = typer.Option(None, "--out", "-o", help="Also write the table to this Markdown file."),
 ) -> None:
     """Print a Markdown table of several runs side by side (AUROC, kappa, sensitivity, specificity, F1 with CIs).
 
-    Example: medembed compare runs/frac-logreg runs/frac-mlp runs/frac-xgboost
+    Example: medembed compare runs/frac-logreg runs/frac-mlp runs/cnn runs/zeroshot
     """
+    from medembed._files import atomic_write_text
     from medembed.report import compare_table, read_metrics_json
+    from medembed.runs import read_record
 
+    if level not in ("image", "study"):
+        raise typer.BadParameter(f"expected image or study; got {level!r}", param_hint="--level")
+    for run in runs:
+        read_record(run)  # a directory that is not a valid run fails here, naming it
     table = compare_table({run.name: read_metrics_json(run / "metrics.json") for run in runs}, level=level)
-    typer.echo(f"{level} level, test split\n\n{table}")
+    typer.echo(f"{level} level\n\n{table}")
     if out:
-        out.write_text(table)
+        atomic_write_text(out, table)
 
 
 def register(app: typer.Typer) -> None:
     """Add the stage-2 commands to the top-level app."""
-    for command in (fit, evaluate, predict, compare):
-        app.command()(command)
+    command(app)(fit)
+    command(app)(evaluate)
+    command(app)(predict)
+    app.command()(compare)

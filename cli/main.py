@@ -1,7 +1,12 @@
-"""`medembed` entry point: the command tree. Each command parses options and calls one library function."""
+"""`medembed` entry point: the command tree. Each command parses options and calls one library function.
+
+Usage errors print click's usage message and exit 2; library errors (MedembedError) print one line and exit 2;
+Ctrl-C exits 130; no traceback reaches a user unless MEDEMBED_DEBUG=1.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -18,33 +23,36 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(manifest_cmds.app, name="manifest")
-app.command()(extract_cmds.extract)
-fit_cmds.register(app)
-app.command()(zeroshot_cmds.zeroshot)
-app.add_typer(baseline_cmds.app, name="baseline")
-app.command()(sweep_cmds.sweep)
-store_cmds.register(app)
+for module in (extract_cmds, fit_cmds, zeroshot_cmds, baseline_cmds, sweep_cmds, store_cmds):
+    module.register(app)
 
 
-def main() -> None:
-    """Run the CLI; library errors become one clear line and exit code 2, not a traceback."""
+def _fail(message: str, code: int) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI and turn every failure into an exit code and one line (see the module docstring)."""
+    debug = os.environ.get("MEDEMBED_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        code = app(args=argv, prog_name="medembed", standalone_mode=False)
     except MedembedError as error:
-        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
-    except (typer.Exit, SystemExit) as done:
-        sys.exit(getattr(done, "exit_code", getattr(done, "code", 0)))
-    except typer.Abort:
-        typer.secho("aborted", err=True)
-        sys.exit(130)
-    except Exception as error:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(error, click.ClickException):
+        if debug:
+            raise
+        _fail(f"error: {error}", 2)
+    except (KeyboardInterrupt, typer.Abort):
+        _fail("interrupted: work already written is kept; rerun the same command to resume", 130)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except Exception as error:
+        if hasattr(error, "show") and hasattr(error, "exit_code"):  # click's usage errors (typer vendors click)
             error.show()
             sys.exit(error.exit_code)
-        raise
+        if debug:
+            raise
+        _fail(f"error: unexpected {type(error).__name__}: {error} (rerun with MEDEMBED_DEBUG=1 for the traceback)", 1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -7,33 +7,32 @@ from pathlib import Path
 
 import typer
 
-from medembed.store import merge_stores, open_store
+from medembed.store import format_summary, merge_stores, open_store
 
 
 def info(
     store: Path = typer.Argument(..., help="An HDF5 embedding store."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    verify: bool = typer.Option(False, "--verify", help="Also read every chunk and check checksums, alignment and values (exit 1 on a problem)."),
 ) -> None:
-    """Print rows, dim, dtype, fingerprint, failed count and label counts per split of a store.
+    """Print rows, dim, dtype, fingerprint, provenance, failed count and label counts per split of a store.
 
-    Example: medembed info fracatlas-effl0.h5
+    Example: medembed info fracatlas-effl0.h5 --verify
     """
-    summary = open_store(store).summary()
+    opened = open_store(store)
+    summary = opened.summary()
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
-        return
-    typer.echo(f"store        {summary['path']}")
-    typer.echo(f"rows         {summary['rows']}" + (f"  ({summary['pending_rows']} not yet folded: an extraction is running or was killed; rerun it to finish)" if summary["pending_rows"] else ""))
-    typer.echo(f"dim, dtype   {summary['dim']}, {summary['dtype']}")
-    typer.echo(f"failed       {summary['failed']}")
-    for key, value in summary["fingerprint"].items():
-        typer.echo(f"{key:<12} {value}")
-    for key in ("preprocess", "medembed_version", "created"):
-        if key in summary["attrs"]:
-            typer.echo(f"{key:<12} {summary['attrs'][key]}")
-    typer.echo(f"{'split':<8}{'rows':>8}{'normal':>8}{'abnormal':>10}{'unknown':>9}")
-    for split, counts in summary["splits"].items():
-        typer.echo(f"{split:<8}{counts['rows']:>8}{counts['normal']:>8}{counts['abnormal']:>10}{counts['unknown']:>9}")
+        typer.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        for line in format_summary(summary):
+            typer.echo(line)
+    if verify:
+        problems = opened.verify()
+        for problem in problems:
+            typer.secho(f"problem: {problem}", fg=typer.colors.RED, err=True)
+        typer.echo(f"verify       {'OK' if not problems else f'{len(problems)} problem(s)'}")
+        if problems:
+            raise typer.Exit(1)
 
 
 def merge(

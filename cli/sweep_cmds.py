@@ -6,8 +6,6 @@ from pathlib import Path
 
 import typer
 
-from medembed.sweep import load_config, run_sweep
-
 
 def sweep(
     config: Path = typer.Argument(..., help="Sweep config (TOML): manifest, encoders, heads, budgets, seeds, baselines."),
@@ -17,6 +15,8 @@ def sweep(
 
     Example: medembed sweep data_manifests/fracatlas_sweep.toml
     """
+    from medembed.sweep import load_config, run_sweep
+
     summary = run_sweep(load_config(config), baselines=baselines, log=typer.echo)
     for note in summary.notes:
         typer.echo(f"note: {note}")
@@ -25,3 +25,7 @@ def sweep(
         f"in {summary.seconds:.0f} s"
     )
     typer.echo(f"table: {summary.results_md}  figures: {', '.join(str(path) for path in summary.figures)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(sweep)

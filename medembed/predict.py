@@ -1,56 +1,72 @@
-"""A fitted run applied to new images end to end: encoder -> head -> calibration -> threshold -> CSV.
+"""A fitted run of any kind applied to new images end to end: inputs -> scorer -> calibration -> threshold -> CSV.
 
-The run's own encoder is rebuilt from its fingerprint and checked against it before anything is scored;
-images go through the same resumable extractor as training data (a cache store beside the output), so
-unreadable files are reported per file and the rest are still scored.
+Embedding runs rebuild the run's own encoder from its record and check it against the run's fingerprint before
+anything is scored; images go through the same resumable extractor as training data, into a cache store beside
+the output named by a hash of the inputs (so another set of files under the same names is never mistaken for
+this one). Image runs (the CNN) decode with their own preprocessing. Unreadable files are reported per file
+and the rest are still scored.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import os
-from dataclasses import dataclass
+import sys
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from medembed._files import atomic_write_text
 from medembed.encoders import Encoder
 from medembed.errors import MedembedError
 from medembed.evaluate import aggregate_studies
 from medembed.extract import ExtractOptions, ExtractSummary, build_encoder, extract, store_fingerprint
-from medembed.fit import load_run
 from medembed.manifest import IMAGE_SUFFIXES, Manifest, read_manifest
+from medembed.runs import Run, load_run
+from medembed.splits import Split
 from medembed.store import fingerprint_mismatch, open_store
 
 
 @dataclass
 class PredictSummary:
-    """Counts of one prediction run and where its CSVs went."""
+    """Counts of one prediction run and where its CSVs went (None: standard output)."""
 
     images: int
     scored: int
     failed: int
     abnormal: int
-    images_csv: Path
+    images_csv: Path | None
     studies_csv: Path | None
-    extraction: ExtractSummary
 
 
-def run_encoder(run_dir: Path, info: dict) -> Encoder:
-    """The run's encoder rebuilt from run.json, refused unless it reproduces the run's store fingerprint."""
-    fingerprint = info["fingerprint"]
-    encoder = build_encoder(fingerprint["encoder"], info.get("encoder_options", {}))
-    diff = fingerprint_mismatch(fingerprint, store_fingerprint(encoder, fingerprint["dtype"]))
+def run_encoder(run: Run) -> Encoder:
+    """An embedding run's encoder rebuilt from run.json, refused unless it reproduces the run's store fingerprint."""
+    fingerprint = run.record.fingerprint
+    encoder = build_encoder(fingerprint["encoder"], run.record.encoder_options)
+    expected = store_fingerprint(encoder, fingerprint["dtype"], run_precision(run))
+    diff = fingerprint_mismatch(fingerprint, expected)
     if diff:
         raise MedembedError(
-            f"the encoder available here does not match the one run {run_dir} was fitted on ({'; '.join(diff)}); "
+            f"the encoder available here does not match the one run {run.directory} was fitted on ({'; '.join(diff)}); "
             "install the same model weights and medembed version"
         )
     return encoder
 
 
+def run_precision(run: Run) -> str:
+    """The autocast precision the run's embeddings were computed in (fp32 for stores that predate the field)."""
+    return run.record.fingerprint.get("precision") or "fp32"
+
+
 def images_manifest(inputs: list[Path]) -> tuple[Manifest, Path]:
-    """A manifest of image files, folders of them (searched recursively) or one manifest CSV; and its root."""
+    """A manifest of image files, folders of them (searched recursively) or one manifest CSV; and its root.
+
+    Image ids are the paths relative to the common folder, suffix included (x.jpg and x.png are two images)."""
     if len(inputs) == 1 and inputs[0].suffix.lower() == ".csv":
         return read_manifest(inputs[0]), inputs[0].parent
     files: list[Path] = []
@@ -63,56 +79,98 @@ def images_manifest(inputs: list[Path]) -> tuple[Manifest, Path]:
             raise MedembedError(f"{item}: no such file or folder")
     if not files:
         raise MedembedError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {', '.join(map(str, inputs))}")
-    files = [f.resolve() for f in files]
+    files = list(dict.fromkeys(f.resolve() for f in files))
     root = Path(os.path.commonpath([f.parent for f in files]))
     relative = [str(f.relative_to(root)) for f in files]
-    return Manifest({"image_id": [str(Path(r).with_suffix("")) for r in relative], "path": relative}), root
+    return Manifest({"image_id": relative, "path": relative}), root
 
 
-def predict(run_dir: Path, inputs: list[Path], out_csv: Path, options: ExtractOptions | None = None) -> PredictSummary:
-    """Score images with a run; writes `out_csv` (per image) and, when studies are known, `<out>_studies.csv`."""
-    run, info = load_run(run_dir)
-    fingerprint = info["fingerprint"]
-    encoder = run_encoder(run_dir, info)
-    manifest, root = images_manifest(inputs)
-    cache = out_csv.with_suffix(".embeddings.h5")
-    options = options or ExtractOptions(store_dtype=fingerprint["dtype"])
-    extraction = extract(manifest, root, encoder, cache, options, encoder_options=info.get("encoder_options", {}))
+def inputs_key(manifest: Manifest, root: Path) -> str:
+    """A hash of what is being scored: the root, every id and path, and each file's size and modification time."""
+    digest = hashlib.sha256(str(Path(root).resolve()).encode())
+    for image_id, path in zip(manifest.image_id, manifest.resolve(root)):
+        try:
+            stat = path.stat()
+            state = f"{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:
+            state = "missing"
+        digest.update(f"\0{image_id}\0{path}\0{state}".encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Scored:
+    """What `score_images` read: the rows it could score (X = what the scorer consumes), why the others could
+    not be read, and the extraction's summary for embedding runs (None for image runs)."""
+
+    rows: Split
+    failed: dict[str, str]
+    extraction: ExtractSummary | None = None
+
+
+def score_images(
+    run: Run, manifest: Manifest, root: Path, cache: Path, options: ExtractOptions, preprocess: Any = None, encoder: Encoder | None = None
+) -> Scored:
+    """The rows of `manifest` that `run`'s scorer could read, as a Split holding what it consumes, and why the
+    others could not be read. Embedding runs extract into the store `cache` (resumable) with `encoder` (default:
+    `run_encoder(run)`); `preprocess` replaces the images' preprocessing (a corrupted variant for robustness)."""
+    rows = Split.from_manifest(manifest)
+    if run.record.consumes == "images":
+        pixels, decoded, failed = run.scorer.load_images(manifest, root, preprocess)
+        return Scored(rows.take(np.flatnonzero(decoded), X=pixels), failed)
+    encoder = encoder or run_encoder(run)
+    options = replace(options, store_dtype=run.record.fingerprint["dtype"], precision=run_precision(run))
+    summary = extract(manifest, root, encoder, cache, options, encoder_options=run.record.encoder_options, preprocess=preprocess)
     store = open_store(cache)
     table = store.read()
-    failed = store.failed()
-    p = run.probabilities(table.embeddings) if len(table) else np.zeros(0)
-    by_id = dict(zip(table.image_id, p))
-    decisions = {i: int(prob >= run.calibration.image_threshold) for i, prob in by_id.items()}
+    position = {image_id: i for i, image_id in enumerate(table.image_id)}
+    keep = np.array([i for i, image_id in enumerate(rows.image_id) if image_id in position], dtype=np.int64)
+    X = table.embeddings[[position[rows.image_id[i]] for i in keep]] if len(keep) else table.embeddings[:0]
+    return Scored(rows.take(keep, X=X), store.failed(), summary)
 
-    _write_rows(
-        out_csv,
-        ["image_id", "path", "study_id", "probability", "abnormal", "error"],
-        [
-            [i, path, study, f"{by_id[i]:.6f}" if i in by_id else "", decisions.get(i, ""), failed.get(i, "" if i in by_id else "not processed")]
-            for i, path, study in zip(manifest.image_id, manifest.path, manifest.study_id)
-        ],
-    )
+
+def predict(run_dir: Path, inputs: list[Path], out_csv: Path | None, options: ExtractOptions | None = None) -> PredictSummary:
+    """Score images with a run of any kind; writes `out_csv` (per image; standard output when None) and, when
+    studies are known and `out_csv` is a file, `<out>_studies.csv`."""
+    run = load_run(run_dir)
+    manifest, root = images_manifest([Path(i) for i in inputs])
+    options = options or ExtractOptions()
+    with tempfile.TemporaryDirectory(prefix="medembed-predict-") as scratch:
+        folder = Path(out_csv).parent if out_csv is not None else Path(scratch)
+        name = Path(out_csv).stem if out_csv is not None else "predict"
+        cache = folder / f"{name}.{inputs_key(manifest, root)}.embeddings.h5"
+        folder.mkdir(parents=True, exist_ok=True)
+        scored = score_images(run, manifest, root, cache, options)
+    rows, failed = scored.rows, scored.failed
+    p = run.probabilities(rows) if len(rows) else np.zeros(0)
+    by_id = dict(zip(rows.image_id, p))
+    threshold = run.calibration.image_threshold
+    table = [
+        [i, path, study, f"{by_id[i]:.6f}" if i in by_id else "", int(by_id[i] >= threshold) if i in by_id else "",
+         failed.get(i, "" if i in by_id else "not processed")]
+        for i, path, study in zip(manifest.image_id, manifest.path, manifest.study_id)
+    ]
+    _write_rows(out_csv, ["image_id", "path", "study_id", "probability", "abnormal", "error"], table)
     studies_csv = None
-    if (manifest.study_id != "").any() and len(table):
-        scored = np.isin(manifest.image_id, table.image_id)
-        ids = manifest.image_id[scored]
-        study_ids = np.where(manifest.study_id[scored] != "", manifest.study_id[scored], ids)
-        studies = aggregate_studies(np.array([by_id[i] for i in ids]), np.zeros(len(ids), dtype=np.int8), study_ids, how=info["options"]["aggregation"])
-        studies_csv = out_csv.with_name(out_csv.stem + "_studies.csv")
+    if out_csv is not None and (manifest.study_id != "").any() and len(rows):
+        studies = aggregate_studies(p, np.zeros(len(rows), dtype=np.int8), rows.study_id, how=run.record.protocol.aggregation)
+        studies_csv = Path(out_csv).with_name(Path(out_csv).stem + "_studies.csv")
         _write_rows(
             studies_csv,
             ["study_id", "probability", "abnormal"],
             [[s, f"{prob:.6f}", int(prob >= run.calibration.study_threshold)] for s, prob in zip(studies.study_ids, studies.p)],
         )
-    return PredictSummary(len(manifest), len(by_id), len(failed), sum(decisions.values()), out_csv, studies_csv, extraction)
+    abnormal = int(sum(prob >= threshold for prob in by_id.values()))
+    return PredictSummary(len(manifest), len(by_id), len(manifest) - len(by_id), abnormal, out_csv, studies_csv)
 
 
-def _write_rows(path: Path, header: list[str], rows: list[list]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
+def _write_rows(path: Path | None, header: list[str], rows: list[list]) -> None:
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    if path is None:
+        sys.stdout.write(buffer.getvalue())
+        sys.stdout.flush()
+    else:
+        atomic_write_text(Path(path), buffer.getvalue())

@@ -20,15 +20,17 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from medembed._files import atomic_write_text
 from medembed.corrupt import CORRUPTIONS, SEVERITY_TABLE, CorruptedPreprocess, parameter
 from medembed.errors import MedembedError
 from medembed.evaluate import METRICS
-from medembed.extract import ExtractOptions, ExtractSummary, extract
-from medembed.fit import FitOptions, FittedRun, Split, evaluate_split, load_run
+from medembed.extract import ExtractOptions
 from medembed.manifest import Manifest, read_manifest
-from medembed.predict import run_encoder
+from medembed.predict import Scored, run_encoder, score_images
+from medembed.protocol import ProtocolOptions, evaluate_split
 from medembed.report import format_cell, write_metrics_json
-from medembed.store import EmbeddingTable, open_store
+from medembed.runs import Run, load_run
+from medembed.splits import Split
 
 CLEAN = "clean"
 TABLE_METRICS = ("auroc", "kappa")  # the Markdown table and the figure; the JSON has every metric
@@ -76,43 +78,41 @@ def evaluate_corruptions(
     corruptions: Sequence[str],
     severities: Sequence[int],
     options: RobustnessOptions | None = None,
-    on_extracted: Callable[[Condition, ExtractSummary], None] | None = None,
+    on_extracted: Callable[[Condition, Scored], None] | None = None,
 ) -> dict[str, Any]:
     """Metrics of run `run_dir` on the manifest's test images (paths under `root`), clean and corrupted.
 
     Writes robustness.json, robustness.md and figures/robustness.png into the run directory and returns the
     JSON's content: {"clean": {level: {metric: {"value", "ci"}}}, "conditions": [{"corruption", "severity",
     "parameter", "metrics": {...}, "change": {level: {metric: corrupted - clean}}}], "images", "notes", ...}.
-    `on_extracted(condition, summary)` is called after each extraction (progress for the CLI).
+    `on_extracted(condition, scored)` is called after each condition is read (progress for the CLI).
     """
     options = options or RobustnessOptions()
     run_dir = Path(run_dir)
-    run, info = load_run(run_dir)
-    encoder = run_encoder(run_dir, info)
+    run = load_run(run_dir)
+    encoder = run_encoder(run) if run.record.consumes == "embeddings" else None
+    clean_spec = encoder.preprocess if encoder is not None else run.scorer.image_spec
     test, notes = labelled_test_split(Path(manifest_path))
     conditions = [Condition(CLEAN, 0)] + [Condition(c, s) for c in corruptions for s in severities]
     for condition in conditions[1:]:
         parameter(condition.corruption, condition.severity)  # fail on a bad name before hours of extraction
-    extract_options = replace(options.extract, store_dtype=info["fingerprint"]["dtype"])
-    tables: dict[Condition, EmbeddingTable] = {}
+    scored: dict[Condition, Split] = {}
     for condition in conditions:
         store = run_dir / "corrupt" / f"{condition.name}.h5"
-        spec = None if condition.corruption == CLEAN else CorruptedPreprocess(encoder.preprocess, condition.corruption, condition.severity)
-        summary = extract(
-            test, Path(root), encoder, store, extract_options, encoder_options=info.get("encoder_options", {}), preprocess=spec
-        )
+        spec = None if condition.corruption == CLEAN else CorruptedPreprocess(clean_spec, condition.corruption, condition.severity)
+        read = score_images(run, test, Path(root), store, options.extract, preprocess=spec, encoder=encoder)
+        scored[condition] = read.rows
         if on_extracted:
-            on_extracted(condition, summary)
-        tables[condition] = open_store(store).read()
-    rows, dropped = _common_rows(tables, run_dir / "corrupt" / f"{CLEAN}.h5", root)
+            on_extracted(condition, read)
+    rows, dropped = _common_rows(scored, root)
     if dropped:
-        notes.append(f"{dropped} test images not embedded under every condition left out (see the failed tables of RUN/corrupt/*.h5)")
+        notes.append(f"{dropped} test images not scored under every condition left out (see the failed tables of RUN/corrupt/*.h5)")
     n_images = len(rows[conditions[0]])
-    expected = info.get("split_sizes", {}).get("test", {}).get("images")
+    expected = run.record.split_sizes.get("test", {}).get("images")
     if expected is not None and expected != n_images:
         notes.append(f"evaluated on {n_images} test images; the run was evaluated on {expected}")
-    fit_options = replace(FitOptions(**info["options"]), n_resamples=options.n_resamples)
-    metrics = {condition: _overall(run, rows[condition], fit_options) for condition in conditions}
+    protocol = replace(run.record.protocol, n_resamples=options.n_resamples)
+    metrics = {condition: _overall(run, rows[condition], protocol) for condition in conditions}
     result = {
         "run": str(run_dir),
         "manifest": str(manifest_path),
@@ -125,7 +125,7 @@ def evaluate_corruptions(
         "conditions": [_condition_entry(condition, metrics[condition], metrics[conditions[0]]) for condition in conditions[1:]],
     }
     write_metrics_json(result, run_dir / "robustness.json")
-    (run_dir / "robustness.md").write_text(robustness_markdown(result, title=f"Corruption robustness: {run_dir.name}"))
+    atomic_write_text(run_dir / "robustness.md", robustness_markdown(result, title=f"Corruption robustness: {run_dir.name}"))
     (run_dir / "figures").mkdir(exist_ok=True)
     robustness_figure(result).savefig(run_dir / "figures" / "robustness.png", dpi=120)
     return result
@@ -142,26 +142,25 @@ def _condition_entry(condition: Condition, metrics: dict, clean: dict) -> dict[s
     }
 
 
-def _common_rows(tables: dict[Condition, EmbeddingTable], clean_store: Path, root: Path) -> tuple[dict[Condition, Split], int]:
-    """Each condition's rows restricted to the ids every condition embedded, in one order; and how many were dropped."""
-    clean_ids = next(iter(tables.values())).image_id.astype(str)
+def _common_rows(scored: dict[Condition, Split], root: Path) -> tuple[dict[Condition, Split], int]:
+    """Each condition's rows restricted to the ids every condition scored, in one order; and how many were dropped."""
+    clean_ids = next(iter(scored.values())).image_id
     if len(clean_ids) == 0:
-        reasons = sorted(set(open_store(clean_store).failed().values()))[:3]
-        raise MedembedError(f"no test image could be embedded from {root} (e.g. {'; '.join(reasons)}); check --root")
+        raise MedembedError(f"no test image could be read from {root}; check --root")
     common = set(clean_ids)
-    for table in tables.values():
-        common &= set(table.image_id.astype(str))
-    order = np.array(sorted(common), dtype=object)
-    rows = {}
-    for condition, table in tables.items():
-        position = {image_id: i for i, image_id in enumerate(table.image_id.astype(str))}
-        rows[condition] = Split.from_table(table.subset(np.array([position[i] for i in order], dtype=np.intp)))
-    return rows, len(clean_ids) - len(order)
+    for rows in scored.values():
+        common &= set(rows.image_id)
+    order = sorted(common)
+    result = {}
+    for condition, rows in scored.items():
+        position = {image_id: i for i, image_id in enumerate(rows.image_id)}
+        result[condition] = rows.take(np.array([position[i] for i in order], dtype=np.intp))
+    return result, len(clean_ids) - len(order)
 
 
-def _overall(run: FittedRun, rows: Split, options: FitOptions) -> dict[str, dict[str, dict]]:
+def _overall(run: Run, rows: Split, options: ProtocolOptions) -> dict[str, dict[str, dict]]:
     """{level: {metric: {"value", "ci"}}} of the run's calibrated probabilities and thresholds on `rows`."""
-    result = evaluate_split(run.probabilities(rows.X), rows, run.calibration, options, seed=options.seed)
+    result = evaluate_split(run.probabilities(rows), rows, run.calibration, options, seed=options.seed)
     return {level: result[level]["overall"] for level in ("image", "study") if level in result}
 
 

@@ -21,9 +21,9 @@ bias cancels in the difference, and the score ranks images exactly by the gap in
 calibrated either way: the threshold (and optional Platt/isotonic calibration) is chosen on val by the same rules as
 ``medembed fit``, and the test split is only evaluated.
 
-Run directory: what ``medembed fit`` writes (run.json, metrics.json, report.md, figures/, predictions.csv), with
-``text_embeddings.safetensors`` (each prompt's pooled text output, logit scale and bias) and ``prompts.json`` instead
-of a head.
+Run directory: `medembed.runs`' (run.json of kind "zeroshot", metrics.json, report.md, figures/, predictions.csv),
+the scorer being ``scorer/text_embeddings.safetensors`` (each prompt's pooled text output, logit scale and bias) and
+``scorer/prompts.json``.
 """
 
 from __future__ import annotations
@@ -31,21 +31,25 @@ from __future__ import annotations
 import json
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from sklearn.base import BaseEstimator
 
+from medembed.options import option
 from medembed.encoders import get_encoder
 from medembed.encoders._hf import SAFETENSORS_SINGLE, HFCheckpoint
 from medembed.errors import MedembedError
 from medembed.extract import resolve_device
-from medembed.fit import FitOptions, calibrate_on_val, evaluate_split, load_splits, run_record, write_outputs
+from medembed.protocol import ProtocolOptions, fit_and_evaluate
 from medembed.report import write_metrics_json
+from medembed.runs import Evaluation, RunRecord, write_run
+from medembed.splits import load_splits, split_sizes
 from medembed.store import open_store
 
 CLASSES = ("normal", "abnormal")
@@ -83,11 +87,11 @@ class ZeroShotError(MedembedError):
 class ZeroShotOptions:
     """Where the text tower comes from and which prompts to use (thresholds and calibration: FitOptions)."""
 
-    prompts: Path | None = None  # JSON {"normal": [...], "abnormal": [...]}; None: DEFAULT_PROMPTS
-    revision: str | None = None
-    cache_dir: str | None = None
-    local_files_only: bool | None = None
-    device: str = "auto"
+    prompts: Path | None = option(None, 'JSON {"normal": [...], "abnormal": [...]}; {body_part} is filled per image. Default: the built-in ensemble.')
+    revision: str | None = option(None, "Model revision (branch, tag or commit) on the hub.")
+    cache_dir: str | None = option(None, "Hugging Face cache folder.", cli=False)
+    local_files_only: bool | None = option(None, "Never contact the hub.", cli=False)
+    device: str = option("auto", "Where the text tower runs: auto | cpu | cuda.")
 
 
 def load_prompts(path: Path | None) -> dict[str, list[str]]:
@@ -303,19 +307,49 @@ def check_store_matches(store_fingerprint: dict[str, str], checkpoint_fingerprin
     return []
 
 
+class ZeroShotScorer(BaseEstimator):
+    """The prompt classifier behind the scoring contract: it consumes a medsiglip store's pooled embeddings and
+    the images' body parts; nothing is learned from train (`fit` is a no-op), val only calibrates."""
+
+    kind: ClassVar[str] = "zeroshot"
+    consumes: ClassVar[str] = "embeddings"
+    columns_used: ClassVar[tuple[str, ...]] = ("body_part",)
+
+    def __init__(self, classifier: PromptClassifier | None = None) -> None:
+        self.classifier = classifier
+
+    def fit(self, X: np.ndarray, y: np.ndarray, *, eval_set: Any = None) -> ZeroShotScorer:
+        """Nothing to learn: the prompts decide; the protocol calibrates on val."""
+        return self
+
+    def predict_proba(self, X: np.ndarray, body_part: np.ndarray | None = None) -> np.ndarray:
+        """[N, 2] float64; column 1 is the abnormality score of embeddings X [N, D] (generic prompts without body parts)."""
+        parts = np.full(len(X), "", dtype=object) if body_part is None else body_part
+        p = self.classifier.probabilities(X, parts)
+        return np.column_stack([1.0 - p, p])
+
+    def save(self, directory: Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.classifier.save(Path(directory))
+
+    @classmethod
+    def load(cls, directory: Path) -> ZeroShotScorer:
+        return cls(PromptClassifier.load(directory))
+
+
 def zeroshot_run(
     stores: list[Path],
     model_id: str,
     out: Path,
-    fit_options: FitOptions | None = None,
+    protocol: ProtocolOptions | None = None,
     options: ZeroShotOptions | None = None,
 ) -> dict[str, Any]:
     """Zero-shot scores of a medsiglip store with `model_id`'s text tower; threshold and calibration on val, metrics
-    on test (FitOptions' rules: threshold, calibration, aggregation, bootstrap); writes the run directory `out`.
+    on test (the protocol's rules: threshold, calibration, aggregation, bootstrap); writes the run directory `out`.
     Returns the test metrics.
     """
     options = options or ZeroShotOptions()
-    fit_options = replace(fit_options or FitOptions(), head="zeroshot", head_params={}, seeds=1)
+    protocol = protocol or ProtocolOptions()
     prompts = load_prompts(options.prompts)
     stores = [Path(s) for s in stores]
     encoder = get_encoder(
@@ -323,38 +357,34 @@ def zeroshot_run(
     )
     checkpoint_fingerprint = encoder.fingerprint()
     same_model_notes = check_store_matches(open_store(stores[0]).fingerprint, checkpoint_fingerprint, stores[0])
-    splits, fingerprint, notes = load_splits(stores, fit_options)  # refuses stores with another fingerprint
+    splits, fingerprint, notes = load_splits(stores, val_fraction=protocol.val_fraction, seed=protocol.seed)
     notes += same_model_notes
     tower = SiglipTextTower(encoder.checkpoint, resolve_device(options.device))
-    val, test = splits["val"], splits["test"]
-    phrases = [body_part_phrase(part) for part in np.r_[val.body_part, test.body_part]]
-    classifier = PromptClassifier.build(tower, prompts, phrases)
-    calibration = calibrate_on_val(classifier.probabilities(val.X, val.body_part), val, fit_options)
-    p_test = calibration.calibrator.transform(classifier.probabilities(test.X, test.body_part))
-    metrics = evaluate_split(p_test, test, calibration, fit_options, seed=fit_options.seed)
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    classifier.save(out)
+    # Every body part of the store, and the generic phrase for images without one (predict on new files).
+    phrases = [body_part_phrase(part) for rows in splits.values() for part in rows.body_part] + [GENERIC_BODY_PART]
+    scorer = ZeroShotScorer(PromptClassifier.build(tower, prompts, phrases))
+    fitted = fit_and_evaluate(scorer, splits, protocol, protocol.seed)
     store = open_store(stores[0])
-    # Zero-shot never looks at train: val chooses the threshold and calibration, test is evaluated.
-    scored = {name: splits[name] for name in ("val", "test")}
-    run_json = run_record(fit_options, calibration, scored, fingerprint, notes) | {
-        "kind": "zeroshot",
-        "stores": [str(s.resolve()) for s in stores],
-        "preprocess": store.attrs.get("preprocess", ""),
-        "text_model": {
-            "model_id": model_id,
-            "revision": checkpoint_fingerprint["revision"],
-            "weights_sha256": checkpoint_fingerprint["weights_sha256"],
-            "max_length": tower.max_length,
-            "padding": "max_length",
+    record = RunRecord(
+        kind=ZeroShotScorer.kind, scorer="zeroshot", consumes=ZeroShotScorer.consumes, fingerprint=fingerprint,
+        options=asdict(protocol), image_threshold=fitted.calibration.image_threshold,
+        study_threshold=fitted.calibration.study_threshold, calibration=fitted.calibration.calibrator.to_dict(),
+        # Zero-shot never looks at train: val chooses the threshold and calibration, test is evaluated.
+        split_sizes=split_sizes({name: splits[name] for name in ("val", "test")}),
+        inputs={"stores": [str(s.resolve()) for s in stores]},
+        encoder_options=json.loads(str(store.attrs.get("encoder_options", "{}"))),
+        preprocess=str(store.attrs.get("preprocess", "")), notes=notes,
+        details={
+            "text_model": {
+                "model_id": model_id,
+                "revision": checkpoint_fingerprint["revision"],
+                "weights_sha256": checkpoint_fingerprint["weights_sha256"],
+                "max_length": tower.max_length,
+                "padding": "max_length",
+            },
+            "score": SCORE_RULE,
+            "prompt_templates": prompts,
         },
-        "score": SCORE_RULE,
-        "prompt_templates": prompts,
-        "prompts_file": PROMPTS_FILE,
-        "text_embeddings_file": TEXT_EMBEDDINGS_FILE,
-    }
-    write_metrics_json(run_json, out / "run.json")
-    write_outputs(p_test, test, calibration, metrics, out, fit_options, run_json)
-    return metrics
+    )
+    write_run(out, record, scorer, Evaluation(fitted.p_test, splits["test"], fitted.metrics))
+    return fitted.metrics

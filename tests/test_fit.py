@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.fit import FitOptions, evaluate_run, fit_run, load_run
+from medembed.fit import FitOptions, evaluate_run, fit_run
+from medembed.runs import load_run
 from medembed.store import StoreWriter, make_fingerprint
 
 FP = make_fingerprint(encoder="synthetic", model_id="test", embedding_kind="pooled", preprocess_hash="p", dtype="float32")
@@ -43,7 +44,7 @@ def test_fit_writes_a_complete_run_directory(tmp_path, head):
     params = {"max_epochs": 20} if head == "mlp" else {"n_estimators": 50} if head == "xgboost" else {}
     metrics = fit_run([store], tmp_path / "run", FitOptions(head=head, head_params=params, **FAST))
     run = tmp_path / "run"
-    for name in ("run.json", "metrics.json", "report.md", "predictions.csv", "head/head.json"):
+    for name in ("run.json", "metrics.json", "report.md", "predictions.csv", "scorer/head.json"):
         assert (run / name).is_file(), name
     assert {p.name for p in (run / "figures").glob("*.png")} >= {"roc_image.png", "roc_study.png", "reliability_study.png"}
     assert metrics["study"]["overall"]["auroc"]["value"] > 0.85
@@ -60,7 +61,8 @@ def test_fit_writes_a_complete_run_directory(tmp_path, head):
 def test_thresholds_are_chosen_on_val_at_each_level(tmp_path):
     store = write_store(tmp_path / "s.h5", images_per_study=3)
     fit_run([store], tmp_path / "run", FitOptions(threshold="youden", calibration="platt", **FAST))
-    run, info = load_run(tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert 0 < run.calibration.image_threshold < 1 and 0 < run.calibration.study_threshold < 1
     assert info["calibration"]["kind"] == "platt" and info["options"]["threshold"] == "youden"
 

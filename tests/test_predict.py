@@ -40,13 +40,13 @@ def test_predict_scores_a_folder_and_reports_bad_files(tmp_path, run_dir, small_
     summary = predict(run_dir, [images], tmp_path / "out.csv", ExtractOptions(batch_size=4, num_workers=0))
     rows = {row["image_id"]: row for row in read_rows(tmp_path / "out.csv")}
     assert (summary.images, summary.scored, summary.failed) == (4, 3, 1)
-    assert rows["broken"]["probability"] == "" and rows["broken"]["error"]
+    assert rows["broken.png"]["probability"] == "" and rows["broken.png"]["error"]
     scored = [r for r in rows.values() if r["probability"]]
     assert all(0 <= float(r["probability"]) <= 1 and r["abnormal"] in ("0", "1") for r in scored)
     # the same images scored through the run's test predictions give the same probabilities
     test_predictions = {r["image_id"]: float(r["probability"]) for r in read_rows(run_dir / "predictions.csv")}
     for path in test_images:
-        row = rows["sub/" + path.stem] if "sub/" + path.stem in rows else rows[path.stem]
+        row = rows["sub/" + path.name] if "sub/" + path.name in rows else rows[path.name]
         assert float(row["probability"]) == pytest.approx(test_predictions[path.stem], abs=1e-3)
 
 

@@ -42,7 +42,7 @@ def test_corruption_sweep_reports_every_condition_and_resumes(tiny_run, fracatla
     seen = []
     result = evaluate_corruptions(
         run, tiny_run / "manifest.csv", fracatlas_root, ["noise", "jpeg"], [1, 5], options,
-        on_extracted=lambda condition, summary: seen.append((condition.name, summary.done)),
+        on_extracted=lambda condition, read: seen.append((condition.name, read.extraction.done)),
     )
     assert seen == [("clean", 10), ("noise-1", 10), ("noise-5", 10), ("jpeg-1", 10), ("jpeg-5", 10)]
     assert result["images"] == 10 and result["notes"] == []
@@ -83,7 +83,7 @@ def test_corruption_sweep_reports_every_condition_and_resumes(tiny_run, fracatla
     seen.clear()
     again = evaluate_corruptions(
         run, tiny_run / "manifest.csv", fracatlas_root, ["noise", "jpeg"], [1, 5], options,
-        on_extracted=lambda condition, summary: seen.append(summary.done),
+        on_extracted=lambda condition, read: seen.append(read.extraction.done),
     )
     assert seen == [0] * 5
     assert again["conditions"][3]["metrics"]["image"]["auroc"] == result["conditions"][3]["metrics"]["image"]["auroc"]

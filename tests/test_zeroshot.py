@@ -118,7 +118,7 @@ def test_scores_equal_a_direct_siglip_forward(setup):
     np.testing.assert_allclose([written[i] for i in test.image_id], expected, atol=2e-6)
     assert len(set(np.round(expected, 4))) > 4  # the prompts tell these images apart
 
-    classifier = PromptClassifier.load(setup["run"])
+    classifier = PromptClassifier.load(setup["run"] / "scorer")
     assert (classifier.logit_scale, classifier.logit_bias) == (LOGIT_SCALE, LOGIT_BIAS)
     table = open_store(setup["base"] / "store.h5").read("test")
     order = [list(table.image_id).index(i) for i in test.image_id]
@@ -143,19 +143,19 @@ def test_prompts_are_padded_to_max_length_which_changes_the_text_embeddings(setu
 
 def test_run_directory_holds_prompts_text_embeddings_and_fit_outputs(setup):
     run = setup["run"]
-    for name in ("run.json", "metrics.json", "report.md", "predictions.csv", "prompts.json", "text_embeddings.safetensors"):
+    for name in ("run.json", "metrics.json", "report.md", "predictions.csv", "scorer/prompts.json", "scorer/text_embeddings.safetensors"):
         assert (run / name).is_file(), name
     assert (run / "figures" / "roc_image.png").is_file()
     info = json.loads((run / "run.json").read_text())
-    assert info["kind"] == "zeroshot" and info["options"]["head"] == "zeroshot"
-    assert info["text_model"]["padding"] == "max_length" and info["text_model"]["max_length"] == 64
-    assert info["fingerprint"]["weights_sha256"] == info["text_model"]["weights_sha256"]
+    assert info["kind"] == "zeroshot" and info["scorer"] == "zeroshot"
+    assert info["details"]["text_model"]["padding"] == "max_length" and info["details"]["text_model"]["max_length"] == 64
+    assert info["fingerprint"]["weights_sha256"] == info["details"]["text_model"]["weights_sha256"]
     assert sorted(info["split_sizes"]) == ["test", "val"] and info["split_sizes"]["test"]["images"] == 8
     assert 0.0 < info["image_threshold"] < 1.0 and info["calibration"]["kind"] == "none"
-    prompts = json.loads((run / "prompts.json").read_text())["prompts"]
+    prompts = json.loads((run / "scorer" / "prompts.json").read_text())["prompts"]
     parts = {body_part_phrase(p) for p in setup["manifest"].subset(setup["manifest"].split != "train").body_part}
     assert set(prompts) == parts
-    with safe_open(run / "text_embeddings.safetensors", framework="np") as handle:
+    with safe_open(run / "scorer" / "text_embeddings.safetensors", framework="np") as handle:
         keys = set(handle.keys())
         assert handle.get_tensor(f"{min(parts)}/abnormal").shape == (len(DEFAULT_PROMPTS["abnormal"]), 32)
     assert keys == {f"{p}/{c}" for p in parts for c in ("normal", "abnormal")} | {"logit_scale", "logit_bias"}
@@ -169,7 +169,7 @@ def test_custom_prompt_file_and_platt_calibration(setup, tmp_path):
         [setup["base"] / "store.h5"], str(setup["base"] / "model_a"), tmp_path / "run",
         FitOptions(calibration="platt", threshold="youden", n_resamples=0), ZeroShotOptions(prompts=prompts, device="cpu"),
     )
-    saved = json.loads((tmp_path / "run" / "prompts.json").read_text())["prompts"]
+    saved = json.loads((tmp_path / "run" / "scorer" / "prompts.json").read_text())["prompts"]
     assert saved["hand"] == {"normal": ["no fracture"], "abnormal": ["a hand with a fracture"]}
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["calibration"]["kind"] == "platt" and info["options"]["threshold"] == "youden"

@@ -77,7 +77,8 @@ def cache_images(
     and named in `failed`; nothing is raised for them. `num_workers` defaults to one per CPU core (the main
     process only gathers results). `on_progress(n)` is called after each batch of n rows.
     """
-    if any(m != 0.0 for m in spec.mean) or any(s != 1.0 for s in spec.std):
+    base = getattr(spec, "spec", spec)  # a CorruptedPreprocess wraps the spec it corrupts
+    if any(m != 0.0 for m in base.mean) or any(s != 1.0 for s in base.std):
         raise ValueError(f"the image cache holds [0, 1] pixels; got a spec with mean {spec.mean} and std {spec.std}")
     workers = (os.cpu_count() or 1) if num_workers is None else num_workers
     loader = DataLoader(
@@ -87,7 +88,7 @@ def cache_images(
         collate_fn=collate_images,
         worker_init_fn=init_decode_worker if workers else None,
     )
-    pixels = torch.empty((len(manifest), spec.channels, spec.size, spec.size), dtype=torch.uint8)
+    pixels = torch.empty((len(manifest), base.channels, base.size, base.size), dtype=torch.uint8)
     decoded = np.zeros(len(manifest), dtype=bool)
     failed: dict[str, str] = {}
     for good, batch, bad, reasons in loader:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medembed.options import option
 from medembed.baselines._data import unit_pixels
 from medembed.encoders.base import file_sha256
 from medembed.errors import MedembedError
@@ -33,10 +34,10 @@ CONFIG_FILE = "model.json"
 class TrainingResources:
     """Where and how a baseline trains; the CNN's and the autoencoder's options both extend it."""
 
-    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda" | "cuda:1"
-    num_workers: int | None = None  # decoding workers; None = one per CPU core
-    threads: int | None = None  # CPU threads for training and inference; None = torch's default
-    seed: int = 0
+    device: str = option("auto", "auto (CUDA when present, bf16), cpu, cuda or cuda:N.")
+    num_workers: int | None = option(None, "Image-decoding worker processes (default: one per CPU core).", flag="--workers")
+    threads: int | None = option(None, "CPU threads for training (default: torch's); 1 is often fastest on a busy machine.")
+    seed: int = option(0, "Seed of weight initialisation, shuffling and augmentation.")
 
 
 class StageTimer:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from medembed import __version__
+from medembed.options import option
 from medembed.baselines._data import cache_images, failed_note, read_checked_manifest, unit_pixels
 from medembed.baselines._training import (
     TrainingResources,
@@ -53,15 +54,16 @@ _STORE_BATCH = 1024  # rows per store append
 class AutoencoderOptions(TrainingResources):
     """How the autoencoder is built and trained; stored in the store's `encoder_options` attribute."""
 
-    size: int = 128  # input side in pixels, a multiple of 16
-    width: int = 16  # channels after the first convolution, doubled at each further stage (32 is 2.5x slower)
-    bottleneck: int = 256  # channels of the bottleneck map = embedding dimension
-    epochs: int = 15  # at most (~35 s each for FracAtlas on a 2-core CPU at 128 px); early stopping may end sooner
-    patience: int = 3  # epochs without a lower val loss before stopping
-    batch_size: int = 64
-    lr: float = 1e-3  # AdamW
-    weight_decay: float = 1e-4
-    store_dtype: str = "float32"
+    # An epoch takes ~35 s for FracAtlas on a 2-core CPU at 128 px; width 32 is 2.5x slower than 16.
+    size: int = option(128, "Input side in pixels (a multiple of 16).")
+    width: int = option(16, "Channels after the first convolution (doubled per stage).")
+    bottleneck: int = option(256, "Bottleneck channels = embedding dimension.")
+    epochs: int = option(15, "Most epochs; early stopping on val loss may end sooner.")
+    patience: int = option(3, "Epochs without a lower val loss before stopping.")
+    batch_size: int = option(64, "Images per training step.")
+    lr: float = option(1e-3, "AdamW learning rate.")
+    weight_decay: float = option(1e-4, "AdamW's decoupled weight decay.")
+    store_dtype: str = option("float32", "Store dtype of the embeddings: float16 | float32.", flag="--dtype")
 
 
 @dataclass

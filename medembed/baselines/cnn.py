@@ -17,18 +17,22 @@ runs use bf16 autocast.
 
 from __future__ import annotations
 
-import json
+import hashlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from safetensors.torch import save as save_tensors
 from scipy.special import expit
+from sklearn.base import BaseEstimator
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from medembed.baselines._data import ImageCache, cache_images, failed_note, grey_spec, read_checked_manifest, unit_pixels
+from medembed.options import option
+from medembed.baselines._data import cache_images, failed_note, grey_spec, read_checked_manifest, unit_pixels
 from medembed.baselines._training import (
     TrainingResources,
     EarlyStopping,
@@ -46,27 +50,32 @@ from medembed.baselines.augment import Augmentation
 from medembed.encoders.efficientnet_lite import EfficientNetLite0Encoder
 from medembed.errors import MedembedError
 from medembed.extract import resolve_device
-from medembed.fit import FitOptions, Split, calibrate_on_val, evaluate_split, run_record, write_outputs
 from medembed.images import PreprocessSpec
 from medembed.manifest import SPLITS, Manifest
+from medembed.protocol import ProtocolOptions, fit_and_evaluate
+from medembed.runs import Evaluation, RunRecord, write_run
+from medembed.splits import Split, manifest_splits, split_sizes
 from medembed.store import make_fingerprint
 
 KIND = "cnn-efficientnet-lite0"
-MODEL_DIR = "model"
 
 
 @dataclass
 class CNNOptions(TrainingResources):
     """How the CNN is trained; stored in run.json (as the options' head_params) so a run is reproducible."""
 
-    size: int = 128  # input side in pixels; EfficientNet-Lite0 was trained at 224, CPUs need smaller
-    epochs: int = 5  # at most (~2 min each for FracAtlas on a 2-core CPU at 128 px); early stopping may end sooner
-    patience: int = 2  # epochs without a better val AUROC before stopping
-    batch_size: int = 32
-    lr: float = 3e-4  # AdamW
-    weight_decay: float = 1e-2  # AdamW's decoupled decay
-    pos_weight: float | str = 1.0  # BCE weight of abnormal images; "balanced" = n_normal / n_abnormal of train
-    augment: bool = True
+    # EfficientNet-Lite0 was trained at 224 px; CPUs need smaller. An epoch takes ~2 min for FracAtlas on 2 cores at 128 px.
+    size: int = option(128, "Input side in pixels.")
+    epochs: int = option(5, "Most epochs; early stopping on val AUROC may end sooner.")
+    patience: int = option(2, "Epochs without a better val AUROC before stopping.")
+    batch_size: int = option(32, "Images per training step.")
+    lr: float = option(3e-4, "AdamW learning rate.")
+    weight_decay: float = option(1e-2, "AdamW's decoupled weight decay.")
+    pos_weight: float | str = option(1.0, "BCE weight of abnormal images: a number, or 'balanced' (n_normal / n_abnormal of train).")
+    augment: bool = option(True, "Random flip, rotation, zoom, shift, brightness and contrast while training.")
+
+    def __post_init__(self) -> None:
+        _check_options(self)
 
 
 @dataclass
@@ -121,69 +130,139 @@ def load_cnn(directory: Path) -> tuple[EfficientNetClassifier, PreprocessSpec]:
     return network.eval(), spec
 
 
+class CNNScorer(BaseEstimator):
+    """The fine-tuned CNN behind the scoring contract: it consumes images, decoded by `load_images` into the
+    8-bit grey cache at its input size, and `fit` fine-tunes on train with early stopping on `eval_set`."""
+
+    kind: ClassVar[str] = "cnn"
+    consumes: ClassVar[str] = "images"
+    columns_used: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options: CNNOptions | None = None) -> None:
+        self.options = options
+
+    @property
+    def _options(self) -> CNNOptions:
+        return self.options if self.options is not None else CNNOptions()
+
+    @property
+    def preprocess(self) -> PreprocessSpec:
+        """The backbone's preprocessing at the CNN's input size (its hash is the run's preprocess hash)."""
+        return EfficientNetLite0Encoder(self._options.size).preprocess
+
+    @property
+    def image_spec(self) -> PreprocessSpec:
+        """What `load_images` decodes with: the backbone's geometry, one grey channel in [0, 1]."""
+        return grey_spec(self.preprocess)
+
+    def load_images(self, manifest: Manifest, root: Path, preprocess: Any = None) -> tuple[torch.Tensor, np.ndarray, dict[str, str]]:
+        """Decode `manifest`'s images into cached pixels [M, 1, S, S] uint8; also which rows decoded ([N] bool)
+        and why the others did not. `preprocess` replaces `image_spec` (e.g. a corrupted variant of it)."""
+        spec = preprocess if preprocess is not None else self.image_spec
+        cache = cache_images(manifest, root, spec, self._options.num_workers)
+        decoded = np.zeros(len(manifest), dtype=bool)
+        decoded[cache.rows] = True
+        return cache.pixels, decoded, cache.failed
+
+    def fit(self, X: torch.Tensor, y: np.ndarray, *, eval_set: Any = None, log: Callable[[str], None] | None = None) -> CNNScorer:
+        """Fine-tune on cached train pixels X [N, 1, S, S] uint8 and labels y [N]; early stopping on eval_set's AUROC."""
+        _check_options(self._options)
+        if eval_set is None:
+            raise MedembedError("the CNN needs eval_set=[(X_val, y_val)] for early stopping")
+        (X_val, y_val), = eval_set[:1]
+        options = self._options
+        device = resolve_device(options.device)
+        with seeded(options.seed, device), cpu_threads(options.threads):
+            network, encoder = pretrained_classifier(options.size)
+            network.to(device, memory_format=torch.channels_last)
+            self.history_ = _train(network, X, np.asarray(y), X_val, np.asarray(y_val), options, device, log or (lambda line: None))
+        self.network_ = network.eval()
+        self.model_id_, self.revision_ = encoder.model_id, encoder.revision
+        return self
+
+    def predict_proba(self, X: torch.Tensor) -> np.ndarray:
+        """[N, 2] float64 probabilities of cached pixels X [N, 1, S, S] uint8; column 1 is P(abnormal)."""
+        device = next(self.network_.parameters()).device
+        with cpu_threads(self._options.threads):
+            p = _probabilities(self.network_, X, 2 * self._options.batch_size, device)
+        return np.column_stack([1.0 - p, p])
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": KIND, "preprocess": self.preprocess.to_dict(), "options": asdict(self._options), "history": self.history_}
+
+    def save(self, directory: Path) -> None:
+        save_model(Path(directory), self.network_, self.config())
+
+    def weights_sha256(self) -> str:
+        """sha256 of the safetensors file `save` writes."""
+        tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in self.network_.state_dict().items()}
+        return hashlib.sha256(save_tensors(tensors)).hexdigest()
+
+    @classmethod
+    def load(cls, directory: Path) -> CNNScorer:
+        config = read_config(directory, KIND)
+        try:
+            options = CNNOptions(**config["options"])
+        except (TypeError, KeyError) as error:
+            raise MedembedError(f"{directory}: model.json options do not describe a CNN ({error})") from None
+        scorer = cls(replace(options, device="cpu"))
+        scorer.network_, _ = load_cnn(directory)
+        scorer.history_ = config.get("history", {})
+        return scorer
+
+
 def run_cnn_baseline(
     manifest_path: Path,
     root: Path,
     out: Path,
     options: CNNOptions | None = None,
-    fit_options: FitOptions | None = None,
+    protocol: ProtocolOptions | None = None,
     log: Callable[[str], None] | None = None,
+    train_ids: Any = None,
 ) -> CNNRun:
     """Fine-tune the CNN on the manifest's train rows, calibrate on val, evaluate on test; write the run `out`.
 
-    `fit_options` gives the shared protocol (threshold rule, calibration, study aggregation, bootstrap);
-    its head fields are set to describe the CNN. Rows without a label or split are not used; images that
-    cannot be decoded are left out and named in run.json. `log` receives one line per stage and epoch.
+    `protocol` gives the shared rules (threshold rule, calibration, study aggregation, bootstrap). Rows without a
+    label or split are not used; images that cannot be decoded are left out and named in run.json. `train_ids`,
+    when given, keeps only those train images (a sweep's label budget). `log` receives one line per stage and epoch.
     """
     options = options or CNNOptions()
-    fit_options = replace(fit_options or FitOptions(), head=KIND, head_params=asdict(options), seeds=1)
+    protocol = protocol or ProtocolOptions()
+    protocol = ProtocolOptions(**{k: getattr(protocol, k) for k in ProtocolOptions.__dataclass_fields__})
     log = log or (lambda line: None)
     _check_options(options)
     out = Path(out)
     timer = StageTimer()
     manifest = read_checked_manifest(manifest_path, SPLITS)
-    usable = (manifest.label >= 0) & np.isin(manifest.split, SPLITS)
-    notes = [f"{int((~usable).sum())} rows without a label or split left out"] if not usable.all() else []
-    manifest = manifest.subset(usable)
+    if train_ids is not None:
+        manifest = manifest.subset((manifest.split != "train") | np.isin(manifest.image_id, np.asarray(list(train_ids))))
+    splits, kept, notes = manifest_splits(manifest, val_fraction=protocol.val_fraction, seed=protocol.seed)
+    scorer = CNNScorer(options)
+    pixels, decoded, failed = scorer.load_images(manifest.subset(kept), root)
+    log(f"decoded {int(decoded.sum())} images in {timer.done('decode'):.1f} s ({len(failed)} could not be decoded)")
+    if failed:
+        notes.append(failed_note(failed))
+    splits = _decoded_splits(splits, manifest.image_id[kept][decoded], pixels)
 
-    encoder_spec = EfficientNetLite0Encoder(options.size).preprocess
-    cache = cache_images(manifest, root, grey_spec(encoder_spec), options.num_workers)
-    log(f"decoded {len(cache)} images in {timer.done('decode'):.1f} s ({len(cache.failed)} could not be decoded)")
-    if cache.failed:
-        notes.append(failed_note(cache.failed))
-    splits, pixels = _split_cache(manifest, cache)
-
-    device = resolve_device(options.device)
-    with seeded(options.seed, device), cpu_threads(options.threads):
-        network, encoder = pretrained_classifier(options.size)
-        network.to(device, memory_format=torch.channels_last)
-        history = _train(network, splits, pixels, options, device, log)
-        timer.done("train")
-        network.eval()
-        raw = {name: _probabilities(network, pixels[name], 2 * options.batch_size, device) for name in ("val", "test")}
-
-    config = {"kind": KIND, "preprocess": encoder_spec.to_dict(), "options": asdict(options), "history": history}
-    weights_sha256 = save_model(out / MODEL_DIR, network, config)
-    calibration = calibrate_on_val(raw["val"], splits["val"], fit_options)
-    p_test = calibration.calibrator.transform(raw["test"])
-    metrics = evaluate_split(p_test, splits["test"], calibration, fit_options, seed=fit_options.seed)
+    fitted = fit_and_evaluate(scorer, splits, protocol, options.seed, fit_params={"log": log})
+    timer.done("train")
     fingerprint = make_fingerprint(
-        encoder=KIND, model_id=encoder.model_id, revision=encoder.revision, weights_sha256=weights_sha256,
-        embedding_kind="abnormality_logit", preprocess_hash=encoder_spec.hash(), dtype="float32",
+        encoder=KIND, model_id=scorer.model_id_, revision=scorer.revision_, weights_sha256=scorer.weights_sha256(),
+        embedding_kind="abnormality_logit", preprocess_hash=scorer.preprocess.hash(), dtype="float32",
     )
-    run_json = run_record(fit_options, calibration, splits, fingerprint, notes) | {
-        "manifest": str(Path(manifest_path).resolve()),
-        "image_root": str(Path(root).resolve()),
-        "preprocess": encoder_spec.to_json(),
-        "model": MODEL_DIR,
-        "training": history,
-        "failed_images": cache.failed,
-    }
-    write_outputs(p_test, splits["test"], calibration, metrics, out, fit_options, run_json)
+    record = RunRecord(
+        kind=CNNScorer.kind, scorer=KIND, consumes=CNNScorer.consumes, fingerprint=fingerprint,
+        options=asdict(protocol) | {"head": KIND, "head_params": asdict(options), "seeds": 1},
+        image_threshold=fitted.calibration.image_threshold, study_threshold=fitted.calibration.study_threshold,
+        calibration=fitted.calibration.calibrator.to_dict(), split_sizes=split_sizes(splits),
+        inputs={"manifest": str(Path(manifest_path).resolve()), "image_root": str(Path(root).resolve())},
+        preprocess=scorer.preprocess.to_json(), notes=notes,
+        details={"training": scorer.history_, "failed_images": failed},
+    )
     timer.done("evaluate")
-    run_json["timing_seconds"] = timer.summary()
-    (out / "run.json").write_text(json.dumps(run_json, indent=2, default=str) + "\n")
-    return CNNRun(out, metrics, history, cache.failed, run_json["timing_seconds"])
+    record.details["timing_seconds"] = timer.summary()
+    write_run(out, record, scorer, Evaluation(fitted.p_test, splits["test"], fitted.metrics))
+    return CNNRun(out, fitted.metrics, scorer.history_, failed, record.details["timing_seconds"])
 
 
 def _probabilities(network: EfficientNetClassifier, pixels: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
@@ -203,40 +282,41 @@ def _check_options(options: CNNOptions) -> None:
         raise MedembedError(f"pos_weight must be a positive number or 'balanced', got {options.pos_weight!r}")
 
 
-def _split_cache(manifest: Manifest, cache: ImageCache) -> tuple[dict[str, Split], dict[str, torch.Tensor]]:
-    """The decoded rows of each split, as fit's Split (no embeddings) and as cached pixels."""
-    splits, pixels = {}, {}
-    for name in SPLITS:
-        take = np.flatnonzero(manifest.split[cache.rows] == name)
-        rows = manifest.subset(cache.rows[take])
-        columns = {"study_id": rows.study_id, "patient_id": rows.patient_id, "body_part": rows.body_part}
-        splits[name] = Split.from_columns(None, rows.label, rows.image_id, columns)
-        pixels[name] = cache.pixels[torch.from_numpy(take)]
+def _decoded_splits(splits: dict[str, Split], decoded_ids: np.ndarray, pixels: torch.Tensor) -> dict[str, Split]:
+    """Each split's rows whose images decoded, with their cached pixels as X (`pixels` aligned with `decoded_ids`)."""
+    position = {image_id: i for i, image_id in enumerate(decoded_ids)}
+    result = {}
+    for name, rows in splits.items():
+        keep = np.array([i for i, image_id in enumerate(rows.image_id) if image_id in position], dtype=np.int64)
+        take = torch.from_numpy(np.array([position[rows.image_id[i]] for i in keep], dtype=np.int64))
+        result[name] = rows.take(keep, X=pixels[take])
     for name in ("train", "val"):
-        if len(np.unique(splits[name].y)) < 2:
-            raise MedembedError(f"the {name} split has {len(splits[name])} decodable images of a single class; both classes are needed")
-    if len(splits["test"]) == 0:
+        if len(np.unique(result[name].y)) < 2:
+            raise MedembedError(f"the {name} split has {len(result[name])} decodable images of a single class; both classes are needed")
+    if len(result["test"]) == 0:
         raise MedembedError("no test image could be decoded")
-    return splits, pixels
+    return result
 
 
 def _train(
     network: EfficientNetClassifier,
-    splits: dict[str, Split],
-    pixels: dict[str, torch.Tensor],
+    train_pixels: torch.Tensor,
+    train_labels: np.ndarray,
+    val_pixels: torch.Tensor,
+    val_labels: np.ndarray,
     options: CNNOptions,
     device: torch.device,
     log: Callable[[str], None],
 ) -> dict:
     """Fine-tune `network` in place with early stopping on val AUROC; the best epoch's weights are restored."""
-    train_y = torch.from_numpy(splits["train"].y.astype(np.float32))
+    train_y = torch.from_numpy(train_labels.astype(np.float32))
     pos_weight = (len(train_y) - train_y.sum()) / train_y.sum() if options.pos_weight == "balanced" else float(options.pos_weight)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.as_tensor(pos_weight, dtype=torch.float32, device=device))
     augment = Augmentation() if options.augment else None
     generator = torch.Generator().manual_seed(options.seed)  # shuffling and augmentation
 
     def batch_loss(batch: torch.Tensor) -> torch.Tensor:
-        images = unit_pixels(pixels["train"][batch], device)
+        images = unit_pixels(train_pixels[batch], device)
         if augment is not None:
             images = augment(images, generator)
         with autocast(device):
@@ -244,8 +324,8 @@ def _train(
         return loss_fn(logits.float(), train_y[batch].to(device))
 
     def val_auroc() -> float:
-        logits = predict_batches(network, pixels["val"], 2 * options.batch_size, device).numpy()
-        return float(roc_auc_score(splits["val"].y, logits)) if np.isfinite(logits).all() else float("nan")
+        logits = predict_batches(network, val_pixels, 2 * options.batch_size, device).numpy()
+        return float(roc_auc_score(val_labels, logits)) if np.isfinite(logits).all() else float("nan")
 
     stopper = EarlyStopping(options.patience, mode="max")
     optimizer = torch.optim.AdamW(network.parameters(), lr=options.lr, weight_decay=options.weight_decay)

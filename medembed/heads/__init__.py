@@ -12,18 +12,27 @@ from medembed.errors import MedembedError
 from medembed.heads.base import HEAD_FILE, Head, HeadLoadError, read_head_document
 from medembed.heads.logreg import LogisticRegressionHead
 from medembed.heads.mlp import MLPHead
+from medembed.heads.sklearn_adapter import PREFIX as SKLEARN_PREFIX
+from medembed.heads.sklearn_adapter import SklearnHead
 from medembed.heads.xgb import XGBoostHead
 
 __all__ = ["HEAD_NAMES", "Head", "HeadLoadError", "load_head", "make_head"]
 
-_HEADS: dict[str, type[Head]] = {head.name: head for head in (LogisticRegressionHead, MLPHead, XGBoostHead)}
-HEAD_NAMES: tuple[str, ...] = tuple(_HEADS)
+_HEADS: dict[str, type[Head]] = {head.name: head for head in (LogisticRegressionHead, MLPHead, XGBoostHead, SklearnHead)}
+HEAD_NAMES: tuple[str, ...] = ("logreg", "mlp", "xgboost")  # the built-in heads; plus sklearn:MODULE.CLASS
 
 
 def make_head(name: str, **params: Any) -> Head:
-    """An unfitted head by name ("logreg" | "mlp" | "xgboost") with the given hyperparameters."""
-    if name not in _HEADS:
-        raise MedembedError(f"unknown head {name!r}; choose one of {', '.join(HEAD_NAMES)}")
+    """An unfitted head by name ("logreg" | "mlp" | "xgboost" | "sklearn:MODULE.CLASS") with its hyperparameters.
+
+    For a scikit-learn classifier, parameters the adapter does not take itself are the estimator's own."""
+    if name.startswith(SKLEARN_PREFIX):
+        own = set(SklearnHead.param_names()) - {"estimator", "estimator_params"}
+        mine = {k: v for k, v in params.items() if k in own}
+        theirs = {k: v for k, v in params.items() if k not in own}
+        return SklearnHead(estimator=name.removeprefix(SKLEARN_PREFIX), estimator_params=theirs or None, **mine)
+    if name not in _HEADS or name == SklearnHead.name:
+        raise MedembedError(f"unknown head {name!r}; choose one of {', '.join(HEAD_NAMES)} or sklearn:MODULE.CLASS")
     head_class = _HEADS[name]
     unknown = sorted(set(params) - set(head_class.param_names()))
     if unknown:

@@ -58,10 +58,12 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def check_int(name: str, value: Any, minimum: int) -> int:
-    """Return `value` as an int >= `minimum`; bools and non-integral floats are refused."""
+def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """Return `value` as an int >= `minimum` (and <= `maximum`); bools and non-integral floats are refused."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise MedembedError(f"head parameter {name!r} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise MedembedError(f"head parameter {name!r} must be at most {maximum}, got {value!r}")
     return int(value)
 
 

@@ -1,19 +1,23 @@
 """The interface every head shares, and the head.json file that describes a saved head.
 
-A head is a light binary classifier on frozen embeddings, sklearn-style: hyperparameters are constructor
-arguments, learned state ends in ``_``, ``fit`` returns self. ``fit`` takes the validation split too, because
-every choice a head makes (C, epochs, trees) is made there, and ``selection_`` records that choice.
+A head is a light binary classifier on frozen embeddings and a scorer (`medembed.scorers`), following
+scikit-learn's estimator contract: hyperparameters are keyword constructor arguments stored unmodified (so
+`get_params`, `set_params` and `sklearn.base.clone` work), learned state ends in ``_``, ``fit`` returns self.
+``fit`` takes the validation split as ``eval_set`` because every choice a head makes (C, epochs, trees) is made
+there, and ``selection_`` records that choice; without one, a stratified eighth of the training rows is held out.
 
 A saved head is a directory: ``head.json`` (name, format version, params, selection, small state) plus the
 head's own weight file when it has one. Nothing is ever pickled, so loading a foreign file runs no code.
 """
 
 import abc
-import inspect
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import train_test_split
 
 from medembed.errors import MedembedError
 from medembed.heads._checks import check_bool, check_choice, check_embeddings, check_int, check_labels
@@ -41,33 +45,45 @@ def selection_record(
     }
 
 
-class Head(abc.ABC):
+EvalSet = Sequence[tuple[np.ndarray, np.ndarray]] | tuple[np.ndarray, np.ndarray]
+HELD_OUT_FRACTION = 0.125  # of the training rows, when fit is given no eval_set
+
+
+class Head(ClassifierMixin, BaseEstimator, abc.ABC):
     """A binary classifier on `[N, D]` embeddings; column 1 of `predict_proba` is P(abnormal)."""
 
     name: ClassVar[str]
+    kind: ClassVar[str] = "head"
+    consumes: ClassVar[str] = "embeddings"
+    columns_used: ClassVar[tuple[str, ...]] = ()
     n_features_in_: int
     selection_: dict[str, Any]
 
     def __init__(self, *, class_weight: str | None = None, l2_normalize: bool = False, seed: int = 0) -> None:
         """Options every head shares. `class_weight="balanced"` reweighs the loss so both classes count equally;
         `l2_normalize` scales every embedding row to unit norm first; `seed` makes fits reproducible."""
-        self.class_weight = check_choice("class_weight", class_weight, (None, "balanced"))
-        self.l2_normalize = check_bool("l2_normalize", l2_normalize)
-        self.seed = check_int("seed", seed, minimum=0)
+        check_choice("class_weight", class_weight, (None, "balanced"))
+        self.class_weight = class_weight
+        check_bool("l2_normalize", l2_normalize)
+        self.l2_normalize = l2_normalize
+        check_int("seed", seed, minimum=0)
+        self.seed = seed
 
     # -- the public interface -----------------------------------------------------------------------------
 
     @classmethod
     def param_names(cls) -> tuple[str, ...]:
         """Names of the constructor arguments, i.e. the head's hyperparameters."""
-        return tuple(name for name in inspect.signature(cls.__init__).parameters if name != "self")
+        return tuple(cls._get_param_names())
 
-    def get_params(self) -> dict[str, Any]:
-        """The hyperparameters as the constructor stored them (validated), JSON-serialisable."""
-        return {name: getattr(self, name) for name in self.param_names()}
-
-    def fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> "Head":
-        """Train on `X` `[N, D]` float16/float32 with `y` `[N]` in {0, 1}; choose hyperparameters on the val split."""
+    def fit(self, X: np.ndarray, y: np.ndarray, *, eval_set: EvalSet | None = None) -> "Head":
+        """Train on `X` `[N, D]` float16/float32 with `y` `[N]` in {0, 1}; choose hyperparameters on
+        `eval_set=[(X_val, y_val)]` (the first pair), or on a held-out stratified eighth of `X` without one."""
+        type(self)(**self.get_params())  # re-validates what set_params may have changed
+        if eval_set is None:
+            X, X_val, y, y_val = self._held_out(X, y)
+        else:
+            X_val, y_val = _first_pair(eval_set)
         X = self._features(X, "X")
         X_val = self._features(X_val, "X_val")
         if X_val.shape[1] != X.shape[1]:
@@ -75,8 +91,13 @@ class Head(abc.ABC):
         y = check_labels(y, X.shape[0], "y")
         y_val = check_labels(y_val, X_val.shape[0], "y_val")
         self.n_features_in_ = X.shape[1]
+        self.classes_ = np.array([0, 1])
         self.selection_ = self._fit(X, y, X_val, y_val)
         return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """`[N]` 0/1 decisions at probability 0.5 (medembed's protocol chooses its thresholds on val instead)."""
+        return (self.predict_proba(X)[:, 1] >= 0.5).astype(np.int64)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Return `[N, 2]` float64 class probabilities for `X` `[N, D]`; column 1 is P(abnormal)."""
@@ -124,10 +145,12 @@ class Head(abc.ABC):
                 f"{path}: params {sorted(params)} do not match the {cls.name} head's {sorted(cls.param_names())}"
             )
         try:
-            head = cls(**params)
+            # JSON has no tuples: sequence hyperparameters (hidden, c_grid) come back as the tuples they were.
+            head = cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in params.items()})
         except MedembedError as error:
             raise HeadLoadError(f"{path}: {error}") from None
         head.n_features_in_ = document["n_features"]
+        head.classes_ = np.array([0, 1])
         head.selection_ = document["selection"]
         head._load_state(directory, document["state"])
         return head
@@ -152,6 +175,14 @@ class Head(abc.ABC):
 
     # -- shared helpers -----------------------------------------------------------------------------------
 
+    def _held_out(self, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Train/val parts of `X`, `y` for a fit without eval_set: stratified, seeded."""
+        labels = check_labels(y, np.shape(X)[0], "y")
+        try:
+            return tuple(train_test_split(X, labels, test_size=HELD_OUT_FRACTION, stratify=labels, random_state=self.seed))
+        except ValueError as error:
+            raise MedembedError(f"cannot hold out a validation eighth of the training rows ({error}); pass eval_set") from None
+
     def _features(self, X: np.ndarray, what: str) -> np.ndarray:
         """Validated `[N, D] float32` features, L2-normalised per row when the head asks for it."""
         features = check_embeddings(X, what)
@@ -167,6 +198,16 @@ class Head(abc.ABC):
     def _require_fitted(self) -> None:
         if not hasattr(self, "selection_"):
             raise MedembedError(f"this {self.name} head is not fitted yet; call fit() or load_head() first")
+
+
+def _first_pair(eval_set: EvalSet) -> tuple[np.ndarray, np.ndarray]:
+    """(X_val, y_val) from `eval_set` given as one pair or a list of pairs (the first is used)."""
+    if isinstance(eval_set, tuple) and len(eval_set) == 2 and not isinstance(eval_set[0], tuple):
+        return eval_set
+    pairs = list(eval_set)
+    if not pairs or not (isinstance(pairs[0], (tuple, list)) and len(pairs[0]) == 2):
+        raise MedembedError("eval_set must be [(X_val, y_val)]")
+    return pairs[0][0], pairs[0][1]
 
 
 def read_head_document(directory: Path) -> dict[str, Any]:

@@ -48,23 +48,25 @@ class LogisticRegressionHead(Head):
         grid = [check_float("c_grid", c, 0.0, 1e12, low_inclusive=False) for c in check_sequence("c_grid", c_grid)]
         if len(set(grid)) != len(grid):
             raise MedembedError(f"head parameter 'c_grid' has repeated values: {grid}")
-        self.c_grid = tuple(sorted(grid))
-        self.tol = check_float("tol", tol, 0.0, 1.0, low_inclusive=False)
-        self.max_iter = check_int("max_iter", max_iter, minimum=1)
+        self.c_grid = c_grid
+        check_float("tol", tol, 0.0, 1.0, low_inclusive=False)
+        self.tol = tol
+        check_int("max_iter", max_iter, minimum=1)
+        self.max_iter = max_iter
 
     def _fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> dict[str, Any]:
         self.standardizer_ = Standardizer.fit(X)
         X = self.standardizer_.transform(X)
         X_val = self.standardizer_.transform(X_val)
         model = LogisticRegression(
-            C=self.c_grid[0], tol=self.tol, max_iter=self.max_iter, class_weight=self.class_weight, warm_start=True
+            C=self._grid()[0], tol=self.tol, max_iter=self.max_iter, class_weight=self.class_weight, warm_start=True
         )
         path: list[tuple[np.ndarray, float]] = []
         val_auroc, n_iter = [], []
         with warnings.catch_warnings():
             # max_iter is a deliberate time bound; the iterations used are recorded in the selection instead.
             warnings.simplefilter("ignore", ConvergenceWarning)
-            for c in self.c_grid:
+            for c in self._grid():
                 model.set_params(C=c).fit(X, y)
                 coef, intercept = model.coef_[0].astype(np.float32), float(model.intercept_[0])
                 path.append((coef, intercept))
@@ -72,7 +74,11 @@ class LogisticRegressionHead(Head):
                 n_iter.append(int(model.n_iter_[0]))
         best = int(np.argmax(val_auroc))  # first maximum = smallest C among ties
         self.coef_, self.intercept_ = path[best]
-        return selection_record("C", list(self.c_grid), val_auroc, best, n_iter=n_iter)
+        return selection_record("C", list(self._grid()), val_auroc, best, n_iter=n_iter)
+
+    def _grid(self) -> tuple[float, ...]:
+        """The C values to try, ascending."""
+        return tuple(sorted(float(c) for c in self.c_grid))
 
     def _positive_proba(self, X: np.ndarray) -> np.ndarray:
         return expit(_decision(self.standardizer_.transform(X), self.coef_, self.intercept_))

@@ -27,6 +27,9 @@ WEIGHTS_FILE = "mlp.safetensors"
 _PREDICT_CHUNK = 8192  # rows per forward pass at prediction time; bounds activation memory
 
 
+MAX_WIDTH = 65536  # a hidden layer wider than this is a typo (1e9 would allocate terabytes)
+
+
 class MLPHead(Head):
     """Linear -> ReLU -> Dropout blocks, then one logit; AdamW; the epoch with the best val AUROC is kept."""
 
@@ -51,14 +54,24 @@ class MLPHead(Head):
         AUROC, or at `max_epochs`. `n_jobs`: torch threads while fitting and predicting (restored afterwards; None
         keeps torch's setting). `class_weight="balanced"` sets BCE's pos_weight to n_normal / n_abnormal."""
         super().__init__(class_weight=class_weight, l2_normalize=l2_normalize, seed=seed)
-        self.hidden = tuple(check_int("hidden", width, minimum=1) for width in check_sequence("hidden", hidden))
-        self.dropout = check_float("dropout", dropout, 0.0, 0.95)
-        self.lr = check_float("lr", lr, 0.0, 10.0, low_inclusive=False)
-        self.weight_decay = check_float("weight_decay", weight_decay, 0.0, 10.0)
-        self.batch_size = check_int("batch_size", batch_size, minimum=1)
-        self.max_epochs = check_int("max_epochs", max_epochs, minimum=1)
-        self.patience = check_int("patience", patience, minimum=1)
-        self.n_jobs = None if n_jobs is None else check_int("n_jobs", n_jobs, minimum=1)
+        for width in check_sequence("hidden", hidden):
+            check_int("hidden", width, minimum=1, maximum=MAX_WIDTH)
+        self.hidden = hidden
+        check_float("dropout", dropout, 0.0, 0.95)
+        self.dropout = dropout
+        check_float("lr", lr, 0.0, 10.0, low_inclusive=False)
+        self.lr = lr
+        check_float("weight_decay", weight_decay, 0.0, 10.0)
+        self.weight_decay = weight_decay
+        check_int("batch_size", batch_size, minimum=1)
+        self.batch_size = batch_size
+        check_int("max_epochs", max_epochs, minimum=1)
+        self.max_epochs = max_epochs
+        check_int("patience", patience, minimum=1)
+        self.patience = patience
+        if n_jobs is not None:
+            check_int("n_jobs", n_jobs, minimum=1)
+        self.n_jobs = n_jobs
 
     def _fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> dict[str, Any]:
         self.standardizer_ = Standardizer.fit(X)
@@ -133,8 +146,8 @@ class MLPHead(Head):
         layers: list[nn.Module] = []
         width = self.n_features_in_
         for hidden_width in self.hidden:
-            layers += [nn.Linear(width, hidden_width), nn.ReLU(), nn.Dropout(self.dropout)]
-            width = hidden_width
+            layers += [nn.Linear(width, int(hidden_width)), nn.ReLU(), nn.Dropout(self.dropout)]
+            width = int(hidden_width)
         layers.append(nn.Linear(width, 1))
         return nn.Sequential(*layers)
 

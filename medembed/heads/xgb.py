@@ -49,16 +49,27 @@ class XGBoostHead(Head):
         `n_jobs=None` uses every core this process may run on. `class_weight="balanced"` sets
         scale_pos_weight to n_normal / n_abnormal."""
         super().__init__(class_weight=class_weight, l2_normalize=l2_normalize, seed=seed)
-        self.n_estimators = check_int("n_estimators", n_estimators, minimum=1)
-        self.learning_rate = check_float("learning_rate", learning_rate, 0.0, 1.0, low_inclusive=False)
-        self.max_depth = check_int("max_depth", max_depth, minimum=1)
-        self.subsample = check_float("subsample", subsample, 0.0, 1.0, low_inclusive=False)
-        self.colsample_bytree = check_float("colsample_bytree", colsample_bytree, 0.0, 1.0, low_inclusive=False)
-        self.min_child_weight = check_float("min_child_weight", min_child_weight, 0.0, 1e6)
-        self.reg_lambda = check_float("reg_lambda", reg_lambda, 0.0, 1e6)
-        self.max_bin = check_int("max_bin", max_bin, minimum=2)
-        self.early_stopping_rounds = check_int("early_stopping_rounds", early_stopping_rounds, minimum=1)
-        self.n_jobs = None if n_jobs is None else check_int("n_jobs", n_jobs, minimum=1)
+        check_int("n_estimators", n_estimators, minimum=1)
+        self.n_estimators = n_estimators
+        check_float("learning_rate", learning_rate, 0.0, 1.0, low_inclusive=False)
+        self.learning_rate = learning_rate
+        check_int("max_depth", max_depth, minimum=1)
+        self.max_depth = max_depth
+        check_float("subsample", subsample, 0.0, 1.0, low_inclusive=False)
+        self.subsample = subsample
+        check_float("colsample_bytree", colsample_bytree, 0.0, 1.0, low_inclusive=False)
+        self.colsample_bytree = colsample_bytree
+        check_float("min_child_weight", min_child_weight, 0.0, 1e6)
+        self.min_child_weight = min_child_weight
+        check_float("reg_lambda", reg_lambda, 0.0, 1e6)
+        self.reg_lambda = reg_lambda
+        check_int("max_bin", max_bin, minimum=2)
+        self.max_bin = max_bin
+        check_int("early_stopping_rounds", early_stopping_rounds, minimum=1)
+        self.early_stopping_rounds = early_stopping_rounds
+        if n_jobs is not None:
+            check_int("n_jobs", n_jobs, minimum=1)
+        self.n_jobs = n_jobs
 
     def _fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> dict[str, Any]:
         threads = self._threads()

@@ -33,9 +33,12 @@ from medembed.baselines.autoencoder import AutoencoderOptions, run_autoencoder_b
 from medembed.baselines.cnn import CNNOptions, run_cnn_baseline
 from medembed.errors import MedembedError
 from medembed.extract import build_encoder, extract
-from medembed.fit import FitOptions, Split, evaluate_split, fit_once, load_splits
+from medembed.fit import FitOptions
 from medembed.heads import make_head
-from medembed.manifest import Manifest, read_manifest, write_manifest
+from medembed.protocol import fit_and_evaluate
+from medembed.splits import Split, load_splits
+from medembed.heads import make_head
+from medembed.manifest import Manifest, read_manifest
 from medembed.store import open_store
 from medembed.sweep.budgets import MIN_PER_CLASS, budget_subset
 from medembed.sweep.config import AUTOENCODER, BASELINE_KINDS, CNN, EncoderSpec, SweepConfig
@@ -154,7 +157,8 @@ class _Sweep:
         if not todo:
             return
         label, path = todo[0].encoder, store()
-        splits, fingerprint, notes = load_splits([path], self.fit_options())
+        options = self.fit_options()
+        splits, fingerprint, notes = load_splits([path], val_fraction=options.val_fraction, seed=options.seed)
         self.results.check_source("sources", label, {"fingerprint": fingerprint, "notes": notes})
         self.notes += [f"{label}: {note}" for note in notes]
         _check_matches_manifest(splits, self.manifest, path, self.config.manifest)
@@ -170,9 +174,10 @@ class _Sweep:
             return cell_row(key, None, note=short, **counts)
         options = self.fit_options(key.head)
         started = time.perf_counter()
-        fitted = fit_once({**splits, "train": train}, options, seed=key.seed)
+        head = make_head(options.head, seed=key.seed, **options.head_params)
+        fitted = fit_and_evaluate(head, {**splits, "train": train}, options, key.seed, bootstrap_seed=BOOTSTRAP_SEED)
         seconds = time.perf_counter() - started
-        metrics = evaluate_split(fitted.probabilities(test.X), test, fitted.calibration, options, seed=BOOTSTRAP_SEED)
+        metrics = fitted.metrics
         thresholds = {"image_threshold": fitted.calibration.image_threshold, "study_threshold": fitted.calibration.study_threshold}
         return cell_row(key, metrics, fit_seconds=seconds, **counts, **thresholds)
 
@@ -254,14 +259,9 @@ class _Sweep:
 
     def _cnn_cell(self, key: CellKey, options: dict, chosen: np.ndarray) -> dict:
         out = self.config.out / "baselines" / f"{CNN}-budget{key.budget:g}-seed{key.seed}"
-        manifest_path = self.config.manifest
-        keep = (self.manifest.split != "train") | np.isin(self.manifest.image_id, chosen)
-        if not keep.all():
-            manifest_path = out / "manifest.csv"
-            write_manifest(self.manifest.subset(keep), manifest_path)
         run = run_cnn_baseline(
-            manifest_path, self._root("the CNN baseline"), out, CNNOptions(**options, seed=key.seed), self.fit_options(),
-            log=lambda line: self.log(f"  {key}: {line}"),
+            self.config.manifest, self._root("the CNN baseline"), out, CNNOptions(**options, seed=key.seed), self.fit_options(),
+            log=lambda line: self.log(f"  {key}: {line}"), train_ids=chosen,
         )
         sizes = json.loads((out / "run.json").read_text())["split_sizes"]
         return cell_row(
@@ -304,8 +304,7 @@ class _Sweep:
 
 def _rows(split: Split, mask: np.ndarray) -> Split:
     """The rows of `split` selected by a [N] bool mask."""
-    columns = ("X", "y", "image_id", "study_id", "patient_id", "body_part")
-    return dataclasses.replace(split, **{name: getattr(split, name)[mask] for name in columns})
+    return split.take(mask)
 
 
 def _short_of_classes(y: np.ndarray) -> str:

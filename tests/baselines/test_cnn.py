@@ -40,18 +40,18 @@ def _cached(manifest_path: Path, root: Path, split: str) -> tuple[torch.Tensor, 
 
 def test_run_directory_is_complete_and_records_the_cnn(cnn_run: CNNRun) -> None:
     out = cnn_run.out
-    for name in ("run.json", "metrics.json", "report.md", "predictions.csv", "model/model.safetensors", "model/model.json"):
+    for name in ("run.json", "metrics.json", "report.md", "predictions.csv", "scorer/model.safetensors", "scorer/model.json"):
         assert (out / name).is_file(), name
     assert list((out / "figures").glob("*.png"))
     info = json.loads((out / "run.json").read_text())
     fingerprint = info["fingerprint"]
     assert fingerprint["encoder"] == KIND
-    assert fingerprint["weights_sha256"] == hashlib.sha256((out / "model/model.safetensors").read_bytes()).hexdigest()
+    assert fingerprint["weights_sha256"] == hashlib.sha256((out / "scorer/model.safetensors").read_bytes()).hexdigest()
     assert fingerprint["preprocess_hash"] == EfficientNetLite0Encoder(64).preprocess.hash()
     assert info["options"]["head"] == KIND and info["options"]["head_params"]["size"] == 64
     assert info["options"]["threshold"] == "youden"
     assert 0 < info["image_threshold"] < 1
-    assert info["training"]["epochs"] == len(info["training"]["val_auroc"]) <= 2
+    assert info["details"]["training"]["epochs"] == len(info["details"]["training"]["val_auroc"]) <= 2
     overall = cnn_run.metrics["image"]["overall"]
     assert 0 <= overall["auroc"]["value"] <= 1 and len(overall["kappa"]["ci"]) == 2
     assert json.loads((out / "metrics.json").read_text())["image"]["overall"]["n"]["value"] == 16
@@ -60,7 +60,7 @@ def test_run_directory_is_complete_and_records_the_cnn(cnn_run: CNNRun) -> None:
 def test_truncated_image_is_left_out_and_named(cnn_run: CNNRun) -> None:
     info = json.loads((cnn_run.out / "run.json").read_text())
     assert set(cnn_run.failed) == {TRUNCATED_ID}
-    assert "truncated" in info["failed_images"][TRUNCATED_ID]
+    assert "truncated" in info["details"]["failed_images"][TRUNCATED_ID]
     assert any(TRUNCATED_ID in note for note in info["notes"])
     assert info["split_sizes"]["train"]["images"] == 39  # 40 listed, the truncated one left out
 
@@ -68,7 +68,7 @@ def test_truncated_image_is_left_out_and_named(cnn_run: CNNRun) -> None:
 def test_saved_weights_are_the_best_epoch_and_reload_to_identical_predictions(
     cnn_run: CNNRun, fracatlas_subset: Path, fracatlas_root: Path
 ) -> None:
-    network, spec = load_cnn(cnn_run.out / "model")
+    network, spec = load_cnn(cnn_run.out / "scorer")
     assert spec == EfficientNetLite0Encoder(64).preprocess
     val_pixels, val_labels, _ = _cached(fracatlas_subset, fracatlas_root, "val")
     test_pixels, _, test_ids = _cached(fracatlas_subset, fracatlas_root, "test")

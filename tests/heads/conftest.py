@@ -74,4 +74,4 @@ def fast_head() -> Callable[..., Head]:
 def fitted(separable: Splits, fast_head: Callable[..., Head]) -> dict[str, Head]:
     """Every head fitted once on `separable` (shared read-only by the tests)."""
     splits = separable
-    return {name: fast_head(name).fit(splits.X, splits.y, splits.X_val, splits.y_val) for name in HEAD_NAMES}
+    return {name: fast_head(name).fit(splits.X, splits.y, eval_set=[(splits.X_val, splits.y_val)]) for name in HEAD_NAMES}

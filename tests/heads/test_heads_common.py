@@ -39,7 +39,7 @@ def test_invalid_shared_options_are_refused(name, params):
 @pytest.mark.parametrize("name", HEAD_NAMES)
 def test_fit_returns_self_and_separates_the_classes(name, separable, fast_head):
     head = fast_head(name)
-    assert head.fit(separable.X, separable.y, separable.X_val, separable.y_val) is head
+    assert head.fit(separable.X, separable.y, eval_set=[(separable.X_val, separable.y_val)]) is head
     assert head.selection_["best_val_auroc"] > 0.9
     test_auroc = roc_auc_score(separable.y_test, head.predict_proba(separable.X_test)[:, 1])
     assert test_auroc > 0.9
@@ -80,11 +80,11 @@ def test_nan_or_inf_embeddings_are_refused_naming_rows(name, separable, fast_hea
     X[[3, 7], 5] = np.nan
     X[11, 0] = np.inf
     with pytest.raises(MedembedError, match=r"X has 3 row\(s\) with NaN or infinite.*first row indices: 3, 7, 11"):
-        fast_head(name).fit(X, separable.y, separable.X_val, separable.y_val)
+        fast_head(name).fit(X, separable.y, eval_set=[(separable.X_val, separable.y_val)])
     X_val = separable.X_val.copy()
     X_val[4, 2] = np.nan
     with pytest.raises(MedembedError, match=r"X_val has 1 row\(s\).*: 4$"):
-        fast_head(name).fit(separable.X, separable.y, X_val, separable.y_val)
+        fast_head(name).fit(separable.X, separable.y, eval_set=[(X_val, separable.y_val)])
 
 
 def test_values_overflowing_float32_count_as_infinite(fitted, separable):
@@ -97,9 +97,9 @@ def test_values_overflowing_float32_count_as_infinite(fitted, separable):
 @pytest.mark.parametrize("name", HEAD_NAMES)
 def test_single_class_labels_are_refused(name, separable, fast_head):
     with pytest.raises(MedembedError, match=r"y holds only normal \(0\)"):
-        fast_head(name).fit(separable.X, np.zeros_like(separable.y), separable.X_val, separable.y_val)
+        fast_head(name).fit(separable.X, np.zeros_like(separable.y), eval_set=[(separable.X_val, separable.y_val)])
     with pytest.raises(MedembedError, match=r"y_val holds only abnormal \(1\)"):
-        fast_head(name).fit(separable.X, separable.y, separable.X_val, np.ones_like(separable.y_val))
+        fast_head(name).fit(separable.X, separable.y, eval_set=[(separable.X_val, np.ones_like(separable.y_val))])
 
 
 @pytest.mark.parametrize(
@@ -112,12 +112,12 @@ def test_single_class_labels_are_refused(name, separable, fast_head):
 )
 def test_bad_labels_are_refused(y, message, separable, fast_head):
     with pytest.raises(MedembedError, match=message):
-        fast_head("logreg").fit(separable.X, y, separable.X_val, separable.y_val)
+        fast_head("logreg").fit(separable.X, y, eval_set=[(separable.X_val, separable.y_val)])
 
 
 def test_mismatched_feature_counts_are_refused(fitted, separable, fast_head):
     with pytest.raises(MedembedError, match="X_val has 47 features but X has 48"):
-        fast_head("logreg").fit(separable.X, separable.y, separable.X_val[:, :47], separable.y_val)
+        fast_head("logreg").fit(separable.X, separable.y, eval_set=[(separable.X_val[:, :47], separable.y_val)])
     with pytest.raises(MedembedError, match="fitted on 48"):
         fitted["logreg"].predict_proba(separable.X_test[:, :47])
     with pytest.raises(MedembedError, match=r"\[N, D\]"):
@@ -136,19 +136,19 @@ def test_unfitted_head_refuses_to_predict_or_save(tmp_path, separable):
 def test_l2_normalize_makes_predictions_ignore_row_scale(name, separable, fast_head):
     row_scale = np.random.default_rng(1).uniform(0.2, 5.0, size=(len(separable.X_test), 1))
     rescaled = (separable.X_test.astype(np.float32) * row_scale).astype(np.float32)
-    normalised = fast_head(name, l2_normalize=True).fit(separable.X, separable.y, separable.X_val, separable.y_val)
+    normalised = fast_head(name, l2_normalize=True).fit(separable.X, separable.y, eval_set=[(separable.X_val, separable.y_val)])
     np.testing.assert_allclose(
         normalised.predict_proba(rescaled), normalised.predict_proba(separable.X_test), atol=1e-5
     )
-    raw = fast_head(name).fit(separable.X, separable.y, separable.X_val, separable.y_val)
+    raw = fast_head(name).fit(separable.X, separable.y, eval_set=[(separable.X_val, separable.y_val)])
     assert not np.allclose(raw.predict_proba(rescaled), raw.predict_proba(separable.X_test), atol=1e-3)
 
 
 @pytest.mark.parametrize("name", HEAD_NAMES)
 def test_balanced_class_weight_raises_the_minority_probability(name, imbalanced, fast_head):
     rare = imbalanced
-    plain = fast_head(name).fit(rare.X, rare.y, rare.X_val, rare.y_val)
-    balanced = fast_head(name, class_weight="balanced").fit(rare.X, rare.y, rare.X_val, rare.y_val)
+    plain = fast_head(name).fit(rare.X, rare.y, eval_set=[(rare.X_val, rare.y_val)])
+    balanced = fast_head(name, class_weight="balanced").fit(rare.X, rare.y, eval_set=[(rare.X_val, rare.y_val)])
     assert balanced.predict_proba(rare.X_test)[:, 1].mean() > plain.predict_proba(rare.X_test)[:, 1].mean() + 0.1
 
 

@@ -37,7 +37,7 @@ def _correlated_nuisance(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_few_noisy_labels_make_the_search_pick_strong_regularisation():
     X, y = _noisy_labels(60, seed=1, flip=0.2)
     X_val, y_val = _noisy_labels(400, seed=2, flip=0.0)
-    selection = make_head("logreg").fit(X, y, X_val, y_val).selection_
+    selection = make_head("logreg").fit(X, y, eval_set=[(X_val, y_val)]).selection_
     assert selection["chosen"] <= 1e-3
     assert selection["best_val_auroc"] > selection["val_auroc"][-1] + 0.1
 
@@ -45,7 +45,7 @@ def test_few_noisy_labels_make_the_search_pick_strong_regularisation():
 def test_correlated_nuisance_makes_the_search_pick_weak_regularisation():
     X, y = _correlated_nuisance(1000, seed=1)
     X_val, y_val = _correlated_nuisance(1000, seed=2)
-    selection = make_head("logreg").fit(X, y, X_val, y_val).selection_
+    selection = make_head("logreg").fit(X, y, eval_set=[(X_val, y_val)]).selection_
     assert selection["chosen"] >= 0.1
     assert selection["best_val_auroc"] > selection["val_auroc"][0] + 0.1
 
@@ -53,7 +53,7 @@ def test_correlated_nuisance_makes_the_search_pick_weak_regularisation():
 def test_ties_go_to_the_smallest_c(separable):
     # One feature: every C gives the same ranking, hence the same val AUROC.
     head = make_head("logreg", c_grid=[10.0, 0.01, 1.0]).fit(
-        separable.X[:, :1], separable.y, separable.X_val[:, :1], separable.y_val
+        separable.X[:, :1], separable.y, eval_set=[(separable.X_val[:, :1], separable.y_val)]
     )
     assert head.selection_["values"] == [0.01, 1.0, 10.0]
     assert len(set(head.selection_["val_auroc"])) == 1
@@ -76,9 +76,9 @@ def test_standardisation_makes_feature_scale_and_offset_irrelevant(separable):
         return X.astype(np.float32) * scale + offset
 
     params = {"c_grid": [0.01, 1.0], "tol": 1e-6}
-    plain = make_head("logreg", **params).fit(separable.X, separable.y, separable.X_val, separable.y_val)
+    plain = make_head("logreg", **params).fit(separable.X, separable.y, eval_set=[(separable.X_val, separable.y_val)])
     moved = make_head("logreg", **params).fit(
-        affine(separable.X), separable.y, affine(separable.X_val), separable.y_val
+        affine(separable.X), separable.y, eval_set=[(affine(separable.X_val), separable.y_val)]
     )
     assert moved.selection_["chosen"] == plain.selection_["chosen"]
     np.testing.assert_allclose(

@@ -15,7 +15,7 @@ from medembed.heads.mlp import WEIGHTS_FILE
 
 def test_same_seed_gives_identical_probabilities_and_another_seed_does_not(separable, fast_head):
     def probabilities(seed):
-        head = fast_head("mlp", seed=seed).fit(separable.X, separable.y, separable.X_val, separable.y_val)
+        head = fast_head("mlp", seed=seed).fit(separable.X, separable.y, eval_set=[(separable.X_val, separable.y_val)])
         return head.predict_proba(separable.X_test)
 
     first = probabilities(seed=3)
@@ -26,7 +26,7 @@ def test_same_seed_gives_identical_probabilities_and_another_seed_does_not(separ
 def test_fit_leaves_the_global_torch_rng_and_thread_count_alone(separable, fast_head):
     torch.manual_seed(1234)
     rng_state, threads = torch.random.get_rng_state(), torch.get_num_threads()
-    fast_head("mlp", n_jobs=1).fit(separable.X, separable.y, separable.X_val, separable.y_val)
+    fast_head("mlp", n_jobs=1).fit(separable.X, separable.y, eval_set=[(separable.X_val, separable.y_val)])
     assert torch.equal(torch.random.get_rng_state(), rng_state)
     assert torch.get_num_threads() == threads
 
@@ -37,7 +37,7 @@ def test_the_best_val_epoch_is_restored_not_the_last(fast_head):
     X, X_val = rng.standard_normal((80, 48)), rng.standard_normal((300, 48))
     y, y_val = (X[:, 0] + rng.standard_normal(80) > 0).astype(int), (X_val[:, 0] > 0).astype(int)
     head = fast_head("mlp", hidden=(128,), lr=0.05, batch_size=16, max_epochs=15, patience=15)
-    selection = head.fit(X, y, X_val, y_val).selection_
+    selection = head.fit(X, y, eval_set=[(X_val, y_val)]).selection_
     assert len(selection["values"]) == 15
     assert selection["chosen"] < 15
     restored_auroc = roc_auc_score(y_val, head.predict_proba(X_val)[:, 1])
@@ -46,14 +46,14 @@ def test_the_best_val_epoch_is_restored_not_the_last(fast_head):
 
 
 def test_training_stops_patience_epochs_after_the_best(separable, fast_head):
-    head = fast_head("mlp", max_epochs=200, patience=2).fit(separable.X, separable.y, separable.X_val, separable.y_val)
+    head = fast_head("mlp", max_epochs=200, patience=2).fit(separable.X, separable.y, eval_set=[(separable.X_val, separable.y_val)])
     selection = head.selection_
     assert len(selection["values"]) == selection["chosen"] + 2 < 200
     assert len(selection["train_loss"]) == len(selection["values"])
 
 
 def test_several_hidden_layers_round_trip(separable, fast_head, tmp_path):
-    head = fast_head("mlp", hidden=(16, 8)).fit(separable.X, separable.y, separable.X_val, separable.y_val)
+    head = fast_head("mlp", hidden=(16, 8)).fit(separable.X, separable.y, eval_set=[(separable.X_val, separable.y_val)])
     head.save(tmp_path)
     assert sorted(load_file(tmp_path / WEIGHTS_FILE)) == [
         "network.0.bias", "network.0.weight", "network.3.bias", "network.3.weight", "network.6.bias",

@@ -15,7 +15,7 @@ from medembed.heads.xgb import MODEL_FILE
 
 def test_early_stopping_keeps_only_the_best_trees(separable, fast_head):
     head = fast_head("xgboost", n_estimators=300, learning_rate=0.3, early_stopping_rounds=5)
-    selection = head.fit(separable.X, separable.y, separable.X_val, separable.y_val).selection_
+    selection = head.fit(separable.X, separable.y, eval_set=[(separable.X_val, separable.y_val)]).selection_
     assert selection["searched"] == "trees"
     assert len(selection["values"]) == selection["chosen"] + 5 < 300
     assert head.booster_.num_boosted_rounds() == selection["chosen"]
@@ -26,7 +26,7 @@ def test_early_stopping_keeps_only_the_best_trees(separable, fast_head):
 
 def test_same_seed_gives_identical_probabilities_and_another_seed_does_not(separable, fast_head):
     def probabilities(seed):
-        head = fast_head("xgboost", seed=seed).fit(separable.X, separable.y, separable.X_val, separable.y_val)
+        head = fast_head("xgboost", seed=seed).fit(separable.X, separable.y, eval_set=[(separable.X_val, separable.y_val)])
         return head.predict_proba(separable.X_test)
 
     first = probabilities(seed=3)

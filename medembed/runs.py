@@ -1,0 +1,221 @@
+"""The run directory: one module writes and reads every kind of run (embedding heads, the CNN, zero-shot).
+
+    run.json           the record below (one schema, with a `kind`), validated when read
+    scorer/            the fitted scorer (no pickle: JSON, safetensors, XGBoost's own format)
+    metrics.json       image and study level metrics with bootstrap intervals (and mean ± sd over seeds)
+    report.md          the same as tables a reader can paste into a paper
+    figures/*.png      ROC, PR, reliability, metric-vs-threshold, per-body-part bars
+    predictions.csv    the evaluated split's image probabilities and decisions
+
+A run is written into a staging directory beside `out` and swapped in only when complete, so a failed fit
+never loses the previous run in `out` nor leaves a mix of two runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medembed import __version__
+from medembed._files import atomic_write_json, atomic_write_text, read_json, replaced_directory
+from medembed.calibrate import Calibrator
+from medembed.errors import MedembedError
+from medembed.evaluate import aggregate_studies
+from medembed.options import from_dict
+from medembed.protocol import Calibration, ProtocolOptions
+from medembed.report import markdown_report, plot_figures, write_metrics_json
+from medembed.scorers import CONSUMES, KINDS, Scorer, load_scorer, positive_scores
+from medembed.splits import Split
+
+RUN_FILE = "run.json"
+SCORER_DIR = "scorer"
+FORMAT_VERSION = 2
+
+
+@dataclass
+class RunRecord:
+    """Everything run.json holds. `inputs` is {"stores": [...]} for embedding scorers, or {"manifest": ...,
+    "image_root": ...} for image scorers; `details` holds what only one kind has (training history, prompts)."""
+
+    kind: str
+    scorer: str  # e.g. "logreg", "sklearn:sklearn.svm.SVC", "cnn-efficientnet-lite0", "zeroshot"
+    consumes: str
+    fingerprint: dict[str, str]
+    options: dict[str, Any]  # the protocol options (and, for fit, the head, its params and seeds)
+    image_threshold: float
+    study_threshold: float
+    calibration: dict[str, Any]
+    split_sizes: dict[str, dict[str, int]]
+    inputs: dict[str, Any]
+    encoder_options: dict[str, Any] = field(default_factory=dict)  # how `predict` rebuilds the store's encoder
+    preprocess: str = ""  # the PreprocessSpec JSON of the embeddings / pixels
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    medembed_version: str = __version__
+
+    @property
+    def protocol(self) -> ProtocolOptions:
+        """The protocol options the run was made with."""
+        names = set(ProtocolOptions.__dataclass_fields__)
+        return ProtocolOptions(**{k: v for k, v in self.options.items() if k in names})
+
+    @property
+    def calibration_(self) -> Calibration:
+        return Calibration(Calibrator.from_dict(self.calibration), self.image_threshold, self.study_threshold)
+
+
+# run.json keys and their JSON types; every one is required.
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "kind": str, "scorer": str, "consumes": str, "fingerprint": dict, "options": dict,
+    "image_threshold": (int, float), "study_threshold": (int, float), "calibration": dict, "split_sizes": dict,
+    "inputs": dict, "encoder_options": dict, "preprocess": str, "notes": list, "details": dict,
+    "format_version": int, "medembed_version": str,
+}
+
+
+def validate_record(document: Any, path: Path) -> RunRecord:
+    """A RunRecord from parsed run.json, or one MedembedError naming the file and the first problem."""
+    if not isinstance(document, dict):
+        raise MedembedError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise MedembedError(f"{path}: run format {version!r} is not supported by this medembed (it reads {FORMAT_VERSION}); refit the run")
+    for key, kind in _TYPES.items():
+        if key not in document:
+            raise MedembedError(f"{path}: missing key {key!r}")
+        value = document[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise MedembedError(f"{path}: {key!r} must be {_type_name(kind)}, got {value!r:.60}")
+    unknown = sorted(set(document) - set(_TYPES))
+    if unknown:
+        raise MedembedError(f"{path}: unexpected keys {unknown}")
+    if document["kind"] not in KINDS:
+        raise MedembedError(f"{path}: unknown run kind {document['kind']!r}; medembed knows {', '.join(KINDS)}")
+    if document["consumes"] not in CONSUMES:
+        raise MedembedError(f"{path}: 'consumes' must be one of {', '.join(CONSUMES)}")
+    for key in ("image_threshold", "study_threshold"):
+        value = float(document[key])
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise MedembedError(f"{path}: {key} {document[key]!r} is not a probability in [0, 1]")
+    record = RunRecord(**document)
+    try:
+        Calibrator.from_dict(record.calibration)
+    except (MedembedError, KeyError, TypeError, ValueError) as error:
+        raise MedembedError(f"{path}: calibration: {error}") from None
+    from_dict(ProtocolOptions, {k: v for k, v in record.options.items() if k in ProtocolOptions.__dataclass_fields__}, f"{path}: options")
+    wanted = "stores" if record.consumes == "embeddings" else "manifest"
+    if wanted not in record.inputs:
+        raise MedembedError(f"{path}: inputs must name the {wanted} the run was fitted on")
+    return record
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", dict: "an object", list: "a list", int: "an integer", float: "a number"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(dict.fromkeys(names[k] for k in kinds))
+
+
+@dataclass
+class Run:
+    """A loaded run directory: its record, scorer and calibration."""
+
+    directory: Path
+    record: RunRecord
+    scorer: Scorer
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.record.calibration_
+
+    def probabilities(self, rows: Split) -> np.ndarray:
+        """Calibrated abnormality probability per row of `rows` (whose X the scorer consumes), [N] float64."""
+        raw = positive_scores(self.scorer, rows.X, {"body_part": rows.body_part})
+        return self.calibration.calibrator.transform(raw)
+
+
+def read_record(run_dir: Path) -> RunRecord:
+    """A run directory's validated run.json."""
+    path = Path(run_dir) / RUN_FILE
+    if not Path(run_dir).is_dir():
+        raise MedembedError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise MedembedError(f"{run_dir}: not a medembed run directory (no {RUN_FILE})")
+    return validate_record(read_json(path, "run.json"), path)
+
+
+def load_run(run_dir: Path) -> Run:
+    """A run directory's record and fitted scorer."""
+    record = read_record(run_dir)
+    scorer = load_scorer(record.kind, Path(run_dir) / SCORER_DIR)
+    if scorer.consumes != record.consumes:
+        raise MedembedError(f"{run_dir}: run.json says the scorer consumes {record.consumes}, the saved scorer {scorer.consumes}")
+    return Run(Path(run_dir), record, scorer)
+
+
+@dataclass
+class Evaluation:
+    """Calibrated probabilities of one split and their metrics."""
+
+    p: np.ndarray  # [N] float64
+    rows: Split
+    metrics: dict[str, Any]
+
+
+def write_run(out: Path, record: RunRecord, scorer: Scorer, evaluation: Evaluation, extra_files: dict[str, Any] | None = None) -> None:
+    """Write a complete run directory `out` (replacing an earlier one only once everything is written).
+
+    `extra_files` maps file names to callables that write them into the staging directory."""
+    with replaced_directory(out) as staging:
+        scorer.save(staging / SCORER_DIR)
+        for write in (extra_files or {}).values():
+            write(staging)
+        write_evaluation(staging, record, evaluation, title=Path(out).name)
+        atomic_write_json(staging / RUN_FILE, asdict(record))
+
+
+def write_evaluation(directory: Path, record: RunRecord, evaluation: Evaluation, title: str | None = None) -> None:
+    """metrics.json, report.md, figures and predictions.csv of one evaluated split, into `directory`."""
+    directory = Path(directory)
+    p, rows, metrics = evaluation.p, evaluation.rows, evaluation.metrics
+    calibration, options = record.calibration_, record.protocol
+    write_metrics_json(metrics, directory / "metrics.json")
+    atomic_write_text(directory / "report.md", markdown_report(metrics, title=f"medembed run: {title or directory.name}", context=report_context(record)))
+    figures = directory / "figures"
+    figures.mkdir(exist_ok=True)
+    body_parts = rows.body_part if (rows.body_part != "").all() else None
+    plot_figures(rows.y, p, calibration.image_threshold, figures, level="image", body_parts=body_parts, result=metrics["image"])
+    studies = aggregate_studies(p, rows.y, rows.study_id, how=options.aggregation, attributes={"body_part": rows.body_part})
+    study_parts = studies.attributes["body_part"] if body_parts is not None else None
+    plot_figures(studies.y, studies.p, calibration.study_threshold, figures, level="study", body_parts=study_parts, result=metrics["study"])
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["image_id", "study_id", "label", "probability", "abnormal"])
+    for image_id, study_id, label, prob in zip(rows.image_id, rows.study_id, rows.y, p):
+        writer.writerow([image_id, study_id, int(label), f"{prob:.6f}", int(prob >= calibration.image_threshold)])
+    atomic_write_text(directory / "predictions.csv", buffer.getvalue())
+
+
+def report_context(record: RunRecord) -> dict[str, str]:
+    """The run's settings as report.md lists them."""
+    options = record.protocol
+    return {
+        "run kind": record.kind,
+        "scorer": record.scorer,
+        "threshold rule": options.threshold,
+        "image threshold": f"{record.image_threshold:.4f}",
+        "study threshold": f"{record.study_threshold:.4f}",
+        "calibration": options.calibration,
+        "study aggregation": options.aggregation,
+        "encoder": record.fingerprint.get("encoder", ""),
+        "model": record.fingerprint.get("model_id", ""),
+        "preprocess hash": record.fingerprint.get("preprocess_hash", ""),
+        "splits": ", ".join(f"{k} {v['images']} images ({v['abnormal']} abnormal)" for k, v in record.split_sizes.items()),
+        **({"notes": "; ".join(record.notes)} if record.notes else {}),
+    }
