@@ -78,5 +78,5 @@ def from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
         raise MedembedError(f"{where}: unknown option(s) {', '.join(unknown)}")
     try:
         return cls(**values)
-    except TypeError as error:
+    except (TypeError, MedembedError) as error:
         raise MedembedError(f"{where}: {error}") from None

@@ -1,0 +1,162 @@
+"""The installed `medembed` entry point as a user runs it, in a subprocess: wrong invocations give a usage line or
+one error line with the right exit code and never a traceback; --help shows the library's defaults."""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medembed.baselines.autoencoder import AutoencoderOptions
+from medembed.baselines.cnn import CNNOptions
+from medembed.extract import ExtractOptions
+from medembed.fit import FitOptions, fit_run
+from medembed.protocol import ProtocolOptions
+from medembed.zeroshot import ZeroShotOptions
+from tests.test_fit import write_store
+
+MEDEMBED = shutil.which("medembed", path=str(Path(sys.executable).parent)) or shutil.which("medembed")
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "400"}
+    env.pop("MEDEMBED_DEBUG", None)
+    return subprocess.run([MEDEMBED, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    store = write_store(base / "s.h5")
+    fit_run([store], base / "run", FitOptions(n_resamples=0))
+    (base / "m.csv").write_text("image_id,path,label,split\na,a.png,0,train\na,b.png,2,val\n")
+    return base
+
+
+def broken_run(work: Path, name: str, change) -> Path:
+    """A copy of the fitted run whose run.json `change` rewrites (a dict -> dict, or bytes)."""
+    target = work / name
+    if not target.exists():
+        shutil.copytree(work / "run", target)
+        record = json.loads((target / "run.json").read_text())
+        changed = change(record)
+        (target / "run.json").write_bytes(changed if isinstance(changed, bytes) else json.dumps(changed).encode())
+    return target
+
+
+USAGE = [  # (arguments, exit code, text the output must contain)
+    (["nosuchcmd"], 2, "No such command"),
+    (["fit"], 2, "Missing argument"),
+    (["extract", "x.csv", "--bogus"], 2, "No such option: --bogus"),
+    (["fit", "{store}", "--out", "{work}/r", "--seeds", "many"], 2, "Invalid value for '--seeds'"),
+    (["evaluate", "{work}/run", "--split", "holdout"], 2, "expected train, val or test"),
+    (["compare", "{work}/run", "--level", "patient"], 2, "expected image or study"),
+]
+LIBRARY = [
+    (["fit", "{store}", "--out", "{work}/r", "--head", "nope"], 2, "unknown head 'nope'"),
+    (["fit", "{store}", "--out", "{work}/r", "--threshold", "best"], 2, "unknown threshold rule 'best'"),
+    (["fit", "{store}", "--out", "{work}/r", "--calibration", "magic"], 2, "calibration must be one of"),
+    (["fit", "{store}", "--out", "{work}/r", "-p", "hidden"], 2, "expected key=value"),
+    (["fit", "{store}", "--out", "{work}/r", "--head", "mlp", "-p", "hidden=[1000000000]"], 2, "'hidden' must be at most"),
+    (["fit", "{store}", "--out", "{work}/r", "--head", "logreg", "-p", "depth=3"], 2, "unknown parameter(s) depth"),
+    (["fit", "{work}/missing.h5", "--out", "{work}/r"], 2, "missing.h5"),
+    (["extract", "{work}/m.csv", "--root", "{work}", "--out", "{work}/x.h5", "--batch-size", "0"], 2, "batch_size must be"),
+    (["extract", "{work}/m.csv", "--root", "{work}", "--out", "{work}/x.h5", "--precision", "fp8"], 2, "precision must be one of"),
+    (["predict", "{work}/no-run", "img.jpg"], 2, "no such run directory"),
+    (["evaluate", "{work}/no-run"], 2, "no such run directory"),
+    (["compare", "{work}/run", "{work}"], 2, "not a medembed run directory"),
+    (["baseline", "cnn", "m.csv", "--root", ".", "--out", "r", "--size", "8"], 2, "too small"),
+    (["info", "{work}/missing.h5"], 2, "missing.h5"),
+]
+RUN_JSON = [  # run.json variants: (name, change, message)
+    ("nan-threshold", lambda r: {**r, "image_threshold": float("nan")}, "non-finite number NaN"),
+    ("big-threshold", lambda r: {**r, "study_threshold": 2.0}, "not a probability in [0, 1]"),
+    ("negative-threshold", lambda r: {**r, "image_threshold": -1.0}, "not a probability in [0, 1]"),
+    ("missing-key", lambda r: {k: v for k, v in r.items() if k != "calibration"}, "missing key 'calibration'"),
+    ("wrong-type", lambda r: {**r, "split_sizes": "many"}, "'split_sizes' must be an object"),
+    ("array", lambda r: [r], "expected a JSON object"),
+    ("pickle", lambda r: b"\x80\x04\x95\x00\x00\x00\x00", "not a valid run.json"),
+    ("unknown-kind", lambda r: {**r, "kind": "magic"}, "unknown run kind 'magic'"),
+    ("bad-options", lambda r: {**r, "options": {**r["options"], "threshold": "best"}}, "unknown threshold rule"),
+]
+
+
+def _expand(args: list[str], work: Path) -> list[str]:
+    return [a.format(work=work, store=work / "s.h5") for a in args]
+
+
+@pytest.mark.parametrize("args, code, message", USAGE + LIBRARY, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_wrong_invocations_get_one_clear_message_and_exit_code(work, args, code, message):
+    done = run_cli(*_expand(args, work))
+    output = done.stdout + done.stderr
+    assert "Traceback" not in output
+    assert done.returncode == code, output
+    assert message in output, output
+    if (args, code, message) in LIBRARY:
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+
+
+@pytest.mark.parametrize("name, change, message", RUN_JSON, ids=[case[0] for case in RUN_JSON])
+def test_a_damaged_run_json_is_one_line_naming_it(work, name, change, message):
+    run = broken_run(work, name, change)
+    commands = (["evaluate", run], ["predict", run, work / "s.h5"], ["compare", run])
+    for args in [commands[[case[0] for case in RUN_JSON].index(name) % 3]]:  # one subprocess per variant, all commands covered
+        done = run_cli(*args)
+        assert "Traceback" not in done.stderr and done.returncode == 2, done.stderr
+        assert str(run / "run.json") in done.stderr and message in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1
+
+
+def test_manifest_check_exits_one_on_errors(work):
+    done = run_cli("manifest", "check", work / "m.csv")
+    assert done.returncode == 1 and "duplicate" in done.stdout.lower() and "Traceback" not in done.stderr
+
+
+def test_evaluate_and_compare_a_fitted_run_through_the_entry_point(work):
+    done = run_cli("evaluate", work / "run", "--bootstrap", "0")
+    assert done.returncode == 0 and "auroc" in done.stdout, done.stderr
+    done = run_cli("compare", work / "run", "--out", work / "table.md")
+    assert done.returncode == 0 and "| run |" in done.stdout.lower() or "run" in done.stdout
+    assert (work / "table.md").read_text().count("\n") >= 3
+
+
+def _defaults_in_help(*command: str) -> dict[str, str]:
+    text = run_cli(*command, "--help").stdout
+    return dict(re.findall(r"(--[a-z0-9-]+)\s.*?\[default: ([^\]]+)\]", text))
+
+
+@pytest.mark.parametrize(
+    "command, classes",
+    [
+        (("fit",), (FitOptions,)),
+        (("extract",), (ExtractOptions,)),
+        (("predict",), (ExtractOptions,)),
+        (("zeroshot",), (ProtocolOptions, ZeroShotOptions)),
+        (("baseline", "cnn"), (CNNOptions, ProtocolOptions)),
+        (("baseline", "autoencoder"), (AutoencoderOptions,)),
+    ],
+)
+def test_help_shows_the_option_dataclass_defaults(command, classes):
+    from cli._generate import _flags
+
+    shown = _defaults_in_help(*command)
+    checked = 0
+    for cls in classes:
+        for field in dataclasses.fields(cls):
+            flag = _flags(field)[0]
+            if field.default is dataclasses.MISSING or field.default is None or flag not in shown:
+                continue
+            expected = field.default
+            documented = shown[flag]
+            if isinstance(expected, bool):
+                assert documented.split("/")[0].strip() in (f"--{field.name.replace('_', '-')}", "True", "False", f"--no-{field.name.replace('_', '-')}")
+                assert (documented in ("True", f"--{field.name.replace('_', '-')}")) == expected or "/" in documented
+            else:
+                assert type(expected)(documented) == expected, (flag, documented, expected)
+            checked += 1
+    assert checked >= 3, shown
