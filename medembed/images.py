@@ -27,12 +27,15 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medembed.errors import MedembedError
+
+if TYPE_CHECKING:
+    import torch
 
 # Limits on what is decoded. The defaults are not part of a spec's hash (see PreprocessSpec.to_dict).
 DEFAULT_MAX_PIXELS = 100_000_000  # 10,000 x 10,000; a 16-bit greyscale image this size peaks near 0.9 GB to decode
@@ -177,7 +180,7 @@ def probe_image(
                 _check_dicom_pixel_length(path, dataset, os.fstat(handle.fileno()).st_size)
                 return header
             handle.seek(0)
-            image = _open_header(path, handle, head)
+            image = _open_header(path, handle, head, limits.max_pixels)
             with image:
                 _check_size(path, *image.size, limits)
                 header = ImageHeader(image.format or "", image.width, image.height, image.mode)
@@ -265,7 +268,7 @@ def _decode_with_pil(
     path: Path, handle: IO[bytes], head: bytes, *, lenient: bool, limits: _Limits, draft_size: int | None
 ) -> np.ndarray:
     try:
-        image = _open_header(path, handle, head)
+        image = _open_header(path, handle, head, limits.max_pixels)
     except ImageDecodeError as error:
         # No raster format matched: a DICOM file without preamble or suffix is the one thing left to try.
         if error.kind == "unrecognised" and head.startswith(_PREAMBLE_LESS_DICOM_STARTS):
@@ -287,7 +290,7 @@ def _decode_with_pil(
         if not (lenient and is_jpeg):
             raise ImageDecodeError(path, _truncation_reason(data, is_jpeg, error), "truncated") from error
         # PIL's lenient path feeds libjpeg an end-of-image marker at EOF; do the same on our own copy.
-        image = _open_header(path, io.BytesIO(data + _JPEG_EOI), head)
+        image = _open_header(path, io.BytesIO(data + _JPEG_EOI), head, limits.max_pixels)
         if draft_size:
             image.draft(image.mode, (draft_size, draft_size))
         try:
@@ -299,7 +302,7 @@ def _decode_with_pil(
     return _pil_to_float(path, image)
 
 
-def _open_header(path: Path, source: IO[bytes], head: bytes) -> Image.Image:
+def _open_header(path: Path, source: IO[bytes], head: bytes, max_pixels: int) -> Image.Image:
     """Parse the header only (PIL decodes pixels lazily), mapping PIL's errors to ImageDecodeError."""
     try:
         with warnings.catch_warnings():
@@ -307,7 +310,13 @@ def _open_header(path: Path, source: IO[bytes], head: bytes) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(source)
     except Image.DecompressionBombError as error:
-        raise ImageDecodeError(path, f"decompression bomb: {error}", "too_large") from error
+        # beyond PIL's own hard limit (2 x Image.MAX_IMAGE_PIXELS); a PNG's header says the size
+        if head.startswith(_PNG_SIGNATURE) and len(head) >= 24:
+            width, height = struct.unpack(">II", head[16:24])
+            reason = f"decompression bomb: {width}x{height} = {width * height:,} pixels exceeds max_pixels={max_pixels:,}"
+        else:
+            reason = f"decompression bomb: {error}"
+        raise ImageDecodeError(path, reason, "too_large") from error
     except UnidentifiedImageError as error:
         # PIL refuses zero-size images as "unidentified"; say what is wrong where the header is a PNG's.
         if head.startswith(_PNG_SIGNATURE) and len(head) >= 24:
@@ -614,7 +623,7 @@ class PreprocessSpec:
         return self(self.decode(path))
 
 
-def _pad_to_square(tensor: torch.Tensor) -> torch.Tensor:  # noqa: F821 (torch is imported lazily)
+def _pad_to_square(tensor: torch.Tensor) -> torch.Tensor:
     """`[C, H, W]` -> `[C, S, S]`, S = max(H, W), zeros around the centred image; the odd pixel goes after."""
     import torch.nn.functional as F
 
