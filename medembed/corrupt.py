@@ -37,7 +37,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from medembed.errors import MedembedError
-from medembed.images import PreprocessSpec, decode_image
+from medembed.images import PreprocessSpec
 
 SEVERITIES = (1, 2, 3, 4, 5)
 SEVERITY_TABLE: dict[str, tuple[float, ...]] = {
@@ -172,7 +172,7 @@ class CorruptedPreprocess:
 
     def load(self, path: Path | str) -> np.ndarray:
         """Decode `path` as the wrapped spec would, corrupt, preprocess: `[channels, size, size]` float32."""
-        return self(decode_image(path, lenient=self.spec.lenient_decoding))
+        return self(self.spec.decode(path))
 
 
 def parse_corruptions(text: str) -> list[str]:

@@ -68,7 +68,12 @@ def images_manifest(inputs: list[Path]) -> tuple[Manifest, Path]:
 
     Image ids are the paths relative to the common folder, suffix included (x.jpg and x.png are two images)."""
     if len(inputs) == 1 and inputs[0].suffix.lower() == ".csv":
-        return read_manifest(inputs[0]), inputs[0].parent
+        # The user names these files to score: absolute paths and paths relative to the CSV's folder are both
+        # taken, re-expressed under their common folder (so extraction's root checks hold).
+        manifest = read_manifest(inputs[0])
+        files = [Path(os.path.abspath(inputs[0].parent / path)) for path in manifest.path]
+        root = Path(os.path.commonpath([f.parent for f in files]))
+        return Manifest({**manifest.columns, "path": [str(f.relative_to(root)) for f in files]}), root
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():

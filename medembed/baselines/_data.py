@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +57,7 @@ def grey_spec(base: PreprocessSpec) -> PreprocessSpec:
 
     Normalisation (mean/std, channel repeat) is left to the network, so the cache can be 8-bit.
     """
-    return PreprocessSpec(
-        size=base.size, pad_to_square=base.pad_to_square, resize=base.resize, antialias=base.antialias,
-        mean=(0.0,), std=(1.0,), channels=1, lenient_decoding=base.lenient_decoding,
-    )
+    return replace(base, mean=(0.0,), std=(1.0,), channels=1)
 
 
 def cache_images(
