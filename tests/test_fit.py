@@ -117,3 +117,15 @@ def test_stores_with_different_fingerprints_are_not_mixed(tmp_path):
     fit_run([a], tmp_path / "run", FitOptions(**FAST))
     with pytest.raises(MedembedError, match="differ from the ones this run was fitted on"):
         evaluate_run(tmp_path / "run", stores=[b])
+
+
+def test_a_failed_fit_leaves_the_previous_run_intact(tmp_path):
+    store = write_store(tmp_path / "s.h5")
+    fit_run([store], tmp_path / "run", FitOptions(**FAST))
+    before = {p.relative_to(tmp_path / "run"): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    # a random forest fits, but its state (trees) cannot be saved without pickle: the write fails midway
+    with pytest.raises(MedembedError, match="without pickle"):
+        fit_run([store], tmp_path / "run", FitOptions(head="sklearn:sklearn.ensemble.RandomForestClassifier", head_params={"n_estimators": 3}, **FAST))
+    after = {p.relative_to(tmp_path / "run"): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []

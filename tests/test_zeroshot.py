@@ -88,7 +88,7 @@ def setup(fracatlas_root, tmp_path_factory):
     columns["split"] = np.array((["train"] * 4 + ["val"] * 4 + ["test"] * 4) * 2, dtype=object)
     small = Manifest(columns)
     encoder = get_encoder("medsiglip", model_id=str(base / "model_a"))
-    extract(small, fracatlas_root, encoder, base / "store.h5", EXTRACT)
+    extract(small, fracatlas_root, encoder, base / "store.h5", EXTRACT, encoder_options={"model_id": str(base / "model_a")})
     run = base / "run"
     metrics = zeroshot_run([base / "store.h5"], str(base / "model_a"), run, FitOptions(n_resamples=20), ZeroShotOptions(device="cpu"))
     return {"base": base, "model": model, "manifest": small, "encoder": encoder, "run": run, "metrics": metrics, "root": fracatlas_root}
@@ -210,3 +210,10 @@ def test_store_of_mean_patch_tokens_is_refused(setup, tmp_path):
     extract(setup["manifest"].subset(np.arange(2)), setup["root"], encoder, tmp_path / "tokens.h5", EXTRACT)
     with pytest.raises(ZeroShotError, match="not the pooled output"):
         zeroshot_run([tmp_path / "tokens.h5"], str(setup["base"] / "model_a"), tmp_path / "run", options=ZeroShotOptions(device="cpu"))
+
+
+def test_a_zeroshot_run_round_trips_through_evaluate_compare_predict(setup, tmp_path):
+    from tests.cli.test_entry_point import assert_round_trip
+
+    test = setup["manifest"].subset(setup["manifest"].split == "test")
+    assert_round_trip(setup["run"], test.resolve(setup["root"])[:3], tmp_path)

@@ -96,3 +96,11 @@ def test_bad_options_are_refused(fracatlas_subset: Path, fracatlas_root: Path, t
         run_cnn_baseline(fracatlas_subset, fracatlas_root, tmp_path / "run", CNNOptions(pos_weight="heavy"))
     with pytest.raises(MedembedError, match="too small"):
         run_cnn_baseline(fracatlas_subset, fracatlas_root, tmp_path / "run", CNNOptions(size=16))
+
+
+def test_a_cnn_run_round_trips_through_evaluate_compare_predict(cnn_run, fracatlas_subset, fracatlas_root, tmp_path):
+    from tests.cli.test_entry_point import assert_round_trip
+
+    manifest = read_manifest(fracatlas_subset)
+    test = manifest.subset(manifest.split == "test")
+    assert_round_trip(cnn_run.out, test.resolve(fracatlas_root)[:3], tmp_path)

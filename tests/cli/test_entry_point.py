@@ -10,12 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medembed.baselines.autoencoder import AutoencoderOptions
 from medembed.baselines.cnn import CNNOptions
 from medembed.extract import ExtractOptions
 from medembed.fit import FitOptions, fit_run
+from medembed.manifest import Manifest
 from medembed.protocol import ProtocolOptions
 from medembed.zeroshot import ZeroShotOptions
 from tests.test_fit import write_store
@@ -160,3 +162,48 @@ def test_help_shows_the_option_dataclass_defaults(command, classes):
                 assert type(expected)(documented) == expected, (flag, documented, expected)
             checked += 1
     assert checked >= 3, shown
+
+
+def assert_round_trip(run: Path, images: list[Path], tmp_path: Path) -> None:
+    """`evaluate`, `compare` and `predict` (to a file and to standard output) accept `run` through the entry point,
+    and predict reproduces the run's own test probabilities for the same images."""
+    before = json.loads((run / "metrics.json").read_text())
+    done = run_cli("evaluate", run)
+    assert done.returncode == 0 and "auroc" in done.stdout, done.stdout + done.stderr
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["image"]["overall"]["auroc"]["value"] == pytest.approx(before["image"]["overall"]["auroc"]["value"], abs=1e-9)
+    done = run_cli("compare", run, run)
+    assert done.returncode == 0 and "AUROC" in done.stdout, done.stdout + done.stderr
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image in images:
+        shutil.copy(image, folder / image.name)
+    done = run_cli("predict", run, folder, "--out", tmp_path / "p.csv")
+    assert done.returncode == 0, done.stdout + done.stderr
+    expected = {line.split(",")[0]: float(line.split(",")[3]) for line in (run / "predictions.csv").read_text().splitlines()[1:]}
+    rows = [line.split(",") for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
+    assert len(rows) == len(images)
+    for row in rows:
+        image_id = Path(row[0]).stem
+        if image_id in expected:
+            assert float(row[3]) == pytest.approx(expected[image_id], abs=2e-3), row
+    assert any(Path(row[0]).stem in expected for row in rows)
+    done = run_cli("predict", run, folder)
+    assert done.returncode == 0 and done.stdout.splitlines()[0].startswith("image_id,path"), done.stderr
+    assert len(done.stdout.splitlines()) == len(images) + 1
+
+
+def test_a_head_run_round_trips(work, tmp_path, fracatlas_root):
+    from medembed.encoders import get_encoder
+    from medembed.extract import ExtractOptions, extract
+    from medembed.manifest import build_fracatlas
+
+    manifest, _ = build_fracatlas(fracatlas_root)
+    small = manifest.subset(np.r_[np.flatnonzero(manifest.label == 1)[:9], np.flatnonzero(manifest.label == 0)[:9]])
+    small = Manifest({**small.columns, "split": np.array(["train", "val", "test"] * 6, dtype=object)})
+    options = {"size": 64}
+    extract(small, fracatlas_root, get_encoder("efficientnet-lite0", **options), tmp_path / "s.h5",
+            ExtractOptions(batch_size=8, num_workers=0), encoder_options=options)
+    fit_run([tmp_path / "s.h5"], tmp_path / "run", FitOptions(n_resamples=0))
+    test = small.subset(small.split == "test")
+    assert_round_trip(tmp_path / "run", test.resolve(fracatlas_root)[:3], tmp_path)
