@@ -9,13 +9,13 @@ regular embedding store, so `medembed fit` fits the same heads on it as on found
     medembed baseline autoencoder data_manifests/fracatlas.csv --root FRACATLAS --out fracatlas-ae.h5
     medembed fit fracatlas-ae.h5 --head logreg --out runs/ae-logreg
 
-The store's fingerprint names encoder "autoencoder" and the trained weights' sha256; the weights themselves
-(model.safetensors + model.json) are saved next to the store, in `<store stem>.autoencoder/`.
+The network and its encoder live in `medembed.encoders.autoencoder`: once trained, the weights (model.safetensors +
+model.json) are saved next to the store, in `<store stem>.autoencoder/`, and `extract` writes the store with that
+encoder, so the fingerprint names encoder "autoencoder" and the weights' sha256, and `predict` can rebuild it.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,21 +33,17 @@ from medembed.baselines._training import (
     StageTimer,
     autocast,
     cpu_threads,
-    load_weights,
     predict_batches,
-    read_config,
     save_model,
     seeded,
     train_epochs,
 )
+from medembed.encoders.autoencoder import KIND, LEVELS, AutoencoderEncoder, ConvAutoencoder, autoencoder_spec
 from medembed.errors import MedembedError
-from medembed.extract import resolve_device
+from medembed.extract import ExtractOptions, extract, resolve_device
 from medembed.images import PreprocessSpec
-from medembed.store import DTYPES, StoreWriter, make_fingerprint
+from medembed.store import DTYPES
 
-KIND = "autoencoder"
-LEVELS = 4  # stride-2 stages: the bottleneck map is size / 16 on a side
-_STORE_BATCH = 1024  # rows per store append
 
 
 @dataclass
@@ -78,34 +74,6 @@ class AutoencoderRun:
     seconds: dict[str, float] = field(default_factory=dict)  # decode, train, embed (inference + store), total
 
 
-class ConvAutoencoder(nn.Module):
-    """Grey images [B, 1, S, S] in [0, 1] -> reconstructions [B, 1, S, S]; `embed` gives [B, bottleneck]."""
-
-    def __init__(self, width: int = 16, bottleneck: int = 256) -> None:
-        super().__init__()
-        channels = [1] + [width * 2**level for level in range(LEVELS - 1)] + [bottleneck]
-        down, up = [], []
-        for c_in, c_out in zip(channels[:-1], channels[1:]):
-            down += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-        for c_in, c_out in zip(channels[:0:-1], channels[-2:0:-1]):
-            up += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-        up += [nn.ConvTranspose2d(channels[1], 1, 4, stride=2, padding=1), nn.Sigmoid()]
-        self.encoder, self.decoder = nn.Sequential(*down), nn.Sequential(*up)
-
-    def forward(self, grey: torch.Tensor) -> torch.Tensor:
-        """[B, 1, S, S] -> reconstruction [B, 1, S, S] in [0, 1]."""
-        return self.decoder(self.encoder(grey))
-
-    def embed(self, grey: torch.Tensor) -> torch.Tensor:
-        """[B, 1, S, S] -> [B, bottleneck]: the global average of the bottleneck map."""
-        return self.encoder(grey).mean(dim=(2, 3))
-
-
-def autoencoder_spec(size: int) -> PreprocessSpec:
-    """Zero-pad to a square, resize (bilinear, antialiased) to `size`, one grey channel in [0, 1]."""
-    return PreprocessSpec(size=size, pad_to_square=True, resize="bilinear", antialias=True, mean=(0.0,), std=(1.0,), channels=1)
-
-
 def weights_dir(store: Path) -> Path:
     """Where the autoencoder behind `store` keeps its weights: `<store stem>.autoencoder/` beside it."""
     return Path(store).with_name(Path(store).stem + ".autoencoder")
@@ -113,10 +81,9 @@ def weights_dir(store: Path) -> Path:
 
 def load_autoencoder(directory: Path) -> tuple[ConvAutoencoder, PreprocessSpec]:
     """A trained autoencoder saved by `run_autoencoder_baseline` (eval mode, CPU), and its preprocessing spec."""
-    config = read_config(directory, KIND)
-    network = ConvAutoencoder(config["options"]["width"], config["options"]["bottleneck"])
-    load_weights(directory, network)
-    return network.eval(), PreprocessSpec.from_dict(config["preprocess"])
+    encoder = AutoencoderEncoder(str(directory))
+    encoder.load(torch.device("cpu"))
+    return encoder._model, encoder.preprocess
 
 
 def run_autoencoder_baseline(
@@ -154,33 +121,18 @@ def run_autoencoder_baseline(
         network = ConvAutoencoder(options.width, options.bottleneck).to(device)
         history = _train(network, train, val, options, device, log)
         timer.done("train")
-        network.eval()
-        embeddings = predict_batches(network.embed, cache.pixels, 2 * options.batch_size, device).numpy()
 
     weights = weights_dir(out)
-    config = {"kind": KIND, "preprocess": spec.to_dict(), "options": asdict(options), "history": history}
-    fingerprint = make_fingerprint(
-        encoder=KIND, model_id=f"medembed-conv-autoencoder-{options.width}w-{options.bottleneck}d", revision=__version__,
-        weights_sha256=save_model(weights, network, config), embedding_kind="bottleneck_global_avg_pool",
-        preprocess_hash=spec.hash(), dtype=options.store_dtype,
+    config = {"kind": KIND, "preprocess": spec.to_dict(), "options": asdict(options), "history": history, "revision": __version__}
+    save_model(weights, network.eval(), config)
+    # The store is an extraction with the trained encoder: resumable, failed images tabled, like any other.
+    extract_options = ExtractOptions(
+        batch_size=2 * options.batch_size, num_workers=options.num_workers or 0, device=options.device, store_dtype=options.store_dtype
     )
-    metadata = {
-        "preprocess": spec.to_json(),
-        "manifest_rows": len(manifest),
-        "image_root": str(Path(root).resolve()),
-        "encoder_options": json.dumps(asdict(options), sort_keys=True),
-        "autoencoder_weights": str(weights.resolve()),
-        "training": json.dumps(history),
-    }
-    rows = manifest.subset(cache.rows)
-    columns = {"label": rows.label, "study_id": rows.study_id, "patient_id": rows.patient_id, "body_part": rows.body_part, "split": rows.split}
-    with StoreWriter(out, dim=options.bottleneck, fingerprint=fingerprint, metadata=metadata) as writer:
-        for begin in range(0, len(rows), _STORE_BATCH):
-            part = slice(begin, begin + _STORE_BATCH)
-            writer.append(rows.image_id[part], embeddings[part], {name: values[part] for name, values in columns.items()})
-        writer.add_failed(list(cache.failed), list(cache.failed.values()))
+    with cpu_threads(options.threads):
+        summary = extract(manifest, root, AutoencoderEncoder(str(weights)), out, extract_options, encoder_options={"weights": str(weights.resolve())})
     timer.done("embed")
-    return AutoencoderRun(out, weights, len(rows), history, cache.failed, timer.summary())
+    return AutoencoderRun(out, weights, summary.done, history, cache.failed, timer.summary())
 
 
 def _check_options(options: AutoencoderOptions) -> None:

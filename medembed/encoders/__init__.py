@@ -24,6 +24,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "medsiglip": ("medembed.encoders.siglip", "SiglipEncoder"),
     "medgemma": ("medembed.encoders.medgemma", "MedGemmaEncoder"),
     "hf-vision": ("medembed.encoders.hf_generic", "HFVisionEncoder"),
+    "autoencoder": ("medembed.encoders.autoencoder", "AutoencoderEncoder"),  # trained by `medembed baseline autoencoder`
 }
 
 

@@ -29,16 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
-from medembed.baselines.autoencoder import AutoencoderOptions, run_autoencoder_baseline
+from medembed.baselines.autoencoder import AutoencoderOptions, run_autoencoder_baseline, weights_dir
 from medembed.baselines.cnn import CNNOptions, run_cnn_baseline
+from medembed._files import read_json
 from medembed.errors import MedembedError
 from medembed.extract import build_encoder, extract
 from medembed.fit import FitOptions
 from medembed.heads import make_head
+from medembed.manifest import Manifest, read_manifest
 from medembed.protocol import fit_and_evaluate
 from medembed.splits import Split, load_splits
-from medembed.heads import make_head
-from medembed.manifest import Manifest, read_manifest
 from medembed.store import open_store
 from medembed.sweep.budgets import MIN_PER_CLASS, budget_subset
 from medembed.sweep.config import AUTOENCODER, BASELINE_KINDS, CNN, EncoderSpec, SweepConfig
@@ -211,7 +211,8 @@ class _Sweep:
         """OUT/stores/autoencoder.h5, trained and written unless it is there already."""
         path = self.config.out / "stores" / f"{AUTOENCODER}.h5"
         expected = dataclasses.asdict(AutoencoderOptions(**options))
-        self._check_store_options(path, expected)
+        trained = weights_dir(path) / "model.json"
+        self._check_store_options(path, expected, read_json(trained, "autoencoder model.json")["options"] if trained.exists() else None)
         if path.exists():
             missing = self._missing_images(path)
             if missing:
@@ -222,11 +223,13 @@ class _Sweep:
         self.log(f"autoencoder: {run.embedded} images embedded in {run.seconds['total']:.0f} s")
         return path
 
-    def _check_store_options(self, path: Path, expected: dict) -> None:
-        """A sweep-made store must have been made with the options the config now gives."""
+    def _check_store_options(self, path: Path, expected: dict, recorded: dict | None = None) -> None:
+        """A sweep-made store must have been made with the options the config now gives (`recorded`: the ones it
+        was made with, when they are not its encoder options)."""
         if not path.exists():
             return
-        recorded = json.loads(str(open_store(path).attrs.get("encoder_options", "{}")))
+        if recorded is None:
+            recorded = json.loads(str(open_store(path).attrs.get("encoder_options", "{}")))
         differ = sorted(k for k in set(recorded) | set(expected) if k not in _RUNTIME_OPTIONS and recorded.get(k) != expected.get(k))
         if differ:
             raise MedembedError(

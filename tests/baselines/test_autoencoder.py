@@ -1,6 +1,5 @@
 """The autoencoder baseline on 71 real FracAtlas images: a valid store that `fit_run` takes, reloadable weights."""
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -21,6 +20,8 @@ from medembed.baselines.autoencoder import (
 from medembed.errors import MedembedError
 from medembed.fit import FitOptions, fit_run
 from medembed.manifest import read_manifest
+from medembed.encoders import get_encoder
+from medembed.encoders.base import files_sha256
 from medembed.store import open_store
 from tests.baselines.conftest import TRUNCATED_ID
 
@@ -43,9 +44,11 @@ def test_store_holds_every_decodable_image_with_the_autoencoder_fingerprint(ae_r
     assert np.isfinite(table.embeddings).all() and table.embeddings.std(axis=0).max() > 0
     fingerprint = store.fingerprint
     assert fingerprint["encoder"] == KIND and fingerprint["dtype"] == "float32"
-    assert fingerprint["weights_sha256"] == hashlib.sha256((ae_run.weights / "model.safetensors").read_bytes()).hexdigest()
+    assert fingerprint["weights_sha256"] == files_sha256([ae_run.weights / "model.safetensors"])
     assert fingerprint["preprocess_hash"] == autoencoder_spec(64).hash()
-    assert json.loads(str(store.attrs["encoder_options"]))["bottleneck"] == 32
+    # the store is an extraction with the trained encoder, which `predict` can rebuild from encoder_options
+    assert json.loads(str(store.attrs["encoder_options"])) == {"weights": str(ae_run.weights.resolve())}
+    assert get_encoder(KIND, **json.loads(str(store.attrs["encoder_options"]))).dim == 32
 
 
 def test_fit_run_fits_a_head_on_the_store(ae_run: AutoencoderRun, tmp_path: Path) -> None:

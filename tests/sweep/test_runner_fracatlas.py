@@ -1,5 +1,6 @@
 """run_sweep on real FracAtlas images: the sweep extracts its own store, trains both baselines, one results table."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,8 @@ def test_extracts_trains_baselines_and_reports_them_together(fracatlas_sweep: Pa
         assert by_cell[("cnn", budget)]["train_images"] == by_cell[("effl0-64", budget)]["train_images"]
         assert by_cell[("cnn", budget)]["test_images"] == by_cell[("effl0-64", budget)]["test_images"] == 2 * PER_CLASS
     assert by_cell[("cnn", 1.0)]["train_images"] == 2 * PER_CLASS
-    assert (config.out / "baselines" / "cnn-budget0.5-seed0" / "manifest.csv").is_file()
+    budget_run = json.loads((config.out / "baselines" / "cnn-budget0.5-seed0" / "run.json").read_text())
+    assert budget_run["inputs"]["manifest"] == str(config.manifest.resolve())  # the budget is a train subset, no copy
     markdown = summary.results_md.read_text()
     assert "| Head | autoencoder | cnn | effl0-64 |" in markdown and "| finetune |" in markdown
 
