@@ -58,7 +58,7 @@ def read_json(path: Path, what: str = "JSON file") -> Any:
         text = path.read_bytes().decode("utf-8")
         return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except FileNotFoundError:
-        raise MedembedError(f"{path}: no such {what}") from None
+        raise MedembedError(f"{path}: file not found (no such {what})") from None
     except IsADirectoryError:
         raise MedembedError(f"{path}: is a directory, not a {what}") from None
     except (OSError, UnicodeDecodeError, ValueError) as error:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from medembed.calibrate import check_scores, confusion_metrics, sweep_thresholds
+from medembed._files import atomic_write_text
 from medembed.errors import MedembedError
 from medembed.evaluate import binary_metrics, reliability_table
 
@@ -48,18 +47,7 @@ _DPI = 120
 def write_metrics_json(result: dict, path: Path) -> None:
     """Write a result as JSON: NaN and infinities become null, keys sorted, replaced atomically."""
     text = json.dumps(_json_safe(result), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_text(Path(path), text)
 
 
 def read_metrics_json(path: Path) -> dict:

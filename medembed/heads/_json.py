@@ -5,13 +5,13 @@ producing a head that silently predicts garbage (NaN weights, wrong lengths).
 """
 
 import json
-import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medembed._files import atomic_write_text
+from medembed._files import read_json as read_strict_json
 from medembed.errors import MedembedError
 
 
@@ -21,32 +21,15 @@ class HeadLoadError(MedembedError):
 
 def write_json(path: Path, document: Any) -> None:
     """Write `document` to `path` via a temporary file and rename, so a crash never leaves half a file."""
-    text = json.dumps(document, indent=1, allow_nan=False)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def _refuse_constant(token: str) -> float:
-    raise ValueError(f"non-finite number {token}")
-
-
-def _finite_float(token: str) -> float:
-    value = float(token)
-    if not math.isfinite(value):  # e.g. 1e999 parses to inf
-        raise ValueError(f"non-finite number {token}")
-    return value
+    atomic_write_text(path, json.dumps(document, indent=1, allow_nan=False) + "\n")
 
 
 def read_json(path: Path) -> Any:
     """Parse `path` as strict JSON (no NaN/Infinity, no overflowing numbers); any failure is a HeadLoadError."""
     try:
-        text = path.read_bytes().decode("utf-8")
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-    except FileNotFoundError:
-        raise HeadLoadError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise HeadLoadError(f"{path}: not a valid medembed JSON file ({error})") from None
+        return read_strict_json(path, "medembed JSON file")
+    except MedembedError as error:
+        raise HeadLoadError(str(error)) from None
 
 
 def require(document: dict[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
