@@ -4,24 +4,38 @@ VENV := .venv
 BIN := $(VENV)/bin
 # CPU wheel here; on a GPU box set TORCH_SPEC to the CUDA build you want (e.g. torch==2.13.0 from the CUDA index).
 TORCH_SPEC ?= torch==2.13.0
+# The tested versions of every other dependency (torch and medembed excluded); `make update-constraints` refreshes it.
+CONSTRAINTS := constraints.txt
+FRESH_VENV := $(or $(TMPDIR),/tmp)/medembed-constraints-venv
 STAMP := $(VENV)/.installed
 FRACATLAS ?= ../shared/data/fracatlas
 WORK ?= work
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install test demo sweep bench-store bench-extract bench-fit clean
+.PHONY: help install update-constraints test demo sweep bench-store bench-extract bench-fit clean
 
 help: ## List the targets with one-line descriptions
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-15s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-19s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install medembed with everything it needs (torch first)
+install: $(STAMP) ## Create .venv and install medembed with everything it needs (torch first, the rest at the tested versions of constraints.txt)
+
+update-constraints: ## Resolve the newest dependencies pyproject.toml allows in a fresh venv and pin them in constraints.txt (then: make test)
+	rm -rf $(FRESH_VENV)
+	$(PYTHON) -m venv $(FRESH_VENV)
+	$(FRESH_VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(FRESH_VENV)/bin/pip install -q -e ".[dev]"
+	{ echo "# The tested dependency set: pip install -c constraints.txt -e \".[dev]\" (make install does)."; \
+	  echo "# Regenerate with make update-constraints; torch (TORCH_SPEC) and medembed itself are not pinned here."; \
+	  $(FRESH_VENV)/bin/pip freeze --exclude-editable --exclude torch --exclude medembed; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	rm -rf $(FRESH_VENV)
 
 test: install ## Run the test suite
 	$(BIN)/python -m pytest -q

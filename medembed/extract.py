@@ -1,9 +1,15 @@
 """The batch runner: a frozen encoder over every image of a manifest, into an HDF5 embedding store.
 
 DataLoader workers decode and preprocess (the encoder's picklable PreprocessSpec) while the main process
-runs the model: bf16 autocast on CUDA, fp32 on CPU, under ``torch.inference_mode``. The run is resumable:
+runs the model: bf16 autocast on CUDA, fp32 on CPU, under ``torch.inference_mode``; the precision used is
+part of the store fingerprint, so a store is never continued in another precision. The run is resumable:
 ids already in the store (or recorded as failed) are skipped, and every batch is durable once appended.
-Unreadable images never stop the run; they go to the store's ``failed`` table with their reason.
+Unreadable images never stop the run; they go to the store's ``failed`` table with their reason. A file
+that does not exist is not a bad image: it is counted as missing and tried again by the next run (and if
+no image of the manifest exists under the root, the run is refused: wrong --root). Before anything runs,
+the manifest passes its own error checks (duplicate ids, bad labels or splits, leakage). A resumed run
+refreshes the stored manifest columns (label, split, ...) of rows already embedded, so an edited manifest
+does not need a re-extraction.
 
 Several GPUs: ``torchrun --nproc-per-node N -m cli.main extract ...`` (or the ``medembed`` entry point
 under torchrun) gives each rank a disjoint shard of the manifest written to its own shard store; rank 0
@@ -28,25 +34,49 @@ from torch.utils.data import DataLoader, Dataset
 from medembed.encoders import Encoder, get_encoder
 from medembed.errors import MedembedError
 from medembed.images import ImageDecodeError, PreprocessSpec
-from medembed.manifest import Manifest
-from medembed.store import FINGERPRINT_KEYS, StoreWriter, fingerprint_mismatch, make_fingerprint, merge_stores, open_store
+from medembed.manifest import Manifest, validate_manifest
+from medembed.options import check_choice, check_positive, option
+from medembed.store import (
+    FINGERPRINT_KEYS,
+    PRECISIONS,
+    StoreWriter,
+    collect_provenance,
+    fingerprint_mismatch,
+    make_fingerprint,
+    merge_stores,
+    open_store,
+    text_problem,
+)
 
 if TYPE_CHECKING:
     from medembed.corrupt import CorruptedPreprocess
+
+CUDA_BATCH, CPU_BATCH = 128, 4
 
 
 @dataclass
 class ExtractOptions:
     """How to run the encoder. Defaults suit both a CPU laptop and one GPU."""
 
-    batch_size: int | None = None  # None: 128 on CUDA, 4 on CPU (small batches stay in cache: faster on CPU)
-    num_workers: int | None = None  # None: see default_workers
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:1" ...
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp16" | "fp32"
-    store_dtype: str = "float16"
-    compile: bool = False
-    retry_failed: bool = False
-    limit: int | None = None  # embed at most this many new images (smoke tests, benchmarks)
+    batch_size: int | None = option(None, f"Images per forward pass (default: {CUDA_BATCH} on CUDA, {CPU_BATCH} on CPU, where small batches stay in cache).", flag="-b")
+    num_workers: int | None = option(None, "Decoding worker processes (default: every core but one on a GPU box; a quarter of the cores on a CPU, none on 2 cores).", flag="--workers -j")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N.")
+    precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32; recorded in the store's fingerprint.")
+    store_dtype: str = option("float16", "Store dtype: float16 | float32.", flag="--dtype")
+    compile: bool = option(False, "torch.compile the encoder (GPU, long runs).")
+    retry_failed: bool = option(False, "Try again the images an earlier run listed as failed.")
+    limit: int | None = option(None, "Embed at most this many new images (smoke tests, benchmarks).")
+    allow_absolute: bool = option(False, "Accept absolute paths in the manifest (kept as they are instead of joined to --root).")
+    allow_outside_root: bool = option(False, "Accept relative manifest paths whose '..' lead outside --root.")
+
+    def __post_init__(self) -> None:
+        check_positive("batch_size", self.batch_size, allow_none=True)
+        check_positive("num_workers", self.num_workers, minimum=0, allow_none=True)
+        check_positive("limit", self.limit, minimum=0, allow_none=True)
+        check_choice("precision", self.precision, ("auto", *PRECISIONS))
+        check_choice("store_dtype", self.store_dtype, ("float16", "float32"))
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise MedembedError(f"option device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
 
 
 @dataclass
@@ -60,6 +90,10 @@ class ExtractSummary:
     seconds: float = 0.0
     failure_reasons: Counter = field(default_factory=Counter)
     store: Path | None = None
+    missing: int = 0  # files not found under the root: not recorded as failed, tried again by the next run
+    missing_paths: list[str] = field(default_factory=list)  # the first few of them, as resolved
+    metadata_updated: int = 0  # stored rows whose manifest columns (label, split, ...) were refreshed
+    precision: str = ""  # the autocast precision used (bf16, fp16, fp32)
 
     @property
     def images_per_second(self) -> float:
@@ -67,16 +101,33 @@ class ExtractSummary:
 
     def format(self) -> str:
         """One-paragraph human summary."""
+        missing = f", {self.missing} missing" if self.missing else ""
         lines = [
-            f"{self.done} embedded, {self.skipped} skipped (already in the store), {self.failed} failed, "
+            f"{self.done} embedded, {self.skipped} skipped (already in the store), {self.failed} failed{missing}, "
             f"of {self.total} images in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s)"
         ]
         lines += [f"  failed: {count} x {reason}" for reason, count in self.failure_reasons.most_common()]
+        if self.missing:
+            shown = ", ".join(self.missing_paths[:3]) + (" ..." if self.missing > 3 else "")
+            lines.append(f"  missing: {self.missing} file(s) not found ({shown}); not recorded as failed, the next run tries them again")
+        if self.metadata_updated:
+            lines.append(
+                f"  metadata: {self.metadata_updated} stored row(s) had their label/split/study/patient/body part "
+                "refreshed from the manifest"
+            )
         return "\n".join(lines)
 
 
+MISSING = "file not found"  # the reason a file that does not exist gets: counted as missing, never recorded as failed
+# Failure reasons earlier medembed versions recorded for files that were not there: tried again on resume.
+_MISSING_REASONS = (MISSING, "broken symbolic link")
+
+
 class ManifestImages(Dataset):
-    """(index, pixels [3, S, S] float32 or None, failure reason) for each manifest row; decoding errors are data."""
+    """(index, pixels [3, S, S] float32 or None, failure reason) for each manifest row; decoding errors are data.
+
+    A file that does not exist (even one removed during the run, or a symbolic link to nothing) has the reason MISSING.
+    """
 
     def __init__(self, paths: list[Path], spec: PreprocessSpec) -> None:
         self.paths, self.spec = paths, spec
@@ -88,7 +139,7 @@ class ManifestImages(Dataset):
         try:
             return index, self.spec.load(self.paths[index]), ""
         except ImageDecodeError as error:
-            return index, None, error.reason
+            return index, None, MISSING if not os.path.exists(self.paths[index]) else error.reason
         except Exception as error:  # a decoder bug on one file must not kill a day-long run
             return index, None, f"unexpected decoding error: {type(error).__name__}: {error}"
 
@@ -138,19 +189,51 @@ def default_workers(device: torch.device) -> int:
     return max(0, cores - 1) if device.type == "cuda" else cores // 4
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The autocast precision a run uses: "bf16", "fp16" or "fp32" ("auto": bf16 on CUDA, fp32 on CPU)."""
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    choices = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-    if precision not in choices:
-        raise MedembedError(f"precision must be one of auto, {', '.join(choices)}; got {precision!r}")
-    return choices[precision]
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise MedembedError(f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    return precision
 
 
-def store_fingerprint(encoder: Encoder, store_dtype: str) -> dict[str, str]:
-    """The store fingerprint of embeddings made by `encoder` and kept as `store_dtype`."""
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The torch autocast dtype of a precision name (None: no autocast, float32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[resolve_precision(precision, device)]
+
+
+def store_fingerprint(encoder: Encoder, store_dtype: str, precision: str = "fp32") -> dict[str, str]:
+    """The store fingerprint of embeddings made by `encoder` in autocast `precision` (a resolved name:
+    bf16, fp16 or fp32; see `resolve_precision`) and kept as `store_dtype`."""
+    if precision not in PRECISIONS:
+        raise MedembedError(f"store_fingerprint needs a resolved precision ({', '.join(PRECISIONS)}), got {precision!r}")
     described = encoder.fingerprint()
-    return make_fingerprint(**{k: described[k] for k in FINGERPRINT_KEYS if k in described}, dtype=store_dtype)
+    fields = {k: described[k] for k in FINGERPRINT_KEYS if k in described}
+    return make_fingerprint(**(fields | {"dtype": store_dtype, "precision": precision}))
+
+
+def run_provenance(device: torch.device) -> dict[str, str]:
+    """What a store records about the environment computing it (not identity): package versions and the GPU."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return collect_provenance(gpu=gpu)
+
+
+def check_manifest(manifest: Manifest, *, allow_absolute: bool = False, allow_outside_root: bool = False) -> None:
+    """Refuse, in one line naming the rows, a manifest with errors (duplicate ids, bad labels or splits, leakage,
+    refused paths, ids or columns HDF5 cannot store) before any image is embedded."""
+    report = validate_manifest(
+        manifest, root=None, check_files=False, allow_absolute=allow_absolute, allow_outside_root=allow_outside_root
+    )
+    errors = [str(problem) for problem in report.errors]
+    for name in ("image_id", "study_id", "patient_id", "body_part", "split"):
+        values = manifest.image_id if name == "image_id" else getattr(manifest, name)
+        bad = [(row, value, text_problem(value)) for row, value in enumerate(values) if text_problem(value)]
+        if bad:
+            shown = ", ".join(f"row {row + 1} {value!r} ({problem})" for row, value, problem in bad[:3])
+            errors.append(f"error: [unstorable_{name}] {len(bad)} {name} value(s) cannot be stored in HDF5: {shown}")
+    if errors:
+        raise MedembedError(f"manifest has {len(errors)} error(s), fix them before extracting: {'; '.join(errors)}")
 
 
 def _distributed() -> tuple[int, int]:
@@ -187,12 +270,20 @@ def extract(
     `encoder_options` (what `get_encoder` was given) are recorded so `predict` can rebuild the encoder.
     `preprocess` replaces the encoder's own preprocessing, for loading and in the store fingerprint (e.g. a
     corrupted variant for robustness tests: those embeddings get their own fingerprint).
+
+    Refused before anything runs: a manifest with errors (see `check_manifest`), a store with another
+    fingerprint (encoder, preprocessing, precision, ...), and a root under which none of the images to
+    embed exists. Files that do not exist are counted in `missing` and tried again by the next run; the
+    manifest columns of rows already stored are refreshed from `manifest` (`metadata_updated`).
     """
     options = options or ExtractOptions()
     out = Path(out)
+    check_manifest(manifest, allow_absolute=options.allow_absolute, allow_outside_root=options.allow_outside_root)
+    device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, device)
     rank, world = _distributed()
     spec = preprocess if preprocess is not None else encoder.preprocess
-    fingerprint = store_fingerprint(encoder, options.store_dtype) | {"preprocess_hash": spec.hash()}
+    fingerprint = store_fingerprint(encoder, options.store_dtype, precision) | {"preprocess_hash": spec.hash()}
     already = _ids_in(out, fingerprint) if world > 1 else set()
     rows = np.arange(len(manifest))[rank::world]
     target = shard_path(out, rank, world) if world > 1 else out
@@ -202,23 +293,71 @@ def extract(
         "image_root": str(root),
         "encoder_options": json.dumps(encoder_options or {}, sort_keys=True),
     }
-    summary = ExtractSummary(total=len(rows), store=out)
+    summary = ExtractSummary(total=len(rows), store=out, precision=precision)
     start = time.perf_counter()
-    with StoreWriter(target, dim=encoder.dim, fingerprint=fingerprint, metadata=metadata) as writer:
-        done = writer.done_ids(include_failed=not options.retry_failed) | already
+    writer = StoreWriter(target, dim=encoder.dim, fingerprint=fingerprint, metadata=metadata, provenance=run_provenance(device))
+    with writer:
+        if world == 1:
+            summary.metadata_updated = refresh_metadata(writer, manifest)
+        # An earlier run may have recorded a missing file as failed: it is tried again like any missing file.
+        retry = {i for i, reason in writer.failed.items() if reason in _MISSING_REASONS}
+        done = (writer.done_ids(include_failed=not options.retry_failed) - retry) | (already - retry)
         ids = manifest.image_id
         todo = [int(r) for r in rows if ids[r] not in done]
         summary.skipped = len(rows) - len(todo)
         if on_progress and summary.skipped:
             on_progress(summary.skipped)
+        todo = _drop_missing(manifest, root, todo, rows, summary, options)
+        if on_progress and summary.missing:
+            on_progress(summary.missing)
         if options.limit is not None:
             todo = todo[: options.limit]
         if todo:
-            _run(manifest.subset(np.asarray(todo)), root, encoder, spec, writer, options, summary, on_progress)
+            _run(manifest.subset(np.asarray(todo)), root, encoder, spec, writer, options, summary, on_progress, device)
     summary.seconds = time.perf_counter() - start
     if world > 1:
-        _merge_shards(out, rank, world)
+        summary.metadata_updated = _merge_shards(out, rank, world, manifest)
     return summary
+
+
+def refresh_metadata(writer: StoreWriter, manifest: Manifest) -> int:
+    """Bring the stored manifest columns (label, study_id, patient_id, body_part, split) of rows already in
+    the store up to date with `manifest` (the columns are metadata, not embeddings); rows whose values
+    changed, logged crash-safely and applied on the writer's next fold."""
+    stored = writer.done_ids(include_failed=False)
+    rows = np.asarray([i for i, image_id in enumerate(manifest.image_id) if image_id in stored], dtype=np.intp)
+    if len(rows) == 0:
+        return 0
+    part = manifest.subset(rows)
+    columns = {name: part.label if name == "label" else getattr(part, name) for name in ("label", "study_id", "patient_id", "body_part", "split")}
+    return writer.update_columns(part.image_id, columns)
+
+
+def _resolve(manifest: Manifest, root: Path, options: ExtractOptions) -> list[Path]:
+    return manifest.resolve(root, allow_absolute=options.allow_absolute, allow_outside_root=options.allow_outside_root)
+
+
+def _drop_missing(
+    manifest: Manifest, root: Path, todo: list[int], rows: np.ndarray, summary: ExtractSummary, options: ExtractOptions
+) -> list[int]:
+    """`todo` without the rows whose file does not exist (counted in `summary`); refuses a root under which
+    none of them, nor any other image of the manifest, exists (a wrong --root)."""
+    if not todo:
+        return todo
+    paths = _resolve(manifest.subset(np.asarray(todo)), root, options)
+    exists = [os.path.exists(p) for p in paths]
+    if not any(exists):
+        pending = set(todo)
+        others = _resolve(manifest.subset(np.asarray([int(r) for r in rows if int(r) not in pending], dtype=np.intp)), root, options)
+        if not any(os.path.exists(p) for p in others):
+            raise MedembedError(
+                f"none of the {len(todo)} images to embed exists under {Path(root).absolute()} "
+                f"(the first: {paths[0]}); wrong --root?"
+            )
+    missing = [str(p) for p, ok in zip(paths, exists) if not ok]
+    summary.missing += len(missing)
+    summary.missing_paths += missing[:5]
+    return [row for row, ok in zip(todo, exists) if ok]
 
 
 def _ids_in(path: Path, fingerprint: dict[str, str]) -> set[str]:
@@ -228,7 +367,9 @@ def _ids_in(path: Path, fingerprint: dict[str, str]) -> set[str]:
     store = open_store(path)
     diff = fingerprint_mismatch(store.fingerprint, fingerprint)
     if diff:
-        raise MedembedError(f"{path} was written with another encoder or preprocessing ({'; '.join(diff)}); write to a new store")
+        raise MedembedError(
+            f"{path} was written with another encoder, preprocessing or precision ({'; '.join(diff)}); write to a new store"
+        )
     return store.image_ids() | set(store.failed())
 
 
@@ -241,15 +382,16 @@ def _run(
     options: ExtractOptions,
     summary: ExtractSummary,
     on_progress: Callable[[int], None] | None,
+    device: torch.device,
 ) -> None:
-    device = resolve_device(options.device)
     autocast = _autocast_dtype(options.precision, device)
     encoder.load(device)
     embed = torch.compile(encoder.embed) if options.compile else encoder.embed
     workers = options.num_workers if options.num_workers is not None else default_workers(device)
-    batch_size = options.batch_size or (128 if device.type == "cuda" else 4)
+    batch_size = options.batch_size or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
+    paths = _resolve(todo, root, options)
     loader = DataLoader(
-        ManifestImages(todo.resolve(root), spec),
+        ManifestImages(paths, spec),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate_images,
@@ -267,7 +409,10 @@ def _run(
     try:
         with torch.inference_mode():
             for good, pixels, bad, reasons in loader:
-                failed = {str(ids[i]): reason for i, reason in zip(bad, reasons)}
+                failed = {str(ids[i]): reason for i, reason in zip(bad, reasons) if reason != MISSING}
+                vanished = [str(paths[i]) for i, reason in zip(bad, reasons) if reason == MISSING]
+                summary.missing += len(vanished)
+                summary.missing_paths += vanished[: max(0, 5 - len(summary.missing_paths))]
                 embeddings = np.zeros((0, encoder.dim), dtype=np.float32)
                 if pixels is not None:
                     pixels = pixels.to(device, non_blocking=True)
@@ -281,18 +426,24 @@ def _run(
                 summary.failed += len(failed)
                 summary.failure_reasons.update(failed.values())
                 if on_progress:
-                    on_progress(len(good) + len(failed))
+                    on_progress(len(good) + len(failed) + len(vanished))
     finally:
         torch.set_num_threads(threads)
 
 
-def _merge_shards(out: Path, rank: int, world: int) -> None:
+def _merge_shards(out: Path, rank: int, world: int, manifest: Manifest) -> int:
+    """Rank 0 merges the shard stores into `out` and refreshes its rows' manifest columns; rows refreshed."""
     import torch.distributed as dist
 
     dist.barrier()
+    updated = 0
     if rank == 0:
         shards = [shard_path(out, r, world) for r in range(world)]
         merge_stores(shards, out)
         for shard in shards:
             shard.unlink()
+        store = open_store(out)
+        with StoreWriter(out, dim=store.dim, fingerprint=store.fingerprint, provenance=store.provenance) as writer:
+            updated = refresh_metadata(writer, manifest)
     dist.barrier()
+    return updated

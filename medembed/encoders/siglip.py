@@ -66,6 +66,10 @@ class SiglipEncoder(Encoder):
             return outputs.pooler_output.float()
         return outputs.last_hidden_state.mean(dim=1).float()
 
+    def config_sha256(self) -> str:
+        """sha256 of the checkpoint's config.json."""
+        return self.checkpoint.config_sha256()
+
     def weight_files(self) -> list[Path]:
         """The checkpoint's safetensors files (from_pretrained reads all of them)."""
         return self.checkpoint.weight_files()
