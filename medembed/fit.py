@@ -44,10 +44,11 @@ class FitOptions(ProtocolOptions):
 def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any]:
     """Fit, calibrate and evaluate on the stores; write the run directory `out`. Returns the test metrics."""
     stores = [Path(s) for s in stores]
+    for store in stores:
+        if open_store(store).being_written():  # its splits would be a moving subset: refuse rather than fit on it
+            raise MedembedError(open_store(store).partial_reason())
     splits, fingerprint, notes = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed)
-    partial = [str(s) for s in stores if open_store(s).pending_rows]
-    if partial:
-        notes.append(f"{', '.join(partial)}: rows not yet folded (an extraction is running or was killed); rerun it to finish")
+    notes += [reason for reason in (open_store(s).partial_reason() for s in stores) if reason]
     fitted = [
         fit_and_evaluate(make_head(options.head, seed=options.seed + k, **options.head_params), splits, options, options.seed + k)
         for k in range(options.seeds)

@@ -129,3 +129,11 @@ def test_a_failed_fit_leaves_the_previous_run_intact(tmp_path):
     after = {p.relative_to(tmp_path / "run"): p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     assert after == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []
+
+
+def test_fit_refuses_a_store_an_extraction_is_still_writing(tmp_path):
+    store = write_store(tmp_path / "s.h5")
+    with StoreWriter(store, dim=16, fingerprint=FP):  # holds the writer lock, as a running extraction does
+        with pytest.raises(MedembedError, match="still writing"):
+            fit_run([store], tmp_path / "run", FitOptions(**FAST))
+    assert not (tmp_path / "run").exists()

@@ -238,10 +238,15 @@ class _Sweep:
             )
 
     def _missing_images(self, path: Path) -> int:
-        """How many manifest images the store neither holds nor lists as failed."""
+        """How many manifest images the store neither holds nor lists as failed, not counting images whose file
+        is missing under the root (extract reports and retries those; they do not make a store unfinished)."""
         store = open_store(path)
         present = store.image_ids() | set(store.failed())
-        return sum(image_id not in present for image_id in self.manifest.image_id)
+        absent = ~np.isin(self.manifest.image_id, np.array(sorted(present), dtype=object))
+        if self.config.root is None or not absent.any():
+            return int(absent.sum())
+        paths = self.manifest.subset(np.flatnonzero(absent)).resolve(self.config.root, allow_absolute=True, allow_outside_root=True)
+        return sum(path.exists() for path in paths)
 
     def _root(self, purpose: str) -> Path:
         if self.config.root is None:
