@@ -1,4 +1,4 @@
-"""Files that are never half-written: atomic text/JSON writes, strict JSON reads, directory swaps.
+"""Files that are never half-written: atomic text/JSON writes, strict JSON reads, directory swaps, file locks.
 
 Every reader here raises MedembedError naming the file, so a corrupt or foreign file becomes one clear line
 at the CLI instead of a traceback.
@@ -6,11 +6,13 @@ at the CLI instead of a traceback.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,3 +90,66 @@ def replaced_directory(target: Path) -> Iterator[Path]:
         os.replace(target, previous)
     os.replace(staging, target)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+class LockBusy(Exception):
+    """Another process holds the lock; `holder` is the pid it wrote into the lock file (or "unknown")."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+class ExclusiveLock:
+    """An exclusive flock on `path`, which holds the owner's pid; released by the kernel if the owner dies."""
+
+    _TRIES = 5  # a reader asking `is_locked` holds a shared lock for an instant: try again before giving up
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        tries = 0
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                tries += 1
+                if tries < self._TRIES:
+                    time.sleep(0.02 * tries)
+                    continue
+                raise LockBusy(holder) from None
+            # The previous holder may have unlinked the file between our open and flock: retry on the new one.
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def is_locked(path: Path) -> bool:
+    """Whether some process holds the ExclusiveLock on `path` right now (never blocks a writer for long)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)

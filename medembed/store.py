@@ -33,13 +33,11 @@ exclusive ``flock`` on ``<store>.lock``; a second writer is refused.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import platform
 import shutil
 import struct
-import time
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
@@ -52,6 +50,7 @@ import h5py
 import numpy as np
 
 from medembed import __version__
+from medembed._files import ExclusiveLock, LockBusy, is_locked
 from medembed.errors import MedembedError
 
 SCHEMA_VERSION = 1  # additive changes since (fingerprint keys, provenance, checksums) stay readable by older medembed
@@ -348,20 +347,7 @@ class EmbeddingStore:
 
     def being_written(self) -> bool:
         """Whether a writer (an extraction, a merge) holds this store's lock right now."""
-        lock = _lock_path(self.path)
-        try:
-            fd = os.open(lock, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        finally:
-            os.close(fd)
+        return is_locked(_lock_path(self.path))
 
     def partial_reason(self) -> str | None:
         """Why the store is not (yet) a finished extraction, in one line, or None: a writer holds it now, or
@@ -644,45 +630,15 @@ def _record_table(record: dict) -> EmbeddingTable:
 # ------------------------------------------------------------------------------------------- writing
 
 
-class _WriterLock:
-    """An exclusive flock on <store>.lock, released by the kernel if the process dies."""
-
-    _TRIES = 5  # a reader asking `being_written` holds a shared lock for an instant: try again before refusing
-
-    def __init__(self, store_path: Path) -> None:
-        self.path = _lock_path(store_path)
-        tries = 0
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                tries += 1
-                if tries < self._TRIES:
-                    time.sleep(0.02 * tries)
-                    continue
-                raise StoreError(
-                    f"{store_path}: another process (pid {holder}) is writing this store; "
-                    "wait for it to finish or stop it (two writers on one store are refused)"
-                ) from None
-            # The previous holder may have unlinked the file between our open and flock: retry on the new one.
-            try:
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            self.path.unlink(missing_ok=True)
-            os.close(self.fd)
-            self.fd = -1
+def _writer_lock(store_path: Path) -> ExclusiveLock:
+    """The store's writer lock (<store>.lock): one writer at a time, released by the kernel if it dies."""
+    try:
+        return ExclusiveLock(_lock_path(store_path))
+    except LockBusy as busy:
+        raise StoreError(
+            f"{store_path}: another process (pid {busy.holder}) is writing this store; "
+            "wait for it to finish or stop it (two writers on one store are refused)"
+        ) from None
 
 
 def _create_h5(
@@ -778,7 +734,7 @@ class StoreWriter:
         self.fold_every_rows = fold_every_rows
         self.provenance = dict(provenance) if provenance is not None else collect_provenance()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = _WriterLock(self.path)
+        self._lock = _writer_lock(self.path)
         try:
             if not self.path.exists():
                 _create_h5(self.path, dim, dtype, fingerprint, metadata or {}, self.provenance)
