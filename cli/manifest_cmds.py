@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from medembed import manifest as m
+from medembed.options import parse_key_values
 
 app = typer.Typer(help="Build and check manifests (one row per image: image_id, path, label, study, patient, body part, split).", no_args_is_help=True)
 
@@ -59,7 +60,7 @@ def folders(
 
     Example: medembed manifest folders my_xrays/ --label normal=0 --label abnormal=1 --out mine.csv
     """
-    mapping = _pairs(label, int) if label else None
+    mapping = _labels(label, "--label") if label else None
     _written(m.build_from_folders(root, class_to_label=mapping), out)
 
 
@@ -74,8 +75,8 @@ def from_csv(
 
     Example: medembed manifest csv labels.csv --column image_id=ID --column path=file --column label=finding --label-value abnormal=1 --label-value normal=0 --out mine.csv
     """
-    label_map = _pairs(label_value, int) if label_value else None
-    _written(m.build_from_csv(csv_path, _pairs(column or [], str), label_map=label_map), out)
+    label_map = _labels(label_value, "--label-value") if label_value else None
+    _written(m.build_from_csv(csv_path, parse_key_values(column or [], "--column", typed=False), label_map=label_map), out)
 
 
 @app.command()
@@ -94,11 +95,10 @@ def check(
         raise typer.Exit(1)
 
 
-def _pairs(items: list[str], cast: type) -> dict:
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"expected key=value, got {item!r}")
-        pairs[key] = cast(value)
+def _labels(items: list[str], what: str) -> dict[str, int]:
+    """`name=0|1` pairs: which folder or value means which label."""
+    pairs = parse_key_values(items, what)
+    wrong = {key: value for key, value in pairs.items() if value not in (0, 1) or isinstance(value, bool)}
+    if wrong:
+        raise typer.BadParameter(f"labels must be 0 or 1, got {wrong}", param_hint=what)
     return pairs

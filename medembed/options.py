@@ -35,14 +35,15 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_key_values(items: Iterable[str], what: str = "parameter") -> dict[str, Any]:
-    """`["a=1", "b=[2,3]", "c=x"]` -> `{"a": 1, "b": [2, 3], "c": "x"}`; a malformed item is a MedembedError."""
+def parse_key_values(items: Iterable[str], what: str = "parameter", *, typed: bool = True) -> dict[str, Any]:
+    """`["a=1", "b=[2,3]", "c=x"]` -> `{"a": 1, "b": [2, 3], "c": "x"}` (values kept as text when not `typed`,
+    e.g. column names); a malformed item is a MedembedError."""
     parsed: dict[str, Any] = {}
     for item in items:
         key, sep, value = str(item).partition("=")
         if not sep or not key.strip():
             raise MedembedError(f"{what} {item!r}: expected key=value")
-        parsed[key.strip()] = parse_value(value)
+        parsed[key.strip()] = parse_value(value) if typed else value
     return parsed
 
 
