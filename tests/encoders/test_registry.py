@@ -7,7 +7,9 @@ from medembed.errors import MedembedError
 
 
 def test_available_encoders():
-    assert available_encoders() == ["autoencoder", "efficientnet-lite0", "hf-vision", "medgemma", "medsiglip"]
+    assert available_encoders() == [
+        "autoencoder", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "hf-vision", "medgemma", "medsiglip"
+    ]
 
 
 def test_get_encoder_builds_the_named_encoder_with_options():
@@ -17,7 +19,7 @@ def test_get_encoder_builds_the_named_encoder_with_options():
 
 
 def test_unknown_name_lists_the_available_ones():
-    with pytest.raises(EncoderError, match="unknown encoder 'medsiglap'; available: autoencoder, efficientnet-lite0, hf-vision"):
+    with pytest.raises(EncoderError, match="unknown encoder 'medsiglap'; available: autoencoder, efficientnet-lite0, efficientnet-lite1, efficientnet-lite2, hf-vision"):
         get_encoder("medsiglap")
 
 
