@@ -67,7 +67,8 @@ class RunRecord:
         return ProtocolOptions(**{k: v for k, v in self.options.items() if k in names})
 
     @property
-    def calibration_(self) -> Calibration:
+    def decisions(self) -> Calibration:
+        """The probability calibration and image/study thresholds chosen on val."""
         return Calibration(Calibrator.from_dict(self.calibration), self.image_threshold, self.study_threshold)
 
 
@@ -132,7 +133,7 @@ class Run:
 
     @property
     def calibration(self) -> Calibration:
-        return self.record.calibration_
+        return self.record.decisions
 
     def probabilities(self, rows: Split) -> np.ndarray:
         """Calibrated abnormality probability per row of `rows` (whose X the scorer consumes), [N] float64."""
@@ -168,14 +169,10 @@ class Evaluation:
     metrics: dict[str, Any]
 
 
-def write_run(out: Path, record: RunRecord, scorer: Scorer, evaluation: Evaluation, extra_files: dict[str, Any] | None = None) -> None:
-    """Write a complete run directory `out` (replacing an earlier one only once everything is written).
-
-    `extra_files` maps file names to callables that write them into the staging directory."""
+def write_run(out: Path, record: RunRecord, scorer: Scorer, evaluation: Evaluation) -> None:
+    """Write a complete run directory `out` (replacing an earlier one only once everything is written)."""
     with replaced_directory(out) as staging:
         scorer.save(staging / SCORER_DIR)
-        for write in (extra_files or {}).values():
-            write(staging)
         write_evaluation(staging, record, evaluation, title=Path(out).name)
         atomic_write_json(staging / RUN_FILE, asdict(record))
 
@@ -184,7 +181,7 @@ def write_evaluation(directory: Path, record: RunRecord, evaluation: Evaluation,
     """metrics.json, report.md, figures and predictions.csv of one evaluated split, into `directory`."""
     directory = Path(directory)
     p, rows, metrics = evaluation.p, evaluation.rows, evaluation.metrics
-    calibration, options = record.calibration_, record.protocol
+    calibration, options = record.decisions, record.protocol
     write_metrics_json(metrics, directory / "metrics.json")
     atomic_write_text(directory / "report.md", markdown_report(metrics, title=f"medembed run: {title or directory.name}", context=report_context(record)))
     figures = directory / "figures"

@@ -17,7 +17,7 @@ run directory (`medembed.runs`) records which kind to load back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -53,31 +53,21 @@ def positive_scores(scorer: Scorer, X: Any, columns: dict[str, np.ndarray]) -> n
     return np.asarray(scorer.predict_proba(X, **wanted))[:, 1].astype(np.float64)
 
 
-def _load_head(directory: Path) -> Scorer:
-    from medembed.heads import load_head
-
-    return load_head(directory)
-
-
-def _load_cnn(directory: Path) -> Scorer:
-    from medembed.baselines.cnn import CNNScorer
-
-    return CNNScorer.load(directory)
-
-
-def _load_zeroshot(directory: Path) -> Scorer:
-    from medembed.zeroshot import ZeroShotScorer
-
-    return ZeroShotScorer.load(directory)
-
-
-# Imported lazily: loading a head run must not import torch-heavy baselines or transformers.
-_LOADERS: dict[str, Callable[[Path], Scorer]] = {"head": _load_head, "cnn": _load_cnn, "zeroshot": _load_zeroshot}
-KINDS: tuple[str, ...] = tuple(_LOADERS)
+# kind -> (module, a function or a class's `load` classmethod that reads a saved scorer from a directory). Imported by name on first use, like the encoder
+# registry: loading a head run must not import torch-heavy baselines or transformers, and the scorers (which
+# write runs) are not imported by the contract they implement.
+_KINDS: dict[str, tuple[str, str]] = {
+    "head": ("medembed.heads", "load_head"),
+    "cnn": ("medembed.baselines.cnn", "CNNScorer"),
+    "zeroshot": ("medembed.zeroshot", "ZeroShotScorer"),
+}
+KINDS: tuple[str, ...] = tuple(_KINDS)
 
 
 def load_scorer(kind: str, directory: Path) -> Scorer:
     """The scorer of `kind` saved in `directory`."""
-    if kind not in _LOADERS:
+    if kind not in _KINDS:
         raise MedembedError(f"{directory}: unknown run kind {kind!r}; medembed knows {', '.join(KINDS)}")
-    return _LOADERS[kind](Path(directory))
+    module, name = _KINDS[kind]
+    loader = getattr(importlib.import_module(module), name)
+    return (loader.load if isinstance(loader, type) else loader)(Path(directory))
