@@ -129,12 +129,16 @@ def read_json(path: Path) -> dict[str, Any]:
         raise EncoderError(f"{path}: cannot read JSON ({error})") from error
 
 
-def load_pretrained(model_class: Any, checkpoint: HFCheckpoint, device: torch.device) -> torch.nn.Module:
+def load_pretrained(
+    model_class: Any, checkpoint: HFCheckpoint, device: torch.device, *, unused_prefixes: tuple[str, ...] = ()
+) -> torch.nn.Module:
     """`model_class.from_pretrained` on the resolved checkpoint directory: safetensors only, float32 weights,
     transformers' default attention (SDPA where the architecture supports it), frozen on `device`.
 
     Checkpoint tensors the model does not use (a full SiglipModel's text tower) are skipped quietly; a
-    model weight the checkpoint lacks is an EncoderError, never a silently random-initialised embedding.
+    model weight the checkpoint lacks is an EncoderError, never a silently random-initialised embedding,
+    unless its name starts with one of `unused_prefixes`: modules the caller's chosen output never reads
+    (e.g. `pooler.` for a CLS-token embedding of a checkpoint saved without its pooler).
     """
     checkpoint.weight_files()  # fetch the shards into the snapshot before transformers looks for them
     report_logger = logging.getLogger("transformers.modeling_utils")
@@ -146,8 +150,8 @@ def load_pretrained(model_class: Any, checkpoint: HFCheckpoint, device: torch.de
         )
     finally:
         report_logger.setLevel(level)
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
+    missing = sorted(key for key in info["missing_keys"] if not key.startswith(unused_prefixes))
+    if missing:
         raise EncoderError(f"{checkpoint.model_id}: checkpoint lacks {len(missing)} model weights, e.g. {missing[:3]}")
     return freeze(model, device)
 

@@ -52,8 +52,14 @@ class HFVisionEncoder(Encoder):
         self._model: torch.nn.Module | None = None
 
     def load(self, device: torch.device) -> None:
-        """Load the AutoModel's float32 weights onto `device`, frozen."""
-        self._model = load_pretrained(AutoModel, self.checkpoint, device)
+        """Load the AutoModel's float32 weights onto `device`, frozen.
+
+        Only weights the chosen pooling reads must be in the checkpoint: for "cls" a checkpoint saved without
+        its pooler (ViT's `add_pooling_layer=False`) loads; its pooler stays unused. For "pooler_output" a
+        missing pooler is refused.
+        """
+        unused = ("pooler.",) if self.pooling == "cls" else ()
+        self._model = load_pretrained(AutoModel, self.checkpoint, device, unused_prefixes=unused)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """`[B, 3, S, S]` -> `[B, hidden_size]` float32."""

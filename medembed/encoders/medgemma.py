@@ -7,9 +7,14 @@ differ by the transformers version that saved the checkpoint (hub MedGemma:
 `vision_tower.vision_model.*`, `multi_modal_projector.*`; transformers 5 in memory:
 `model.vision_tower.*`); all of these are accepted.
 
-Preprocessing is MedSigLIP's (its vision encoder is MedSigLIP's, at 896 px): zero-pad to a square,
-bilinear without antialiasing, [-1, 1]. transformers' Gemma3 image processor instead stretches the
-image to a square; medembed keeps the aspect ratio, and the spec (hashed into the store) says so.
+Preprocessing (`gemma3_spec`) is what the checkpoint's own processor does (transformers'
+Gemma3ImageProcessor with MedGemma's preprocessor_config.json: `size` 896x896, `resample` 2, mean/std 0.5,
+no pan-and-scan): resize the whole image to the square input size without padding (the aspect ratio is
+not kept), bilinear with antialiasing (PIL's BILINEAR filter widens with the downscale), scale to [-1, 1],
+grey repeated to three channels. `pad_to_square=True` (`--option pad_to_square=true`) instead zero-pads to a
+square first and resizes without antialiasing, i.e. MedSigLIP's serving preprocessing (`medsiglip_spec`),
+medembed's earlier default: stores made with it are refused by the new default (preprocessing hash
+mismatch) and can be resumed or appended to with that option.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
 
 from medembed.encoders._hf import SAFETENSORS_SINGLE, HFCheckpoint, siglip_tower_flops
 from medembed.encoders.base import Encoder, EncoderError, freeze
-from medembed.images import medsiglip_spec
+from medembed.images import PreprocessSpec, medsiglip_spec
 
 # Longest prefixes first: each tensor name is matched against them in order.
 _VISION_PREFIXES = (
@@ -41,7 +46,8 @@ class MedGemmaEncoder(Encoder):
 
     `output`: "pooled" (the tower's pooling head, or the mean of its patch tokens when the config has
     `vision_use_head=False`, as Gemma 3's does) or "projector" (the multimodal projector's soft tokens,
-    i.e. what the language model sees, mean-pooled).
+    i.e. what the language model sees, mean-pooled). `pad_to_square`: MedSigLIP's zero-pad preprocessing
+    instead of the Gemma 3 processor's stretch (see the module doc).
     """
 
     name = "medgemma"
@@ -55,6 +61,7 @@ class MedGemmaEncoder(Encoder):
         cache_dir: str | None = None,
         local_files_only: bool | None = None,
         output: str = "pooled",
+        pad_to_square: bool = False,
     ) -> None:
         if output not in self.OUTPUTS:
             raise EncoderError(f"medgemma: output must be one of {self.OUTPUTS}, got {output!r}")
@@ -74,7 +81,11 @@ class MedGemmaEncoder(Encoder):
             self.dim = vision_config.hidden_size
             has_head = vision_config.vision_use_head
             self.embedding_kind = "vision_pooler_output" if has_head else "vision_mean_patch_tokens"
-        self.preprocess = medsiglip_spec(vision_config.image_size)
+        if not isinstance(pad_to_square, bool):
+            raise EncoderError(f"medgemma: pad_to_square must be true or false, got {pad_to_square!r}")
+        self.pad_to_square = pad_to_square
+        size = vision_config.image_size
+        self.preprocess = medsiglip_spec(size) if pad_to_square else gemma3_spec(size)
         self.tensors_read: tuple[str, ...] = ()  # checkpoint tensor names actually read by the last load()
         self._vision: torch.nn.Module | None = None
         self._projector: torch.nn.Module | None = None
@@ -154,6 +165,14 @@ class MedGemmaEncoder(Encoder):
         if self.output == "projector":
             flops += 2.0 * self.config.mm_tokens_per_image * vision.hidden_size * self.config.text_config.hidden_size
         return flops
+
+
+def gemma3_spec(size: int) -> PreprocessSpec:
+    """transformers' Gemma3ImageProcessor at `size`: stretch to `size` x `size` (no padding), bilinear with
+    antialiasing (PIL), rescale by 1/255, normalise with mean 0.5 and std 0.5, i.e. [-1, 1]."""
+    return PreprocessSpec(
+        size=size, pad_to_square=False, resize="bilinear", antialias=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+    )
 
 
 def _load_exactly(module: torch.nn.Module, state: dict[str, torch.Tensor], model_id: str, what: str) -> None:

@@ -2,10 +2,21 @@
 
 Accepts a SiglipVisionModel checkpoint or a full SiglipModel one (only its vision tower is kept).
 Embeddings are the raw pooled output (no L2 normalisation): normalising is a head option.
+
+Preprocessing (`medsiglip_spec`), step by step, and where each step comes from:
+- decode to [0, 1] by bit depth: HAI-DEF medsiglip `serving/predictor.py` (and medembed's decoder for DICOM);
+- zero-pad to a square, image centred: `_zero_pad_image_to_square` in the same serving code (the hub
+  processor, SiglipImageProcessor, stretches instead; `medembed encoders check` shows the difference);
+- resize to the checkpoint's `image_size`, bilinear without antialiasing: `tf.image.resize`'s default as
+  used in the MedSigLIP quick-start notebook. `antialias=True` (`--option antialias=true`) antialiases the
+  downscale instead, as the hub processor's PIL resize does (a different spec hash);
+- scale to [-1, 1] (mean 0.5, std 0.5): the serving code and the hub preprocessor_config.json agree;
+- grey repeated to three channels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -22,7 +33,8 @@ class SiglipEncoder(Encoder):
     """A SigLIP vision tower with MedSigLIP's preprocessing at the checkpoint's own resolution.
 
     `pooling`: "pooler_output" (the attention-pooling head, SigLIP's image embedding) or
-    "mean_patch_tokens" (mean of the last hidden states).
+    "mean_patch_tokens" (mean of the last hidden states). `antialias`: antialias the bilinear downscale
+    (default False, as the quick-start notebook's `tf.image.resize`).
     """
 
     name = "medsiglip"
@@ -36,6 +48,7 @@ class SiglipEncoder(Encoder):
         cache_dir: str | None = None,
         local_files_only: bool | None = None,
         pooling: str = "pooler_output",
+        antialias: bool = False,
     ) -> None:
         if pooling not in self.POOLINGS:
             raise EncoderError(f"medsiglip: pooling must be one of {self.POOLINGS}, got {pooling!r}")
@@ -52,7 +65,9 @@ class SiglipEncoder(Encoder):
         self.revision = self.checkpoint.resolved_revision()
         self.dim = self.config.hidden_size
         self.embedding_kind = pooling
-        self.preprocess = medsiglip_spec(self.config.image_size)
+        if not isinstance(antialias, bool):
+            raise EncoderError(f"medsiglip: antialias must be true or false, got {antialias!r}")
+        self.preprocess = dataclasses.replace(medsiglip_spec(self.config.image_size), antialias=antialias)
         self._model: torch.nn.Module | None = None
 
     def load(self, device: torch.device) -> None:

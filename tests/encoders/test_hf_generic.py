@@ -98,3 +98,44 @@ def test_missing_preprocessor_config_and_model_id_are_clear_errors(tmp_path, tin
         get_encoder("hf-vision", model_id=str(tmp_path))
     with pytest.raises(EncoderError, match="missing a required argument: 'model_id'"):
         get_encoder("hf-vision")
+
+
+@pytest.fixture(scope="module")
+def vit_without_pooler(tmp_path_factory):
+    """A ViT saved with add_pooling_layer=False: AutoModel builds a pooler the checkpoint has no weights for."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(4)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
+    model = ViTModel(config, add_pooling_layer=False).eval()
+    directory = tmp_path_factory.mktemp("vit_no_pooler")
+    model.save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text(json.dumps({**PROCESSOR, "do_center_crop": False, "size": {"height": 32, "width": 32}}))
+    return directory, model
+
+
+def test_checkpoint_without_pooler_loads_for_cls_pooling(vit_without_pooler, pixels):
+    directory, model = vit_without_pooler
+    encoder = get_encoder("hf-vision", model_id=str(directory), pooling="cls")
+    encoder.load(torch.device("cpu"))
+    with torch.inference_mode():
+        torch.testing.assert_close(encoder.embed(pixels), model(pixel_values=pixels).last_hidden_state[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_without_pooler_is_refused_for_pooler_output(vit_without_pooler):
+    encoder = get_encoder("hf-vision", model_id=str(vit_without_pooler[0]), pooling="pooler_output")
+    with pytest.raises(EncoderError, match=r"lacks 2 model weights, e.g. \['pooler.dense.bias'"):
+        encoder.load(torch.device("cpu"))
+
+
+def test_other_missing_weights_are_still_refused_for_cls(tmp_path, vit_without_pooler):
+    from safetensors.torch import load_file, save_file
+
+    directory = vit_without_pooler[0]
+    tensors = load_file(directory / "model.safetensors")
+    dropped = next(key for key in tensors if "layernorm" in key and "encoder" not in key)
+    save_file({k: v for k, v in tensors.items() if k != dropped}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for name in ("config.json", "preprocessor_config.json"):
+        (tmp_path / name).write_bytes((directory / name).read_bytes())
+    with pytest.raises(EncoderError, match="lacks 1 model weights"):
+        get_encoder("hf-vision", model_id=str(tmp_path)).load(torch.device("cpu"))

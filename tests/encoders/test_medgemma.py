@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medembed.encoders import EncoderError, get_encoder
 from medembed.encoders.base import files_sha256
+from medembed.encoders.medgemma import gemma3_spec
 from medembed.images import medsiglip_spec
 
 VISION_OR_PROJECTOR = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
@@ -84,8 +85,23 @@ def test_dims_kinds_and_preprocessing_follow_the_checkpoint(gemma3):
     projector = get_encoder("medgemma", model_id=str(directory), output="projector")
     assert (pooled.dim, pooled.embedding_kind) == (32, "vision_mean_patch_tokens")
     assert (projector.dim, projector.embedding_kind) == (48, "projector_mean_tokens")
-    assert pooled.preprocess == medsiglip_spec(32)
+    assert pooled.preprocess == gemma3_spec(32)
     assert pooled.revision == "local"
+
+
+def test_default_preprocessing_is_the_gemma3_processors_and_zero_pad_is_an_option(gemma3):
+    directory = str(gemma3[0])
+    default = get_encoder("medgemma", model_id=directory).preprocess
+    assert (default.pad_to_square, default.resize, default.antialias) == (False, "bilinear", True)
+    assert (default.mean, default.std) == ((0.5,) * 3, (0.5,) * 3)
+    padded = get_encoder("medgemma", model_id=directory, pad_to_square=True).preprocess
+    assert padded == medsiglip_spec(32)  # the earlier default: its stores keep their hash under this option
+    assert padded.hash() != default.hash()
+    # the real 896-px default: a new hash, so stores made with the old default are refused with a mismatch
+    assert gemma3_spec(896).hash() != medsiglip_spec(896).hash() == "af483da2dab43c9d"
+    assert gemma3_spec(896).hash() == "52665e060cea0d26"
+    with pytest.raises(EncoderError, match="pad_to_square must be true or false"):
+        get_encoder("medgemma", model_id=directory, pad_to_square="yes")
 
 
 def test_hub_style_tensor_names_are_accepted(tmp_path, pixels, build_tiny_gemma3):

@@ -1,6 +1,7 @@
 """SigLIP vision towers loaded offline from tiny sharded checkpoints, equal to the reference forward."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -46,6 +47,16 @@ def test_full_siglip_checkpoint_gives_its_vision_tower_quietly(tiny_siglip_full,
 def test_preprocessing_is_medsiglips_at_the_checkpoints_resolution(tiny_siglip):
     directory, model = tiny_siglip
     assert get_encoder("medsiglip", model_id=str(directory)).preprocess == medsiglip_spec(model.config.image_size)
+
+
+def test_antialias_is_an_option_off_by_default(tiny_siglip):
+    directory = str(tiny_siglip[0])
+    default = get_encoder("medsiglip", model_id=directory).preprocess
+    antialiased = get_encoder("medsiglip", model_id=directory, antialias=True).preprocess
+    assert default.antialias is False and antialiased.antialias is True
+    assert antialiased == dataclasses.replace(default, antialias=True) and antialiased.hash() != default.hash()
+    with pytest.raises(EncoderError, match="antialias must be true or false"):
+        get_encoder("medsiglip", model_id=directory, antialias="on")
 
 
 def test_fingerprint_checksums_every_shard_read(tiny_siglip):
