@@ -33,6 +33,7 @@ exclusive ``flock`` on ``<store>.lock``; a second writer is refused.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -672,6 +673,55 @@ def _create_h5(
     _fsync(path.parent)
 
 
+def _open_log(store_path: Path):
+    """The store's write-ahead log, opened unbuffered for appending."""
+    return open(_log_path(store_path), "ab", buffering=0)
+
+
+def _fold_bound(path: Path, records: Sequence[dict], dim: int, dtype: str) -> int:
+    """An upper bound of the bytes a fold of `records` adds to a copy of the store `path`: every chunk it
+    may write anew (embeddings, labels, string columns rewritten by updates and the failed table) and the
+    strings' heap, with a margin for HDF5's own metadata."""
+    rows = sum(len(r["ids"]) for r in records if r["kind"] == "rows")
+    strings = sum(
+        len(str(v).encode("utf-8", "replace")) + 32
+        for r in records
+        for values in ([r.get("ids", [])] + [v for k, v in r.get("columns", {}).items() if k != "label"])
+        for v in values
+    )
+    with h5py.File(path, "r") as f:
+        n = int(f["embeddings"].shape[0])
+        chunk_rows = (f["embeddings"].chunks or (max(1, n),))[0]
+        failed = len(f["failed/image_id"])
+    failed += sum(len(r.get("failed", {})) for r in records)
+    strings += sum(len(str(k)) + len(str(v)) + 64 for r in records for k, v in r.get("failed", {}).items())
+    chunk_bytes = chunk_rows * dim * np.dtype(dtype).itemsize + 4096
+    embeddings = ((n + rows) // chunk_rows - n // chunk_rows + 2) * chunk_bytes
+    total_rows = n + rows
+    updated = any(r["kind"] == "columns" for r in records)
+    # string columns (16-byte heap references, chunks of 4096) and labels; columns updates rewrite whole columns
+    columns = 6 * ((rows if not updated else total_rows) // 4096 + 2) * (4096 * 16 + 4096)
+    columns += (2 * failed // 4096 + 4) * (4096 * 16 + 4096) + (total_rows * 5 * 48 if updated else 0) + failed * 96
+    return int(1.25 * (embeddings + columns + strings)) + (1 << 20)
+
+
+def _reserve(path: Path, extra: int) -> None:
+    """Allocate `extra` bytes beyond the end of `path` (HDF5 trims the file back to what it used on close)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            os.posix_fallocate(fd, 0, size + extra)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+                raise
+            # no fallocate on this file system: at least check the free space
+            if shutil.disk_usage(path.parent).free < extra:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+    finally:
+        os.close(fd)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -760,13 +810,14 @@ class StoreWriter:
             store = open_store(self.path)
             self._done = store.image_ids()
             self._failed = store.failed()
-            self._log = open(_log_path(self.path), "ab")
+            self._log = _open_log(self.path)
         except BaseException:
             self._lock.release()
             raise
         self.fingerprint = dict(fingerprint)
         self._unfolded: list[dict] = []  # records in the log since the last fold, kept to fold without rereading
         self._logged_rows = 0
+        self._log_failed = False  # an append failed (disk full): the log is kept as it is and folded by the next run
 
     def _check_compatible(self, fingerprint: Mapping[str, str]) -> None:
         store = open_store(self.path)
@@ -922,15 +973,30 @@ class StoreWriter:
         return len(changed)
 
     def _write(self, header: dict, body: bytes) -> None:
-        # One write call per record; the kernel keeps it even if this process is killed right after.
-        self._log.write(_encode_record(header, body))
-        self._log.flush()
+        # Unbuffered: the record is in the kernel (kept even if this process is killed) once this returns. A
+        # failed write (disk full) is cut off again, so the log ends with the last whole record.
+        record = _encode_record(header, body)
+        start = self._log.tell()
+        try:
+            written = 0
+            while written < len(record):
+                written += self._log.write(memoryview(record)[written:])
+        except OSError as error:
+            self._log_failed = True
+            try:
+                os.ftruncate(self._log.fileno(), start)
+            except OSError:
+                pass  # a torn tail is dropped by the next writer anyway
+            raise StoreError(
+                f"{_log_path(self.path)}: cannot append to the write-ahead log ({error.strerror or error}); "
+                "the rows written before are kept: make room and rerun the same command to resume"
+            ) from None
 
     def flush(self) -> None:
         """Fold the log into the HDF5 file now (plain h5py readers then see every row)."""
         self._log.close()
         self._fold(self._unfolded)
-        self._log = open(_log_path(self.path), "ab")
+        self._log = _open_log(self.path)
         self._unfolded, self._logged_rows = [], 0
 
     def _fold(self, records: Sequence[dict]) -> None:
@@ -940,7 +1006,18 @@ class StoreWriter:
             log.unlink(missing_ok=True)
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
-        shutil.copyfile(self.path, tmp)
+        # HDF5 does not survive running out of space mid-write (h5py crashes the process, up to a segfault at
+        # exit), so the space the fold can need is reserved first: a disk too full is a StoreError, with
+        # the .h5 and the log untouched.
+        try:
+            shutil.copyfile(self.path, tmp)
+            _reserve(tmp, _fold_bound(self.path, records, self.dim, self.dtype))
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(
+                f"{self.path}: cannot fold the write-ahead log into the store ({error.strerror or error} "
+                f"under {self.path.parent}); nothing was lost: make room and rerun to finish"
+            ) from None
         with h5py.File(tmp, "r+") as f:
             present = set(_strings(f["image_id"]))
             failed = dict(zip(_strings(f["failed/image_id"]), _strings(f["failed/reason"])))
@@ -971,7 +1048,8 @@ class StoreWriter:
             return
         try:
             self._log.close()
-            self._fold(self._unfolded)
+            if not self._log_failed:  # after a failed append the log stays for the next run to fold
+                self._fold(self._unfolded)
         finally:
             self._lock.release()
 
