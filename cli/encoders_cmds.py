@@ -1,0 +1,68 @@
+"""`medembed encoders list` and `medembed encoders check`: what the encoders are, and whether they are fed and
+embed as they should (the library's `medembed.encoders.conformance`; this module only prints)."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from cli._generate import command
+from medembed.encoders import available_encoders
+from medembed.encoders.conformance import CheckOptions
+
+app = typer.Typer(help="Inspect and check the frozen encoders.", no_args_is_help=True)
+
+
+def list_encoders() -> None:
+    """List the registered encoders.
+
+    Example: medembed encoders list
+    """
+    for name in available_encoders():
+        typer.echo(name)
+
+
+def check(
+    encoder: str = typer.Option(..., "--encoder", "-e", help=f"One of: {', '.join(available_encoders())}."),
+    model: str = typer.Option(None, "--model", help="Hub id or local directory of the checkpoint (HF encoders)."),
+    revision: str = typer.Option(None, "--revision", help="Model revision (branch, tag or commit) on the hub."),
+    option: list[str] = typer.Option(None, "--option", help="Encoder option key=value, as for extract (e.g. --option pad_to_square=true)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    options: CheckOptions = None,
+) -> None:
+    """Check an encoder's preprocessing against its checkpoint's processor, or its embeddings against golden ones.
+
+    Runs the bundled test images through medembed's preprocessing and, where the checkpoint ships one, its own
+    Hugging Face image processor: per image the max pixel difference of the two inputs and the cosine of their
+    embeddings. Offline encoders are compared with their golden embeddings (exit 1 if one moved).
+
+    Examples:
+
+      medembed encoders check --encoder efficientnet-lite0
+
+      medembed encoders check --encoder medgemma --model /models/medgemma-4b-it
+
+      medembed encoders check --encoder hf-vision --model microsoft/rad-dino --device cuda
+    """
+    from medembed.encoders.conformance import check_encoder
+    from medembed.options import parse_key_values
+
+    encoder_options = parse_key_values(option or [], "--option")
+    if revision is not None:
+        encoder_options["revision"] = revision
+    result = check_encoder(encoder, model_id=model, encoder_options=encoder_options, options=options)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        for line in result.lines():
+            typer.echo(line)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def register(parent: typer.Typer) -> None:
+    """Add the `encoders` group to the top-level app."""
+    app.command("list")(list_encoders)
+    command(app, "check")(check)
+    parent.add_typer(app, name="encoders")
