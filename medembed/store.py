@@ -421,9 +421,14 @@ class EmbeddingStore:
 
     def summary(self) -> dict:
         """Rows, dim, dtype, fingerprint, provenance, failed count and label counts per split: what `medembed info` prints."""
-        table = self.read_columns()
+        try:
+            table = self.read_columns()
+        except StoreError as error:  # a damaged column: say so and let `verify()` list the damage
+            table, damaged = None, str(error)
+        else:
+            damaged = ""
         by_split: dict[str, dict[str, int]] = {}
-        for split in sorted(set(table.columns["split"])):
+        for split in sorted(set(table.columns["split"])) if table is not None else ():
             labels = table.label[table.columns["split"] == split]
             by_split[split or "(none)"] = {
                 "rows": int(len(labels)),
@@ -434,7 +439,8 @@ class EmbeddingStore:
         log = self._log()
         return {
             "path": str(self.path),
-            "rows": len(table),
+            "rows": len(table) if table is not None else self.committed_rows,
+            "damaged": damaged,
             "pending_rows": self.pending_rows,
             "being_written": self.being_written(),
             "dim": self.dim,
@@ -468,6 +474,8 @@ def format_summary(summary: Mapping) -> list[str]:
     lines += [f"{key:<12} {attrs[key]}" for key in ("preprocess", "medembed_version", "created") if key in attrs]
     if "checksum" in summary:
         lines.append(f"{'checksum':<12} {summary['checksum']}" + ("" if summary["checksum"] != "none" else " (written before checksums)"))
+    if summary.get("damaged"):
+        lines.append(f"{'damaged':<12} {summary['damaged']}")
     if summary.get("log_skipped_records"):
         lines.append(f"{'log':<12} {summary['log_skipped_records']} damaged write-ahead-log record(s) skipped")
     provenance = summary.get("provenance") or {}
