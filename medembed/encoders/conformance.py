@@ -195,7 +195,7 @@ def _checkpoint_processor(encoder: Encoder) -> Any | None:
     logger.setLevel(logging.ERROR)  # "falling back to the PIL backend" without torchvision: expected, not news
     try:
         return AutoImageProcessor.from_pretrained(checkpoint.directory())
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, ImportError) as error:
         raise EncoderError(f"{encoder.model_id}: cannot build its image processor ({error})") from error
     finally:
         logger.setLevel(level)
