@@ -23,8 +23,9 @@ runner = CliRunner()
 HALF_LEVEL = 0.5 / 255 / 0.5
 EIGHT_BIT_SLACK = 3 * HALF_LEVEL
 
-# The processor configs the hub checkpoints ship (google/medsiglip-448, google/medgemma-4b-it,
-# facebook/dinov2-base), at the tiny models' 32 px.
+# Processor configs as the hub checkpoints ship them (google/medsiglip-448, google/medgemma-4b-it,
+# facebook/dinov2-base; written from their published preprocessor_config.json, the hub being unreachable
+# here), at the tiny models' 32 px.
 SIGLIP_PROCESSOR = {
     "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
     "image_processor_type": "SiglipImageProcessor", "image_std": [0.5, 0.5, 0.5], "processor_class": "SiglipProcessor",
