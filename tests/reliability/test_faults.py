@@ -47,6 +47,7 @@ class Run:
     rc: int
     stdout: str
     stderr: str
+    seconds: float = 0.0
 
     @property
     def output(self) -> str:
@@ -71,8 +72,9 @@ def _ledger(entry: dict) -> None:
 
 def medembed(case: str, *args: str | Path, timeout: int = 300) -> Run:
     args = [str(a) for a in args]
+    start = time.perf_counter()
     result = subprocess.run([str(MEDEMBED), *args], capture_output=True, text=True, encoding="utf-8", env=ENV, timeout=timeout)
-    return Run(case, args, result.returncode, result.stdout, result.stderr)
+    return Run(case, args, result.returncode, result.stdout, result.stderr, time.perf_counter() - start)
 
 
 def record(run: Run, *, expected_rc: int, names: str | None = None, problem: str | None = None, problems: int = 0) -> None:
@@ -86,14 +88,15 @@ def record(run: Run, *, expected_rc: int, names: str | None = None, problem: str
         one_line = len(error) == 1 and (names is None or names in error[0]) and (problem is None or problem in error[0])
     _ledger({
         "what": "call", "case": run.case, "command": "medembed " + " ".join(run.args[:1]), "rc": run.rc,
-        "expected_rc": expected_rc, "traceback": "Traceback" in run.output,
+        "expected_rc": expected_rc, "seconds": round(run.seconds, 1), "traceback": "Traceback" in run.output,
         "one_line_error": one_line if expected_rc not in (0,) and run.rc != 0 else None,
         "error": error[0] if error else "", "messages": run.messages[-6:],
     })
 
 
-def findings(case: str, *, rows_lost: int, silently_wrong: int, detected: bool = True) -> None:
-    _ledger({"what": "data", "case": case, "rows_lost": rows_lost, "silently_wrong": silently_wrong, "detected": detected})
+def findings(case: str, *, rows_lost: int, silently_wrong: int, compared: bool = True) -> None:
+    """The data checks of a case; `compared`: its store was compared row by row with the uninterrupted run's."""
+    _ledger({"what": "data", "case": case, "rows_lost": rows_lost, "silently_wrong": silently_wrong, "compared": compared})
 
 
 def extract(case: str, manifest: Path, root: Path, store: Path, *extra: str) -> Run:
@@ -388,7 +391,7 @@ def test_bit_flips_in_the_h5_are_found_and_refused(faults):
     (line,) = fit.error_lines
     assert line.startswith(f"error: {store}: cannot read ") and "the file is damaged" in line, line
     assert not scenario.paths["run"].exists()  # no run directory from damaged embeddings
-    findings("h5_bit_flips", rows_lost=0, silently_wrong=0, detected=True)
+    findings("h5_bit_flips", rows_lost=0, silently_wrong=0, compared=False)  # found and refused, nothing read wrong
 
 
 def test_a_bit_flip_in_the_log_is_found_and_its_rows_embedded_again(faults):
