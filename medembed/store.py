@@ -660,23 +660,28 @@ def _create_h5(
 ) -> None:
     chunk_rows = max(1, _TARGET_CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("embeddings", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=(chunk_rows, dim), fletcher32=True)
-        f.create_dataset("image_id", (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
-        f.create_dataset("label", (0,), dtype=np.int8, maxshape=(None,), chunks=(4096,), fletcher32=True)
-        for name in STRING_COLUMNS + ("failed/image_id", "failed/reason"):
-            f.create_dataset(name, (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["fingerprint"] = json.dumps(dict(fingerprint), sort_keys=True)
-        for key in FINGERPRINT_KEYS:
-            f.attrs[key] = str(fingerprint.get(key, ""))
-        f.attrs["dim"] = dim
-        f.attrs["medembed_version"] = __version__
-        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        for key, value in metadata.items():
-            f.attrs[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-        f.attrs["provenance"] = json.dumps(dict(provenance))
-    _fsync(tmp)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("embeddings", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=(chunk_rows, dim), fletcher32=True)
+            f.create_dataset("image_id", (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
+            f.create_dataset("label", (0,), dtype=np.int8, maxshape=(None,), chunks=(4096,), fletcher32=True)
+            for name in STRING_COLUMNS + ("failed/image_id", "failed/reason"):
+                f.create_dataset(name, (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["fingerprint"] = json.dumps(dict(fingerprint), sort_keys=True)
+            for key in FINGERPRINT_KEYS:
+                f.attrs[key] = str(fingerprint.get(key, ""))
+            f.attrs["dim"] = dim
+            f.attrs["medembed_version"] = __version__
+            f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            for key, value in metadata.items():
+                f.attrs[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+            f.attrs["provenance"] = json.dumps(dict(provenance))
+        _fsync(tmp)
+    except (OSError, RuntimeError) as error:  # e.g. no space left: HDF5's message spans lines
+        tmp.unlink(missing_ok=True)
+        reason = os.strerror(error.errno) if getattr(error, "errno", None) else str(error).splitlines()[0]
+        raise StoreError(f"{path}: cannot create the store ({reason} under {path.parent})") from None
     os.replace(tmp, path)
     _fsync(path.parent)
 

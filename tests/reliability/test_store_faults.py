@@ -120,3 +120,23 @@ def test_info_of_a_store_with_a_damaged_label_chunk_says_so_and_verify_lists_it(
     assert problem.startswith("'label' rows 0-") and "damaged" in problem
     with pytest.raises(StoreError, match="cannot read 'label', the file is damaged"):
         store.read()
+
+
+def test_creating_a_store_on_a_full_disk_is_one_line(tmp_path):
+    from .test_faults import Mount
+
+    mount = Mount(tmp_path / "tmpfs", "4k")
+    if mount.skip:
+        pytest.skip(mount.skip)
+    try:
+        path = mount.path / "s.h5"
+        with pytest.raises(StoreError) as raised:
+            StoreWriter(path, dim=DIM, fingerprint=FP)
+        assert str(raised.value) == f"{path}: cannot create the store (No space left on device under {mount.path})"
+        assert not path.exists() and not path.with_name("s.h5.tmp").exists()
+        mount.resize("8m")  # the fold reserves an upper bound of what it can need (2 chunks of 1 MiB here)
+        with StoreWriter(path, dim=DIM, fingerprint=FP) as writer:  # with room, the same call works
+            writer.append(*batch(0, 2))
+        assert open_store(path).verify() == [] and len(open_store(path)) == 2
+    finally:
+        mount.close()
