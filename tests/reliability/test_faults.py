@@ -252,8 +252,13 @@ def interrupted(case: str, folder: Path, manifest: Path, root: Path) -> Scenario
     store = folder / "store.h5"
     wal = store.with_name("store.h5.wal")
     args = [str(MEDEMBED), "extract", str(manifest), "--root", str(root), *ENCODER, "--batch-size", "1", "--out", str(store)]
+    # As from a terminal: SIGINT not ignored (a background job of a shell, e.g. `pytest &`, inherits it ignored,
+    # and Python then installs no KeyboardInterrupt handler), the process leading its own group.
+    default_sigint = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
     with open(folder / "out.txt", "w+") as out, open(folder / "err.txt", "w+") as err:
-        process = subprocess.Popen(args, stdout=out, stderr=err, env=ENV, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-c", default_sigint, *args], stdout=out, stderr=err, env=ENV, start_new_session=True
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
             if wal.exists() and len(wal_records(wal)) >= 3:  # three images acknowledged
