@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import typer
 
@@ -32,9 +33,18 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+INTERRUPTED = "interrupted: work already written is kept; rerun the same command to resume"
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
+    return f"warning: {message}\n"  # one line, without Python's source-line echo
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and turn every failure into an exit code and one line (see the module docstring)."""
     debug = os.environ.get("MEDEMBED_DEBUG") == "1"
+    if not debug:
+        warnings.formatwarning = _warning_line
     try:
         code = app(args=argv, prog_name="medembed", standalone_mode=False)
     except MedembedError as error:
@@ -42,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _fail(f"error: {error}", 2)
     except (KeyboardInterrupt, typer.Abort):
-        _fail("interrupted: work already written is kept; rerun the same command to resume", 130)
+        _fail(INTERRUPTED, 130)
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except Exception as error:
@@ -52,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(f"error: unexpected {type(error).__name__}: {error} (rerun with MEDEMBED_DEBUG=1 for the traceback)", 1)
+    if code == 130:  # typer turns Ctrl-C inside a command into Exit(130), which comes back as the code
+        _fail(INTERRUPTED, 130)
     sys.exit(code if isinstance(code, int) else 0)
 
 
