@@ -78,8 +78,8 @@ def command(group: typer.Typer, name: str | None = None, skip: dict[type, tuple[
                     raise TypeError(f"{function.__name__}: options {sorted(clash)} appear twice")
                 parameters += expanded
                 groups[parameter.name] = (cls, converters)
-            else:
-                parameters.append(parameter)
+            else:  # keyword-only like the generated flags, so a dataclass group may stand anywhere in the signature
+                parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY))
 
         @functools.wraps(function)
         def run(**values: Any) -> Any:

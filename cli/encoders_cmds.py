@@ -8,7 +8,7 @@ import json
 import typer
 
 from cli._generate import command
-from medembed.encoders import available_encoders
+from medembed.encoders import EncoderChoice, available_encoders
 from medembed.encoders.conformance import CheckOptions
 
 app = typer.Typer(help="Inspect and check the frozen encoders.", no_args_is_help=True)
@@ -24,10 +24,7 @@ def list_encoders() -> None:
 
 
 def check(
-    encoder: str = typer.Option(..., "--encoder", "-e", help=f"One of: {', '.join(available_encoders())}."),
-    model: str = typer.Option(None, "--model", help="Hub id or local directory of the checkpoint (HF encoders)."),
-    revision: str = typer.Option(None, "--revision", help="Model revision (branch, tag or commit) on the hub."),
-    option: list[str] = typer.Option(None, "--option", help="Encoder option key=value, as for extract (e.g. --option pad_to_square=true)."),
+    choice: EncoderChoice = None,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     options: CheckOptions = None,
 ) -> None:
@@ -46,12 +43,9 @@ def check(
       medembed encoders check --encoder hf-vision --model microsoft/rad-dino --device cuda
     """
     from medembed.encoders.conformance import check_encoder
-    from medembed.options import parse_key_values
-
-    encoder_options = parse_key_values(option or [], "--option")
-    if revision is not None:
-        encoder_options["revision"] = revision
-    result = check_encoder(encoder, model_id=model, encoder_options=encoder_options, options=options)
+    encoder_options = choice.encoder_options()
+    model = encoder_options.pop("model_id", None)
+    result = check_encoder(choice.encoder, model_id=model, encoder_options=encoder_options, options=options)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:

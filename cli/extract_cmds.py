@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from cli._generate import command
-from medembed.encoders import available_encoders
+from medembed.encoders import EncoderChoice
 from medembed.extract import ExtractOptions
 
 
@@ -15,10 +15,7 @@ def extract(
     manifest: Path = typer.Argument(..., help="Manifest CSV (paths relative to --root)."),
     root: Path = typer.Option(..., "--root", help="Folder the manifest's paths are relative to."),
     out: Path = typer.Option(..., "--out", "-o", help="HDF5 store to write or resume."),
-    encoder: str = typer.Option("medsiglip", "--encoder", "-e", help=f"One of: {', '.join(available_encoders())}."),
-    model: str = typer.Option(None, "--model", help="Hub id or local directory of the checkpoint (HF encoders)."),
-    revision: str = typer.Option(None, "--revision", help="Model revision (branch, tag or commit) on the hub."),
-    option: list[str] = typer.Option(None, "--option", help="Encoder option key=value, e.g. --option pooling=mean_patch_tokens --option size=320."),
+    choice: EncoderChoice = None,
     lenient: bool = typer.Option(False, "--lenient", help="Decode truncated images (grey fill) instead of listing them as failed; recorded in the store's fingerprint."),
     options: ExtractOptions = None,
 ) -> None:
@@ -36,13 +33,11 @@ def extract(
 
     from medembed.extract import build_encoder, extract as run_extract
     from medembed.manifest import read_manifest
-    from medembed.options import parse_key_values
 
-    encoder_options = parse_key_values(option or [], "--option")
-    encoder_options |= {k: v for k, v in {"model_id": model, "revision": revision, "lenient_decoding": lenient or None}.items() if v is not None}
+    encoder_options = choice.encoder_options() | ({"lenient_decoding": True} if lenient else {})
     table = read_manifest(manifest)
-    built = build_encoder(encoder, encoder_options)
-    with tqdm(total=len(table), unit="img", desc=f"extract {encoder}", dynamic_ncols=True) as bar:
+    built = build_encoder(choice.encoder, encoder_options)
+    with tqdm(total=len(table), unit="img", desc=f"extract {choice.encoder}", dynamic_ncols=True) as bar:
         summary = run_extract(table, root, built, out, options, on_progress=bar.update, encoder_options=encoder_options)
     typer.echo(summary.format())
     typer.echo(f"store: {out}  (medembed info {out})")

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 from medembed.encoders.base import Encoder, EncoderError
+from medembed.options import option
 
-__all__ = ["Encoder", "EncoderError", "available_encoders", "get_encoder"]
+__all__ = ["Encoder", "EncoderChoice", "EncoderError", "available_encoders", "get_encoder"]
 
 # name -> (module, class)
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -52,3 +54,22 @@ def get_encoder(name: str, **options: Any) -> Encoder:
         accepted = ", ".join(signature.parameters) or "none"
         raise EncoderError(f"encoder {name!r}: {error}; its options: {accepted}") from error
     return encoder_class(**options)
+
+
+@dataclass
+class EncoderChoice:
+    """Which encoder a command builds, and with what: the options `extract`, `encoders check` and the sweep share."""
+
+    encoder: str = option("medsiglip", "Encoder name (medembed encoders list).", flag="-e")
+    model: str | None = option(None, "Hub id or local directory of the checkpoint (HF encoders).")
+    revision: str | None = option(None, "Model revision (branch, tag or commit) on the hub.")
+    options: dict[str, Any] = option(help="Encoder option key=value, e.g. --option pooling=mean_patch_tokens --option size=320.", flag="--option", factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.encoder not in _REGISTRY:
+            raise EncoderError(f"unknown encoder {self.encoder!r}; available: {', '.join(available_encoders())}")
+
+    def encoder_options(self) -> dict[str, Any]:
+        """The keyword arguments for `get_encoder` (what a store records as its encoder options)."""
+        given = {"model_id": self.model, "revision": self.revision}
+        return dict(self.options) | {key: value for key, value in given.items() if value is not None}
