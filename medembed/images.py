@@ -577,6 +577,16 @@ class PreprocessSpec:
             raise MedembedError(f"preprocessing spec version {version} is not supported (expected {_SPEC_VERSION})")
         return cls(**{**fields, "mean": tuple(fields["mean"]), "std": tuple(fields["std"])})
 
+    def describe(self) -> str:
+        """The preprocessing in words, e.g. "zero-pad to square, resize to 448 px (bilinear, no antialiasing),
+        (x - 0.5) / 0.5, 3 channels"."""
+        geometry = "zero-pad to square" if self.pad_to_square else "stretch to square"
+        aliasing = "antialiased" if self.antialias else "no antialiasing"
+        norm = ", ".join(dict.fromkeys(f"(x - {m:.4g}) / {d:.4g}" for m, d in zip(self.mean, self.std)))
+        extras = [label for flag, label in ((self.jpeg_draft, "JPEG draft decoding"), (self.lenient_decoding, "lenient decoding")) if flag]
+        return ", ".join([geometry, f"resize to {self.size} px ({self.resize}, {aliasing})", f"x in [0, 1] -> {norm}",
+                          f"{self.channels} channel{'s' if self.channels != 1 else ''}", *extras])
+
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, no spaces): the text that is hashed and stored."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

@@ -32,6 +32,7 @@ from medembed.protocol import Calibration, ProtocolOptions
 from medembed.report import markdown_report, plot_figures, write_metrics_json
 from medembed.scorers import CONSUMES, KINDS, Scorer, load_scorer, positive_scores
 from medembed.splits import Split
+from medembed.store import describe_preprocess
 
 RUN_FILE = "run.json"
 SCORER_DIR = "scorer"
@@ -212,6 +213,7 @@ def report_context(record: RunRecord) -> dict[str, str]:
         "study aggregation": options.aggregation,
         "encoder": record.fingerprint.get("encoder", ""),
         "model": record.fingerprint.get("model_id", ""),
+        "preprocessing": describe_preprocess(record.preprocess) if record.preprocess else "",
         "preprocess hash": record.fingerprint.get("preprocess_hash", ""),
         "splits": ", ".join(f"{k} {v['images']} images ({v['abnormal']} abnormal)" for k, v in record.split_sizes.items()),
         **({"notes": "; ".join(record.notes)} if record.notes else {}),

@@ -53,6 +53,7 @@ import numpy as np
 from medembed import __version__
 from medembed._files import ExclusiveLock, LockBusy, is_locked
 from medembed.errors import MedembedError
+from medembed.images import PreprocessSpec
 
 SCHEMA_VERSION = 1  # additive changes since (fingerprint keys, provenance, checksums) stay readable by older medembed
 # The attributes that must match for two sets of embeddings to be comparable (mixing, merging, applying a head).
@@ -455,6 +456,14 @@ class EmbeddingStore:
         }
 
 
+def describe_preprocess(spec_json: str) -> str:
+    """A store's or run's preprocessing JSON in words (see PreprocessSpec.describe); the JSON itself if not a plain spec."""
+    try:
+        return PreprocessSpec.from_dict(json.loads(spec_json)).describe()
+    except (ValueError, TypeError, KeyError, MedembedError):
+        return "(not a plain spec: see the JSON)"
+
+
 def format_summary(summary: Mapping) -> list[str]:
     """The lines `medembed info` prints for `EmbeddingStore.summary()`: counts, fingerprint, provenance, splits."""
     pending = summary.get("pending_rows", 0)
@@ -471,7 +480,9 @@ def format_summary(summary: Mapping) -> list[str]:
     ]
     lines += [f"{key:<12} {value}" for key, value in summary["fingerprint"].items()]
     attrs = summary.get("attrs", {})
-    lines += [f"{key:<12} {attrs[key]}" for key in ("preprocess", "medembed_version", "created") if key in attrs]
+    if "preprocess" in attrs:
+        lines += [f"{'preprocess':<12} {attrs['preprocess']}", f"{'':<12} = {describe_preprocess(attrs['preprocess'])}"]
+    lines += [f"{key:<12} {attrs[key]}" for key in ("medembed_version", "created") if key in attrs]
     if "checksum" in summary:
         lines.append(f"{'checksum':<12} {summary['checksum']}" + ("" if summary["checksum"] != "none" else " (written before checksums)"))
     if summary.get("damaged"):

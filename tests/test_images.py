@@ -587,3 +587,11 @@ def test_16bit_decoding_peaks_near_six_bytes_per_pixel(tmp_path):
     bytes_per_pixel = int(grown_kb) * 1024 / side**2
     assert "(4000, 4000)" in result.stdout
     assert bytes_per_pixel < 8.0, f"decoding a 16-bit PNG grew RSS by {bytes_per_pixel:.1f} bytes per pixel"
+
+
+def test_a_spec_describes_itself_in_words():
+    spec = PreprocessSpec(size=448, pad_to_square=True, resize="bilinear", antialias=False, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert spec.describe() == "zero-pad to square, resize to 448 px (bilinear, no antialiasing), x in [0, 1] -> (x - 0.5) / 0.5, 3 channels"
+    stretched = PreprocessSpec(size=896, pad_to_square=False, resize="bilinear", antialias=True, mean=(0.0,), std=(1.0,), channels=1, lenient_decoding=True)
+    assert stretched.describe().startswith("stretch to square, resize to 896 px (bilinear, antialiased)")
+    assert stretched.describe().endswith("1 channel, lenient decoding")
