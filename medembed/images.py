@@ -25,6 +25,8 @@ import os
 import stat
 import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -139,18 +141,10 @@ def decode_image(
     """
     path = Path(path)
     limits = _Limits(max_pixels, min_side, max_aspect_ratio)
-    _check_regular_file(path)
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(_DICOM_MAGIC_OFFSET + 4)
-            if not head:
-                raise ImageDecodeError(path, "empty file (0 bytes)", "empty")
-            if _looks_like_dicom(path, head):
-                return _decode_dicom(path, handle, limits)
-            handle.seek(0)
-            return _decode_with_pil(path, handle, head, lenient=lenient, limits=limits, draft_size=draft_size)
-    except OSError as error:
-        raise ImageDecodeError(path, f"cannot read file ({error.strerror or error})", "io_error") from error
+    with _opened_image(path) as (handle, head, dicom):
+        if dicom:
+            return _decode_dicom(path, handle, limits)
+        return _decode_with_pil(path, handle, head, lenient=lenient, limits=limits, draft_size=draft_size)
 
 
 def probe_image(
@@ -168,30 +162,40 @@ def probe_image(
     """
     path = Path(path)
     limits = _Limits(max_pixels, min_side, max_aspect_ratio)
+    with _opened_image(path) as (handle, head, dicom):
+        if dicom:
+            dataset = _read_dicom(path, handle, header_only=True)
+            header = _dicom_header(path, dataset, limits, _has_dicom_magic(head))
+            _check_dicom_pixel_length(path, dataset, os.fstat(handle.fileno()).st_size)
+            return header
+        image = _open_header(path, handle, head, limits.max_pixels)
+        with image:
+            _check_size(path, *image.size, limits)
+            header = ImageHeader(image.format or "", image.width, image.height, image.mode)
+            try:
+                image.verify()
+            except Exception as error:  # PIL's verify raises many types for broken data
+                message = _pil_message(error)
+                if "truncated" in message.lower():
+                    raise ImageDecodeError(path, f"truncated image ({message})", "truncated") from error
+                raise ImageDecodeError(path, f"corrupt image data ({message})", "corrupt") from error
+        return header
+
+
+@contextmanager
+def _opened_image(path: Path) -> Iterator[tuple[IO[bytes], bytes, bool]]:
+    """(handle, its first bytes, whether it is DICOM) of a regular, non-empty file; a non-DICOM handle is
+    rewound to the start. An OSError while it is open becomes an ImageDecodeError naming the file."""
     _check_regular_file(path)
     try:
         with open(path, "rb") as handle:
             head = handle.read(_DICOM_MAGIC_OFFSET + 4)
             if not head:
                 raise ImageDecodeError(path, "empty file (0 bytes)", "empty")
-            if _looks_like_dicom(path, head):
-                dataset = _read_dicom(path, handle, header_only=True)
-                header = _dicom_header(path, dataset, limits, _has_dicom_magic(head))
-                _check_dicom_pixel_length(path, dataset, os.fstat(handle.fileno()).st_size)
-                return header
-            handle.seek(0)
-            image = _open_header(path, handle, head, limits.max_pixels)
-            with image:
-                _check_size(path, *image.size, limits)
-                header = ImageHeader(image.format or "", image.width, image.height, image.mode)
-                try:
-                    image.verify()
-                except Exception as error:  # PIL's verify raises many types for broken data
-                    message = _pil_message(error)
-                    if "truncated" in message.lower():
-                        raise ImageDecodeError(path, f"truncated image ({message})", "truncated") from error
-                    raise ImageDecodeError(path, f"corrupt image data ({message})", "corrupt") from error
-            return header
+            dicom = _looks_like_dicom(path, head)
+            if not dicom:
+                handle.seek(0)
+            yield handle, head, dicom
     except OSError as error:
         raise ImageDecodeError(path, f"cannot read file ({error.strerror or error})", "io_error") from error
 
