@@ -329,8 +329,12 @@ def refresh_metadata(writer: StoreWriter, manifest: Manifest) -> int:
     if len(rows) == 0:
         return 0
     part = manifest.subset(rows)
-    columns = {name: part.label if name == "label" else getattr(part, name) for name in ("label", "study_id", "patient_id", "body_part", "split")}
-    return writer.update_columns(part.image_id, columns)
+    return writer.update_columns(part.image_id, store_columns(part))
+
+
+def store_columns(manifest: Manifest) -> dict[str, np.ndarray]:
+    """The manifest columns a store keeps beside each embedding (the one place that says which)."""
+    return {name: manifest.label if name == "label" else getattr(manifest, name) for name in ("label", "study_id", "patient_id", "body_part", "split")}
 
 
 def _resolve(manifest: Manifest, root: Path, options: ExtractOptions) -> list[Path]:
@@ -400,7 +404,7 @@ def _run(
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    columns = {name: todo.label if name == "label" else getattr(todo, name) for name in ("label", "study_id", "patient_id", "body_part", "split")}
+    columns = store_columns(todo)
     ids = todo.image_id
     threads = torch.get_num_threads()
     if device.type == "cpu":

@@ -49,6 +49,17 @@ class Encoder(abc.ABC):
         The caller chooses autocast and inference mode; weights stay float32.
         """
 
+    def embed_with_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Like `embed`, plus the token grids of the levels this encoder was asked for: `{level: [B, T, C]}`.
+
+        The extractor always calls this one; encoders without levels return no tokens.
+        """
+        return self.embed(pixels), {}
+
+    def token_shapes(self) -> dict[str, tuple[int, int]]:
+        """`{level: (T, C)}` for the token grids `embed_with_tokens` returns (empty: pooled embeddings only)."""
+        return {}
+
     @abc.abstractmethod
     def weight_files(self) -> list[Path]:
         """The weight files this encoder reads (all of them, and only them)."""
