@@ -57,6 +57,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Raster formats PIL reads; a file starting with one of these is decoded as such whatever its suffix.
 _RASTER_SIGNATURES = (_PNG_SIGNATURE, b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"BM", b"GIF87a", b"GIF89a")
 _RESIZE_MODES = ("bilinear", "bicubic")
+_UINT16_MAX = 65535  # integer sources up to 16 bits travel as uint16 (CompactPixels)
 _CONVERT_CHUNK_PIXELS = 1 << 22  # integer -> float conversion runs in strips of ~4 Mpx (32 MB of float64)
 # Bump when the meaning of a spec field changes, so old stores' hashes no longer match.
 _SPEC_VERSION = 1
@@ -144,7 +145,55 @@ def decode_image(
     with _opened_image(path) as (handle, head, dicom):
         if dicom:
             return _decode_dicom(path, handle, limits)
-        return _decode_with_pil(path, handle, head, lenient=lenient, limits=limits, draft_size=draft_size)
+        return _decode_with_pil(path, handle, head, lenient=lenient, limits=limits, draft_size=draft_size, compact=False)
+
+
+@dataclass(frozen=True)
+class CompactPixels:
+    """A decoded image in the smallest form that still holds exactly `decode_image`'s values (what a decoding
+    worker sends to the model's device, where `to_unit_float` finishes the conversion).
+
+    `values` is `[H, W]` (greyscale) or `[H, W, 3]` at the decoded size, and the float image is:
+    uint8 / uint16 `values` divided by `scale` (255, or the bit depth's maximum: 65535, 4095, ...); with a `lut`
+    (DICOM), `lut[values]` (values index the float32 table of the modality + VOI LUT + min-max of each stored
+    value); float32 `values` as they are (`scale` 1: float sources, already stretched to [0, 1]).
+    """
+
+    values: np.ndarray
+    scale: float = 1.0
+    lut: np.ndarray | None = None
+
+    def to_float(self) -> np.ndarray:
+        """The float32 image in [0, 1] (numpy; the device does the same in `device_preprocess.to_unit_float`)."""
+        if self.lut is not None:
+            return self.lut[self.values]
+        if self.values.dtype == np.float32:
+            return self.values
+        return self.values.astype(np.float32) / np.float32(self.scale)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + (self.lut.nbytes if self.lut is not None else 0)
+
+
+def decode_compact(
+    path: Path | str,
+    *,
+    lenient: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+    min_side: int = DEFAULT_MIN_SIDE,
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO,
+) -> CompactPixels:
+    """`decode_image` stopped before the float conversion: the same checks, limits and decoded size, and pixels
+    as `CompactPixels` (uint8, uint16, or a DICOM LUT index) whose `to_float()` equals `decode_image`'s result
+    (to float32 rounding: 16-bit sources are divided in float32 here, in float64 there)."""
+    path = Path(path)
+    limits = _Limits(max_pixels, min_side, max_aspect_ratio)
+    with _opened_image(path) as (handle, head, dicom):
+        if dicom:
+            return _decode_dicom_compact(path, handle, limits)
+        return _decode_with_pil(path, handle, head, lenient=lenient, limits=limits, draft_size=draft_size, compact=True)
 
 
 def probe_image(
@@ -269,15 +318,16 @@ def _pil_message(error: BaseException) -> str:
 
 
 def _decode_with_pil(
-    path: Path, handle: IO[bytes], head: bytes, *, lenient: bool, limits: _Limits, draft_size: int | None
-) -> np.ndarray:
+    path: Path, handle: IO[bytes], head: bytes, *, lenient: bool, limits: _Limits, draft_size: int | None, compact: bool
+) -> np.ndarray | CompactPixels:
+    """The pixels of a raster file: float32 in [0, 1], or `CompactPixels` when `compact`."""
     try:
         image = _open_header(path, handle, head, limits.max_pixels)
     except ImageDecodeError as error:
         # No raster format matched: a DICOM file without preamble or suffix is the one thing left to try.
         if error.kind == "unrecognised" and head.startswith(_PREAMBLE_LESS_DICOM_STARTS):
             handle.seek(0)
-            return _decode_dicom(path, handle, limits)
+            return _decode_dicom_compact(path, handle, limits) if compact else _decode_dicom(path, handle, limits)
         raise
     if draft_size and image.format == "JPEG":
         image.draft(image.mode, (draft_size, draft_size))
@@ -303,7 +353,7 @@ def _decode_with_pil(
             raise ImageDecodeError(path, f"truncated JPEG, unrecoverable ({second_error})", "truncated") from second_error
     except (ValueError, SyntaxError, struct.error, EOFError) as error:
         raise ImageDecodeError(path, f"corrupt image data ({_pil_message(error)})", "corrupt") from error
-    return _pil_to_float(path, image)
+    return _pil_to_compact(path, image) if compact else _pil_to_float(path, image)
 
 
 def _open_header(path: Path, source: IO[bytes], head: bytes, max_pixels: int) -> Image.Image:
@@ -344,9 +394,7 @@ def _pil_to_float(path: Path, image: Image.Image) -> np.ndarray:
     The same values as the whole-array formulas (`/ (2**bits - 1)` in float64, `/ 255.0` in float32), but read
     from PIL's buffer one strip of rows at a time, so only that buffer and the float32 result are alive at once.
     """
-    mode = image.mode
-    if mode not in ("L", "RGB", "F") and not mode.startswith("I"):
-        image = _converted(image, "L" if mode in ("1", "LA", "La") else "RGB")
+    image = _plain_mode(image)
     with image:
         if image.mode.startswith("I"):
             maximum = 2 ** _integer_bit_depth(image) - 1
@@ -365,6 +413,31 @@ def _pil_to_float(path: Path, image: Image.Image) -> np.ndarray:
             out[start : start + len(strip)] = strip if image.mode == "L" or not grey else strip[..., 0]
         out /= 255.0
         return out
+
+
+def _pil_to_compact(path: Path, image: Image.Image) -> CompactPixels:
+    """PIL image -> `CompactPixels` holding `_pil_to_float`'s values: 8-bit as uint8 (greyscale RGB as one
+    channel), integer modes up to 16 bits as uint16 clipped to their maximum (the float path clips after
+    dividing: the same values), float and wider integer images as `_pil_to_float` makes them. Closes `image`."""
+    if image.mode == "F" or (image.mode.startswith("I") and 2 ** _integer_bit_depth(image) - 1 > _UINT16_MAX):
+        return CompactPixels(_pil_to_float(path, image))
+    image = _plain_mode(image)
+    with image:
+        values = np.asarray(image)
+        if image.mode.startswith("I"):
+            maximum = 2 ** _integer_bit_depth(image) - 1
+            return CompactPixels(np.clip(values, 0, maximum).astype(np.uint16), float(maximum))
+    if values.ndim == 3 and np.array_equal(values[..., 0], values[..., 1]) and np.array_equal(values[..., 1], values[..., 2]):
+        values = values[..., 0]
+    return CompactPixels(np.ascontiguousarray(values, dtype=np.uint8), 255.0)
+
+
+def _plain_mode(image: Image.Image) -> Image.Image:
+    """`image` in a mode read as it is (L, RGB, F, I*): 1/LA/La become L, any other mode (P, RGBA, CMYK) RGB."""
+    mode = image.mode
+    if mode not in ("L", "RGB", "F") and not mode.startswith("I"):
+        return _converted(image, "L" if mode in ("1", "LA", "La") else "RGB")
+    return image
 
 
 def _converted(image: Image.Image, mode: str) -> Image.Image:
@@ -419,6 +492,17 @@ def _min_max(array: np.ndarray, path: Path) -> np.ndarray:
     for start in range(0, array.shape[0], rows):
         out[start : start + rows] = (array[start : start + rows].astype(np.float64) - low) / (high - low)
     return out
+
+
+def _min_max_over(table: np.ndarray, present: np.ndarray, path: Path) -> np.ndarray:
+    """`table` stretched to [0, 1] by the min and max of `present` (the values the image holds), as `_min_max`
+    stretches an image: float64 arithmetic, float32 result, all zeros for a constant image."""
+    if present.dtype.kind == "f" and not np.isfinite(present).all():
+        raise ImageDecodeError(path, "image holds NaN or infinite pixel values", "corrupt")
+    low, high = float(present.min()), float(present.max())
+    if high <= low:
+        return np.zeros(table.shape, dtype=np.float32)
+    return ((table.astype(np.float64) - low) / (high - low)).astype(np.float32)
 
 
 def _read_dicom(path: Path, handle: IO[bytes], header_only: bool):
@@ -477,25 +561,77 @@ def _check_dicom_pixel_length(path: Path, dataset, file_size: int) -> None:
         )
 
 
-def _decode_dicom(path: Path, handle: IO[bytes], limits: _Limits) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
+def _dicom_dataset(path: Path, handle: IO[bytes], limits: _Limits):
+    """The full dataset of a DICOM file whose header passes the checks and limits."""
     handle.seek(0)
     magic = _has_dicom_magic(handle.read(_DICOM_MAGIC_OFFSET + 4))
     dataset = _read_dicom(path, handle, header_only=False)
     _dicom_header(path, dataset, limits, magic)
     _check_dicom_pixel_length(path, dataset, os.fstat(handle.fileno()).st_size)
+    return dataset
+
+
+def _dicom_greyscale(path: Path, dataset, values: np.ndarray) -> np.ndarray:
+    """Modality LUT, then VOI LUT or window, of stored `values` (any shape: the LUTs act value by value)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pixels = dataset.pixel_array
-            if int(dataset.get("SamplesPerPixel", 1)) == 3:
-                # Colour DICOM (photographs): pydicom already returns RGB; scale by the stored bit depth.
-                return (pixels.astype(np.float64) / (2 ** int(dataset.BitsStored) - 1)).clip(0, 1).astype(np.float32)
-            values = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
+            return np.asarray(apply_voi_lut(apply_modality_lut(values, dataset), dataset))
+    except Exception as error:  # missing LUT data, bad lengths, ...: pydicom's types vary
+        raise ImageDecodeError(path, f"cannot decode DICOM pixel data ({_pil_message(error)})", "dicom") from error
+
+
+def _decode_dicom_compact(path: Path, handle: IO[bytes], limits: _Limits) -> CompactPixels:
+    """`_decode_dicom`'s values as `CompactPixels`: integer greyscale as a uint16 index into the float32 table
+    of every stored value from the smallest to the largest (its LUTs and min-max computed once per value,
+    the min-max over the values present); colour as its stored integers; anything else as float32."""
+    dataset = _dicom_dataset(path, handle, limits)
+    pixels = _dicom_pixel_array(path, dataset)
+    if pixels.dtype.kind not in "iu":
+        return CompactPixels(_dicom_to_float(path, dataset, pixels))
+    if int(dataset.get("SamplesPerPixel", 1)) == 3:
+        maximum = 2 ** int(dataset.BitsStored) - 1
+        if maximum > _UINT16_MAX:
+            return CompactPixels(_dicom_to_float(path, dataset, pixels))
+        return CompactPixels(np.clip(pixels, 0, maximum).astype(np.uint8 if maximum <= 255 else np.uint16), float(maximum))
+    if pixels.ndim != 2:
+        raise ImageDecodeError(path, f"DICOM pixel data has shape {pixels.shape}, expected one greyscale frame", "unsupported")
+    low, high = int(pixels.min()), int(pixels.max())
+    if high - low > _UINT16_MAX:
+        return CompactPixels(_dicom_to_float(path, dataset, pixels))
+    index = (pixels.astype(np.int64) - low).astype(np.uint16)
+    table = _dicom_greyscale(path, dataset, np.arange(low, high + 1).astype(pixels.dtype))
+    if table.shape != (high - low + 1,):
+        raise ImageDecodeError(path, f"DICOM LUT output has shape {table.shape}, expected one value per stored value", "unsupported")
+    present = np.bincount(index.ravel(), minlength=len(table)) > 0
+    lut = _min_max_over(table, table[present], path)
+    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
+        lut = 1.0 - lut
+    return CompactPixels(index, lut=lut)
+
+
+def _dicom_pixel_array(path: Path, dataset) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return dataset.pixel_array
     except Exception as error:  # missing codec, bad length, ...: pydicom's types vary
         raise ImageDecodeError(path, f"cannot decode DICOM pixel data ({_pil_message(error)})", "dicom") from error
-    values = np.asarray(values)
+
+
+def _decode_dicom(path: Path, handle: IO[bytes], limits: _Limits) -> np.ndarray:
+    dataset = _dicom_dataset(path, handle, limits)
+    return _dicom_to_float(path, dataset, _dicom_pixel_array(path, dataset))
+
+
+def _dicom_to_float(path: Path, dataset, pixels: np.ndarray) -> np.ndarray:
+    """Stored DICOM pixels -> float32 in [0, 1]: colour by bit depth; greyscale LUTs, min-max, MONOCHROME1 inverted."""
+    if int(dataset.get("SamplesPerPixel", 1)) == 3:
+        # Colour DICOM (photographs): pydicom already returns RGB; scale by the stored bit depth.
+        return (pixels.astype(np.float64) / (2 ** int(dataset.BitsStored) - 1)).clip(0, 1).astype(np.float32)
+    values = _dicom_greyscale(path, dataset, pixels)
     if values.ndim != 2:
         raise ImageDecodeError(path, f"DICOM pixel data has shape {values.shape}, expected one greyscale frame", "unsupported")
     grey = _min_max(values, path)
@@ -602,24 +738,30 @@ class PreprocessSpec:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """`[H, W]` or `[H, W, 3]` float in [0, 1] -> `[channels, size, size]` float32, normalised."""
         import torch
-        import torch.nn.functional as F
 
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
             raise ValueError(f"expected [H, W] or [H, W, 3] pixels, got shape {image.shape}")
         tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
         # Resize grey images as one channel (3x less work) and expand afterwards.
         tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
-        if self.channels == 1 and tensor.shape[0] == 3:
-            tensor = (0.299 * tensor[0] + 0.587 * tensor[1] + 0.114 * tensor[2])[None]
+        return self.transform(tensor[None])[0].numpy()
+
+    def transform(self, batch: torch.Tensor) -> torch.Tensor:
+        """The spec's tensor steps on `[N, C, H, W]` float32 in [0, 1] (C = 1 or 3, on any device) ->
+        `[N, channels, size, size]`: what `__call__` runs on one image, and the device path on a bucket of
+        same-sized images (`medembed.device_preprocess`)."""
+        import torch
+        import torch.nn.functional as F
+
+        if self.channels == 1 and batch.shape[1] == 3:
+            batch = (0.299 * batch[:, 0] + 0.587 * batch[:, 1] + 0.114 * batch[:, 2])[:, None]
         if self.pad_to_square:
-            tensor = _pad_to_square(tensor)
-        tensor = F.interpolate(
-            tensor[None], size=(self.size, self.size), mode=self.resize, align_corners=False, antialias=self.antialias
-        )[0]
-        tensor = tensor.clamp_(0.0, 1.0).expand(self.channels, -1, -1)
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return ((tensor - mean) / std).numpy()
+            batch = _pad_to_square(batch)
+        batch = F.interpolate(batch, size=(self.size, self.size), mode=self.resize, align_corners=False, antialias=self.antialias)
+        batch = batch.clamp_(0.0, 1.0).expand(-1, self.channels, -1, -1)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=batch.device)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32, device=batch.device)[:, None, None]
+        return (batch - mean) / std
 
     def decode(self, path: Path | str) -> np.ndarray:
         """`decode_image(path)` with this spec's decoding settings (leniency, JPEG draft, limits)."""
@@ -636,12 +778,24 @@ class PreprocessSpec:
         """Decode `path` (`decode`) and preprocess it: `[channels, size, size]` float32."""
         return self(self.decode(path))
 
+    def decode_compact(self, path: Path | str) -> CompactPixels:
+        """`decode_compact(path)` with this spec's decoding settings: what a worker sends when the pad, resize
+        and normalisation run on the model's device (`medembed.device_preprocess`)."""
+        return decode_compact(
+            path,
+            lenient=self.lenient_decoding,
+            draft_size=self.size if self.jpeg_draft else None,
+            max_pixels=self.max_pixels,
+            min_side=self.min_side,
+            max_aspect_ratio=self.max_aspect_ratio,
+        )
+
 
 def _pad_to_square(tensor: torch.Tensor) -> torch.Tensor:
-    """`[C, H, W]` -> `[C, S, S]`, S = max(H, W), zeros around the centred image; the odd pixel goes after."""
+    """`[..., H, W]` -> `[..., S, S]`, S = max(H, W), zeros around the centred image; the odd pixel goes after."""
     import torch.nn.functional as F
 
-    height, width = tensor.shape[1:]
+    height, width = tensor.shape[-2:]
     if height == width:
         return tensor
     side = max(height, width)
