@@ -8,19 +8,19 @@ import json
 import typer
 
 from cli._generate import command
-from medembed.encoders import EncoderChoice, available_encoders
+from medembed.encoders import EncoderChoice, available_encoders, encoder_levels_help
 from medembed.encoders.conformance import CheckOptions
 
 app = typer.Typer(help="Inspect and check the frozen encoders.", no_args_is_help=True)
 
 
 def list_encoders() -> None:
-    """List the registered encoders.
+    """List the registered encoders and the levels each can store as tokens (extract --levels).
 
     Example: medembed encoders list
     """
     for name in available_encoders():
-        typer.echo(name)
+        typer.echo(f"{name}\n  levels: {encoder_levels_help(name)}")
 
 
 def check(

@@ -193,3 +193,20 @@ def siglip_tower_flops(config: Any) -> float:
         num_channels=config.num_channels,
         attention_pool_head=config.vision_use_head,
     )
+
+
+VIT_LEVELS_HELP = "layer0..layerN (layer0: the patch embeddings, layerK: transformer layer K's output; layer:-4 counts from the end), final (the last hidden state, after the final norm): patch tokens as a side x side grid"
+
+
+def vit_level_names(num_layers: int) -> list[str]:
+    """`layer0` (patch embeddings) .. `layer{num_layers}` (the last transformer layer's output), then `final`."""
+    return [*(f"layer{index}" for index in range(num_layers + 1)), "final"]
+
+
+def vit_level_maps(outputs: Any, names: set[str], side: int) -> dict[str, torch.Tensor]:
+    """The patch tokens of the hidden states `names` asks for (`outputs` of a forward with output_hidden_states)
+    as `[B, C, side, side]` maps; the tokens before the last side * side (CLS, registers) are left out."""
+    from medembed.levels import grid_side_tokens
+
+    chosen = {name: outputs.last_hidden_state if name == "final" else outputs.hidden_states[int(name.removeprefix("layer"))] for name in names}
+    return {name: grid_side_tokens(hidden[:, hidden.shape[1] - side * side :], side) for name, hidden in chosen.items()}

@@ -21,6 +21,7 @@ from torch import nn
 from medembed._files import read_json
 from medembed.encoders.base import Encoder, EncoderError, freeze
 from medembed.images import PreprocessSpec
+from medembed.levels import FINAL
 
 KIND = "autoencoder"
 LEVELS = 4  # stride-2 stages: the bottleneck map is size / 16 on a side
@@ -92,6 +93,31 @@ class AutoencoderEncoder(Encoder):
         """`[B, 1, S, S]` grey pixels in [0, 1] -> `[B, bottleneck]` float32."""
         eight_bit = pixels.float().mul(255).round().div(255)  # what the training cache fed the network
         return self._require_loaded(self._model).embed(eight_bit).float()
+
+    @classmethod
+    def levels_help(cls) -> str:
+        return "stage1..stage3 (the first three stride-2 stages), final (the bottleneck map, size/16 on a side)"
+
+    def level_names(self) -> list[str]:
+        return [*(f"stage{stage}" for stage in range(1, LEVELS)), FINAL]
+
+    def level_map_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """(channels, side, side) after each stride-2 stage."""
+        channels = [self.width * 2**stage for stage in range(LEVELS - 1)] + [self.dim]
+        size = self.preprocess.size
+        return {name: (c, size // 2 ** (stage + 1), size // 2 ** (stage + 1)) for stage, (name, c) in enumerate(zip(self.level_names(), channels))}
+
+    def level_maps(self, pixels: torch.Tensor, names: set[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The embedding and the maps after the stages `names` asks for (each stage: conv, batch norm, ReLU)."""
+        x = pixels.float().mul(255).round().div(255)
+        layers = list(self._require_loaded(self._model).encoder)
+        maps = {}
+        for stage, name in enumerate(self.level_names()):
+            for layer in layers[3 * stage : 3 * stage + 3]:
+                x = layer(x)
+            if name in names:
+                maps[name] = x
+        return x.mean(dim=(2, 3)).float(), maps
 
     def weight_files(self) -> list[Path]:
         return [self.weights / WEIGHTS_FILE]

@@ -9,8 +9,10 @@ from typing import ClassVar
 
 import torch
 
+from medembed.encoders.views import VIEW_REDUCTIONS, VIEWS_LEVEL, apply_view, parse_views
 from medembed.errors import MedembedError
 from medembed.images import PreprocessSpec
+from medembed.levels import LevelError, LevelSpec, canonical_levels, requested_levels, token_count, tokens_from_map
 
 _HASH_CHUNK = 8 * 1024 * 1024
 # (real path, size, mtime_ns) -> sha256: a multi-GB shard is hashed once per process.
@@ -49,16 +51,97 @@ class Encoder(abc.ABC):
         The caller chooses autocast and inference mode; weights stay float32.
         """
 
+    # -- levels (token grids) and test-time views: configured by `configure_tokens`, shared by every encoder --
+
+    levels: tuple[LevelSpec, ...] = ()  # resolved specs, in the order asked
+    views: tuple[str, ...] = ()  # canonical test-time view names (medembed.encoders.views)
+    view_reduce: str = "mean"
+
+    @classmethod
+    def levels_help(cls) -> str:
+        """The levels in words, without building the encoder (what `medembed encoders list` prints)."""
+        return "none"
+
+    def level_names(self) -> list[str]:
+        """The levels this encoder can store (`block14`, `layer8`, `final`, ...), in forward order; [] for none."""
+        return []
+
+    def level_map_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """`{level: (C, H, W)}`: each level's feature map for one image, known without loading weights."""
+        return {}
+
+    def level_maps(self, pixels: torch.Tensor, names: set[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`[B, 3, S, S]` -> (the `embed` output `[B, dim]`, `{level: [B, C, H, W]}` for `names`), in one forward."""
+        raise EncoderError(f"encoder {self.name!r} has no intermediate levels")
+
+    def configure_tokens(
+        self,
+        levels: str | list[str] | None = None,
+        tokens: str | list[str] | None = None,
+        views: str | list[str] | None = None,
+        view_reduce: str = "mean",
+    ) -> None:
+        """Ask for token levels (`levels="block14,block10@7x7"`, `tokens="2x2"` = `final@2x2`) and test-time views
+        (`views="hflip"`, their embeddings averaged, or also all kept with `view_reduce="all"`)."""
+        self.levels = tuple(dict.fromkeys(self.resolve_level(spec) for spec in requested_levels(levels, tokens)))
+        self.views = parse_views(views)
+        if view_reduce not in VIEW_REDUCTIONS:
+            raise EncoderError(f"view_reduce must be one of {', '.join(VIEW_REDUCTIONS)}, got {view_reduce!r}")
+        self.view_reduce = view_reduce
+
+    def resolve_level(self, spec: LevelSpec) -> LevelSpec:
+        """`spec` with a negative index counted from the end of this encoder's levels of that name; refused when
+        the encoder has no such level or the grid is finer than the level's own."""
+        names = self.level_names()
+        if spec.index is not None and spec.index < 0:
+            indexed = sorted(int(n[len(spec.base):]) for n in names if n.startswith(spec.base) and n[len(spec.base):].isdigit())
+            if len(indexed) < -spec.index:
+                raise LevelError(f"encoder {self.name!r} has {len(indexed)} '{spec.base}' levels; {spec.canonical()} is out of range")
+            spec = LevelSpec(spec.base, indexed[spec.index], spec.grid)
+        if spec.name not in names:
+            shown = describe_levels(names) if names else "none"
+            raise LevelError(f"encoder {self.name!r} has no level {spec.name!r}; its levels: {shown}")
+        _, height, width = self.level_map_shapes()[spec.name]
+        if spec.grid is not None and (spec.grid[0] > height or spec.grid[1] > width):
+            raise LevelError(f"level {spec.canonical()}: {spec.name} is a {height}x{width} map; a finer grid would repeat cells")
+        return spec
+
     def embed_with_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Like `embed`, plus the token grids of the levels this encoder was asked for: `{level: [B, T, C]}`.
 
-        The extractor always calls this one; encoders without levels return no tokens.
+        The extractor always calls this one; encoders without levels or views return no tokens. Level tokens come
+        from the original image; with views the pooled embedding is the mean over the original and its views.
         """
-        return self.embed(pixels), {}
+        if self.levels:
+            pooled, maps = self.level_maps(pixels, {spec.name for spec in self.levels})
+        else:
+            pooled, maps = self.embed(pixels), {}
+        tokens = {spec.canonical(): tokens_from_map(maps[spec.name], spec.grid).float() for spec in self.levels}
+        if self.views:
+            seen = torch.stack([pooled] + [self.embed(apply_view(pixels, view)) for view in self.views], dim=1)
+            pooled = seen.mean(dim=1)
+            if self.view_reduce == "all":
+                tokens[VIEWS_LEVEL] = torch.cat([pooled.unsqueeze(1), seen], dim=1).float()
+        return pooled.float(), tokens
 
     def token_shapes(self) -> dict[str, tuple[int, int]]:
         """`{level: (T, C)}` for the token grids `embed_with_tokens` returns (empty: pooled embeddings only)."""
-        return {}
+        maps = self.level_map_shapes()
+        shapes = {spec.canonical(): (token_count(maps[spec.name][1:], spec.grid), maps[spec.name][0]) for spec in self.levels}
+        if self.views and self.view_reduce == "all":
+            shapes[VIEWS_LEVEL] = (2 + len(self.views), self.dim)
+        return shapes
+
+    def levels_fingerprint(self) -> str:
+        """The fingerprint's `levels`: the canonical level specs, then `views` when every view is stored ("" for none)."""
+        stored = canonical_levels(list(self.levels))
+        if self.views and self.view_reduce == "all":
+            stored = f"{stored},{VIEWS_LEVEL}" if stored else VIEWS_LEVEL
+        return stored
+
+    def pooled_kind(self) -> str:
+        """`embedding_kind` plus the views averaged into it ("global_avg_pool+mean(hflip)"): views change the vector."""
+        return f"{self.embedding_kind}+mean({','.join(self.views)})" if self.views else self.embedding_kind
 
     @abc.abstractmethod
     def weight_files(self) -> list[Path]:
@@ -89,15 +172,31 @@ class Encoder(abc.ABC):
             "revision": self.revision,
             "weights_sha256": self.weights_sha256(),
             "config_sha256": self.config_sha256(),
-            "embedding_kind": self.embedding_kind,
+            "embedding_kind": self.pooled_kind(),
             "preprocess": self.preprocess.to_json(),
             "preprocess_hash": self.preprocess.hash(),
+            "levels": self.levels_fingerprint(),
         }
 
     def _require_loaded(self, model: torch.nn.Module | None) -> torch.nn.Module:
         if model is None:
             raise EncoderError(f"encoder {self.name!r}: call load(device) before embed()")
         return model
+
+
+def describe_levels(names: list[str]) -> str:
+    """Level names with runs of one base collapsed: "stem, block0..block15, final"."""
+    groups: dict[str, list[int]] = {}
+    plain: list[str] = []
+    for name in names:
+        base = name.rstrip("0123456789")
+        if base != name:
+            groups.setdefault(base, []).append(int(name[len(base):]))
+            if base not in plain:
+                plain.append(base)
+        else:
+            plain.append(name)
+    return ", ".join(f"{item}{min(groups[item])}..{item}{max(groups[item])}" if item in groups else item for item in plain)
 
 
 def freeze(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -19,9 +19,11 @@ fingerprint.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import json
+import math
 from importlib.metadata import version
 from pathlib import Path
 from typing import ClassVar
@@ -31,8 +33,9 @@ from efficientnet_lite_pytorch import EfficientNet
 from efficientnet_lite_pytorch.utils import get_model_params
 from torch.utils.flop_counter import FlopCounterMode
 
-from medembed.encoders.base import Encoder, freeze
+from medembed.encoders.base import Encoder, EncoderError, describe_levels, freeze
 from medembed.images import PreprocessSpec
+from medembed.levels import FINAL
 
 _CODE_PACKAGE = "efficientnet_lite_pytorch"
 DIM = 1280
@@ -72,6 +75,7 @@ class EfficientNetLiteEncoder(Encoder):
         self.model_id = self.name
         self.revision = f"{self.WEIGHTS_PACKAGE}=={version(self.WEIGHTS_PACKAGE)}"
         self._model: EfficientNet | None = None
+        self._meta: EfficientNet | None = None
         self._flops: float | None = None
 
     @property
@@ -101,6 +105,67 @@ class EfficientNetLiteEncoder(Encoder):
         features = self._require_loaded(self._model).extract_features(pixels.contiguous(memory_format=torch.channels_last))
         return features.mean(dim=(2, 3)).float()
 
+    # -- levels: the stem, each MBConv block's output, and the head conv's output ("final") --
+
+    @classmethod
+    def levels_help(cls) -> str:
+        shapes = cls().level_map_shapes()
+        names = list(shapes)
+        # the last block of each resolution, the head conv's input and the final map
+        shown = [name for name, after in zip(names, names[1:]) if shapes[name][1] != shapes[after][1]] + names[-3:-1] + [FINAL]
+        listed = ", ".join(f"{name} {shapes[name][1]}x{shapes[name][2]}x{shapes[name][0]}" for name in dict.fromkeys(shown))
+        return f"{describe_levels(names)} (at {cls.DEFAULT_SIZE} px: {listed})"
+
+    def level_names(self) -> list[str]:
+        """`stem`, `block0`..`block{n-1}` (block n-1's output is the head conv's input) and `final` (1280 channels)."""
+        return ["stem", *(f"block{index}" for index in range(len(self._block_shapes()))), FINAL]
+
+    def level_map_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """`(C, H, W)` per level at this input size, from the block definitions ('same' padding: H = ceil(H / stride))."""
+        side = math.ceil(self.size / 2)
+        shapes = {"stem": (self._meta_network()._conv_stem.out_channels, side, side)}
+        for index, (channels, stride) in enumerate(self._block_shapes()):
+            side = math.ceil(side / stride)
+            shapes[f"block{index}"] = (channels, side, side)
+        shapes[FINAL] = (DIM, side, side)
+        return shapes
+
+    def _block_shapes(self) -> list[tuple[int, int]]:
+        """(output channels, stride) of every MBConv block."""
+        return [(block._block_args.output_filters, _stride(block._block_args.stride)) for block in self._meta_network()._blocks]
+
+    def _meta_network(self) -> EfficientNet:
+        """The network built without storage (meta device): its architecture only, for shapes."""
+        if self._meta is None:
+            with torch.device("meta"):
+                self._meta = self._build()
+        return self._meta
+
+    def level_maps(self, pixels: torch.Tensor, names: set[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The pooled 1280-d embedding and the feature maps `[B, C, H, W]` of `names`, in one forward pass
+        (the same computation as `extract_features`, with drop-connect off as in eval mode)."""
+        model = self._require_loaded(self._model)
+        x = model._swish(model._bn0(model._conv_stem(pixels.contiguous(memory_format=torch.channels_last))))
+        maps = {"stem": x} if "stem" in names else {}
+        for index, block in enumerate(model._blocks):
+            x = block(x)
+            if f"block{index}" in names:
+                maps[f"block{index}"] = x
+        x = model._swish(model._bn1(model._conv_head(x)))
+        if FINAL in names:
+            maps[FINAL] = x
+        return x.mean(dim=(2, 3)).float(), maps
+
+    def tail(self, level: str, pretrained: bool = True) -> torch.nn.Module:
+        """A trainable copy of the network after `level` (a block output): the remaining MBConv blocks, the head
+        conv and its batch norm, mapping that level's map `[B, C, H, W]` to the pooled `[B, 1280]` embedding.
+        `pretrained`: copied from the loaded weights; else the architecture only (to load saved weights into)."""
+        names = self.level_names()
+        if level not in names[1:-1]:
+            raise EncoderError(f"{self.name}: the adapter starts after a block output (block0..block{len(names) - 3}), not {level!r}")
+        network = self._require_loaded(self._model) if pretrained else self._build()
+        return EfficientNetTail(network, int(level.removeprefix("block")) + 1).float().to(memory_format=torch.contiguous_format)
+
     def config_sha256(self) -> str:
         """sha256 of the architecture as the installed code defines it (there is no config.json): the code
         package and version, and the block and global parameters it builds for this input size, as JSON."""
@@ -125,6 +190,30 @@ class EfficientNetLiteEncoder(Encoder):
                 self._build().eval().extract_features(torch.zeros(1, 3, self.size, self.size))
             self._flops = float(counter.get_total_flops())
         return self._flops
+
+
+class EfficientNetTail(torch.nn.Module):
+    """Blocks `first`.. of an EfficientNet, its head conv, batch norm and activation, then the global average:
+    `[B, C, H, W]` (the map entering block `first`) -> `[B, 1280]`. A deep copy: training it leaves the encoder frozen."""
+
+    def __init__(self, network: EfficientNet, first: int) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(copy.deepcopy(block) for block in network._blocks[first:])
+        self.conv_head = copy.deepcopy(network._conv_head)
+        self.bn = copy.deepcopy(network._bn1)
+        self.activation = copy.deepcopy(network._swish)
+        self.requires_grad_(True)
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        x = feature_map
+        for block in self.blocks:
+            x = block(x)
+        return self.activation(self.bn(self.conv_head(x))).mean(dim=(2, 3))
+
+
+def _stride(stride: int | list[int]) -> int:
+    """A block's stride as one int (the package keeps [s] or s)."""
+    return int(stride[0] if isinstance(stride, (list, tuple)) else stride)
 
 
 class EfficientNetLite0Encoder(EfficientNetLiteEncoder):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModel
 
-from medembed.encoders._hf import HFCheckpoint, load_pretrained, read_json, vit_forward_flops
+from medembed.encoders._hf import VIT_LEVELS_HELP, HFCheckpoint, load_pretrained, read_json, vit_forward_flops, vit_level_maps, vit_level_names
 from medembed.encoders.base import Encoder, EncoderError
 from medembed.images import PreprocessSpec
 
@@ -63,7 +63,34 @@ class HFVisionEncoder(Encoder):
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """`[B, 3, S, S]` -> `[B, hidden_size]` float32."""
-        outputs = self._require_loaded(self._model)(pixel_values=pixels)
+        return self._pooled(self._require_loaded(self._model)(pixel_values=pixels))
+
+    @classmethod
+    def levels_help(cls) -> str:
+        return f"{VIT_LEVELS_HELP}, for ViT-style checkpoints (patch_size, hidden_size, num_hidden_layers in config.json; CLS and register tokens left out)"
+
+    def _vit_side(self) -> int | None:
+        """Patch grid side for ViT-style configs (None: not ViT-style, no levels)."""
+        needed = ("patch_size", "hidden_size", "num_hidden_layers")
+        if not all(isinstance(getattr(self.config, field, None), int) for field in needed):
+            return None
+        return self.preprocess.size // self.config.patch_size
+
+    def level_names(self) -> list[str]:
+        """`layer0`..`layer{depth}` and `final` for ViT-style checkpoints, else none."""
+        return [] if self._vit_side() is None else vit_level_names(self.config.num_hidden_layers)
+
+    def level_map_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Every level is a (hidden_size, side, side) grid of patch tokens."""
+        side = self._vit_side()
+        return dict.fromkeys(self.level_names(), (self.config.hidden_size, side, side))
+
+    def level_maps(self, pixels: torch.Tensor, names: set[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The embedding and the patch-token maps of `names` (CLS and register tokens left out), from one forward."""
+        outputs = self._require_loaded(self._model)(pixel_values=pixels, output_hidden_states=True)
+        return self._pooled(outputs), vit_level_maps(outputs, names, self._vit_side())
+
+    def _pooled(self, outputs) -> torch.Tensor:
         if self.pooling == "pooler_output":
             if outputs.pooler_output is None:
                 raise EncoderError(f"{self.model_id}: this model returns no pooler_output; use pooling='cls'")

@@ -27,7 +27,7 @@ from transformers import Gemma3Config, SiglipVisionModel
 from transformers.initialization import no_init_weights
 from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
 
-from medembed.encoders._hf import SAFETENSORS_SINGLE, HFCheckpoint, siglip_tower_flops
+from medembed.encoders._hf import SAFETENSORS_SINGLE, VIT_LEVELS_HELP, HFCheckpoint, siglip_tower_flops, vit_level_maps, vit_level_names
 from medembed.encoders.base import Encoder, EncoderError, freeze
 from medembed.images import PreprocessSpec, medsiglip_spec
 
@@ -143,7 +143,29 @@ class MedGemmaEncoder(Encoder):
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """`[B, 3, S, S]` -> `[B, dim]` float32: pooled vision output, or mean of the projected soft tokens."""
-        outputs = self._require_loaded(self._vision)(pixel_values=pixels)
+        return self._pooled(self._require_loaded(self._vision)(pixel_values=pixels))
+
+    @classmethod
+    def levels_help(cls) -> str:
+        return f"{VIT_LEVELS_HELP} (the vision tower's)"
+
+    def level_names(self) -> list[str]:
+        """The vision tower's `layer0`..`layer{depth}` and `final` (see `vit_level_names`)."""
+        return vit_level_names(self.config.vision_config.num_hidden_layers)
+
+    def level_map_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Every level is a (hidden_size, side, side) grid of the vision tower's patch tokens."""
+        vision = self.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return dict.fromkeys(self.level_names(), (vision.hidden_size, side, side))
+
+    def level_maps(self, pixels: torch.Tensor, names: set[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The embedding and the vision tower's patch-token maps of `names`, from one forward."""
+        outputs = self._require_loaded(self._vision)(pixel_values=pixels, output_hidden_states=True)
+        vision = self.config.vision_config
+        return self._pooled(outputs), vit_level_maps(outputs, names, vision.image_size // vision.patch_size)
+
+    def _pooled(self, outputs) -> torch.Tensor:
         if self.output == "projector":
             return self._require_loaded(self._projector)(outputs.last_hidden_state).mean(dim=1).float()
         if outputs.pooler_output is not None:

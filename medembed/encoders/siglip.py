@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from medembed.encoders._hf import HFCheckpoint, load_pretrained, siglip_tower_flops
+from medembed.encoders._hf import VIT_LEVELS_HELP, HFCheckpoint, load_pretrained, siglip_tower_flops, vit_level_maps, vit_level_names
 from medembed.encoders.base import Encoder, EncoderError
 from medembed.images import medsiglip_spec
 
@@ -76,10 +76,31 @@ class SiglipEncoder(Encoder):
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """`[B, 3, S, S]` -> `[B, hidden_size]` float32 (pooled output or mean patch token)."""
-        outputs = self._require_loaded(self._model)(pixel_values=pixels)
+        return self._pooled(self._require_loaded(self._model)(pixel_values=pixels))
+
+    def _pooled(self, outputs) -> torch.Tensor:
         if self.pooling == "pooler_output":
             return outputs.pooler_output.float()
         return outputs.last_hidden_state.mean(dim=1).float()
+
+    @classmethod
+    def levels_help(cls) -> str:
+        return VIT_LEVELS_HELP
+
+    def level_names(self) -> list[str]:
+        """`layer0`..`layer{depth}` and `final` (see `vit_level_names`)."""
+        return vit_level_names(self.config.num_hidden_layers)
+
+    def level_map_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Every level is a (hidden_size, side, side) grid of patch tokens, side = image_size / patch_size."""
+        side = self.config.image_size // self.config.patch_size
+        return dict.fromkeys(self.level_names(), (self.config.hidden_size, side, side))
+
+    def level_maps(self, pixels: torch.Tensor, names: set[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The embedding and the patch-token maps of `names`, from one forward with every hidden state."""
+        outputs = self._require_loaded(self._model)(pixel_values=pixels, output_hidden_states=True)
+        side = self.config.image_size // self.config.patch_size
+        return self._pooled(outputs), vit_level_maps(outputs, names, side)
 
     def config_sha256(self) -> str:
         """sha256 of the checkpoint's config.json."""

@@ -33,8 +33,10 @@ def test_files_sha256_hashes_a_sorted_sha256sum_listing(tmp_path):
 def test_fingerprint_has_the_store_keys_and_follows_the_preprocessing(tiny_siglip):
     first = get_encoder("efficientnet-lite0").fingerprint()
     assert set(first) == {
-        "encoder", "model_id", "revision", "weights_sha256", "config_sha256", "embedding_kind", "preprocess", "preprocess_hash"
+        "encoder", "model_id", "revision", "weights_sha256", "config_sha256", "embedding_kind", "preprocess", "preprocess_hash",
+        "levels",
     }
+    assert first["levels"] == ""
     assert get_encoder("efficientnet-lite0").fingerprint() == first
     spec = PreprocessSpec.from_dict(json.loads(first["preprocess"]))
     assert spec.hash() == first["preprocess_hash"]

@@ -1,0 +1,255 @@
+"""Heads over token levels `[N, T, C]` (`medembed.levels`: token 0 the global average, then the grid cells).
+
+- `attention`: a gated-attention pooling MLP (Ilse et al. 2018, "Attention-based deep multiple instance
+  learning"): each token goes through Linear -> ReLU -> Dropout; the grid tokens are pooled with softmax
+  weights from tanh(V h) * sigmoid(U h); the attended vector and the global token's are concatenated into one
+  logit. Channels are standardised on train (statistics over every train token), training is AdamW with
+  early stopping on val AUROC, seeded and reproducible on CPU as the MLP head (same training loop).
+- `concat`: every token concatenated into one `[T * C]` vector, then the logistic-regression head (C chosen
+  on val): the "regional grid + linear head" of a small grid such as final@2x2.
+
+Several levels with the same token count (block14 and block10@7x7: 50 each) are concatenated along the
+channels by `medembed.splits` before they reach a head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import torch
+from safetensors.torch import load_file, save_file
+from scipy.special import expit
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from medembed.errors import MedembedError
+from medembed.heads._checks import check_float, check_int
+from medembed.heads._features import Standardizer, l2_normalize_rows
+from medembed.heads._json import HeadLoadError, require
+from medembed.heads.base import HEAD_FILE, Head, selection_record
+from medembed.heads.logreg import DEFAULT_C_GRID, LogisticRegressionHead
+from medembed.heads.mlp import MAX_WIDTH, _logits, _torch_threads, _train_epoch
+
+WEIGHTS_FILE = "attention.safetensors"
+
+
+def check_tokens(X: Any, what: str) -> np.ndarray:
+    """`X` as a C-contiguous `[N, T, C] float32` array; refuses other ranks, empty arrays and NaN/inf rows."""
+    array = np.asarray(X)
+    if array.ndim != 3 or 0 in array.shape:
+        raise MedembedError(f"{what} must be a non-empty [N, T, C] token array (a store level, fit --level), got shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise MedembedError(f"{what} must hold real numbers, got dtype {array.dtype}")
+    with np.errstate(over="ignore"):
+        array = np.ascontiguousarray(array, dtype=np.float32)
+    bad = np.flatnonzero(~np.isfinite(array).all(axis=(1, 2)))
+    if bad.size:
+        raise MedembedError(f"{what} has {bad.size} row(s) with NaN or infinite tokens; first row indices: {', '.join(map(str, bad[:10]))}")
+    return array
+
+
+class TokenStandardizer(Standardizer):
+    """Per-channel standardisation of `[N, T, C]` tokens, statistics over all train tokens."""
+
+    @classmethod
+    def fit(cls, X: np.ndarray) -> TokenStandardizer:
+        flat = Standardizer.fit(X.reshape(-1, X.shape[-1]))
+        return cls(mean=flat.mean, std=flat.std)
+
+
+class GatedAttentionPool(nn.Module):
+    """`[B, T, C]` tokens -> `[B, 1]` logit: gated attention over tokens 1.. beside the global token 0."""
+
+    def __init__(self, channels: int, hidden: int, attention: int, dropout: float) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.gate_tanh = nn.Linear(hidden, attention)
+        self.gate_sigmoid = nn.Linear(hidden, attention)
+        self.score = nn.Linear(attention, 1)
+        self.out = nn.Linear(2 * hidden, 1)
+
+    def attention(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embedded tokens `[B, T, H]`, softmax weights `[B, T - 1, 1]` over the grid tokens)."""
+        embedded = self.embed(tokens)
+        cells = embedded[:, 1:] if embedded.shape[1] > 1 else embedded
+        weights = self.score(torch.tanh(self.gate_tanh(cells)) * torch.sigmoid(self.gate_sigmoid(cells))).softmax(dim=1)
+        return embedded, weights
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        embedded, weights = self.attention(tokens)
+        cells = embedded[:, 1:] if embedded.shape[1] > 1 else embedded
+        attended = (weights * cells).sum(dim=1)
+        return self.out(torch.cat([attended, embedded[:, 0]], dim=1))
+
+
+class TokenHeadMixin:
+    """Validation of `[N, T, C]` inputs for heads over token levels (base `Head` checks `[N, D]`)."""
+
+    def _features(self, X: np.ndarray, what: str) -> np.ndarray:
+        tokens = check_tokens(X, what)
+        if self.l2_normalize:
+            tokens = l2_normalize_rows(tokens.reshape(-1, tokens.shape[-1])).reshape(tokens.shape)
+        return tokens
+
+
+class AttentionTokenHead(TokenHeadMixin, Head):
+    """Gated-attention pooling MLP over a token level; the epoch with the best val AUROC is kept."""
+
+    name = "attention"
+
+    def __init__(
+        self,
+        *,
+        hidden: int = 128,
+        attention: int = 64,
+        dropout: float = 0.25,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        batch_size: int = 64,
+        max_epochs: int = 40,
+        patience: int = 8,
+        n_jobs: int | None = None,
+        class_weight: str | None = None,
+        l2_normalize: bool = False,
+        seed: int = 0,
+    ) -> None:
+        """`hidden`: width each token is embedded to; `attention`: width of the gates. Training stops after
+        `patience` epochs without a better val AUROC, or at `max_epochs`. `n_jobs`: torch threads (None: torch's)."""
+        super().__init__(class_weight=class_weight, l2_normalize=l2_normalize, seed=seed)
+        check_int("hidden", hidden, minimum=1, maximum=MAX_WIDTH)
+        self.hidden = hidden
+        check_int("attention", attention, minimum=1, maximum=MAX_WIDTH)
+        self.attention = attention
+        check_float("dropout", dropout, 0.0, 0.95)
+        self.dropout = dropout
+        check_float("lr", lr, 0.0, 10.0, low_inclusive=False)
+        self.lr = lr
+        check_float("weight_decay", weight_decay, 0.0, 10.0)
+        self.weight_decay = weight_decay
+        check_int("batch_size", batch_size, minimum=1)
+        self.batch_size = batch_size
+        check_int("max_epochs", max_epochs, minimum=1)
+        self.max_epochs = max_epochs
+        check_int("patience", patience, minimum=1)
+        self.patience = patience
+        if n_jobs is not None:
+            check_int("n_jobs", n_jobs, minimum=1)
+        self.n_jobs = n_jobs
+
+    def _fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> dict[str, Any]:
+        if X_val.shape[2] != X.shape[2]:
+            raise MedembedError(f"X_val has {X_val.shape[2]} channels per token but X has {X.shape[2]}")
+        self.n_channels_ = X.shape[2]
+        self.standardizer_ = TokenStandardizer.fit(X)
+        inputs = torch.from_numpy(self._standardized(X))
+        val_inputs = torch.from_numpy(self._standardized(X_val))
+        targets = torch.from_numpy(y.astype(np.float32))
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(self._positive_class_weight(y)))
+        val_auroc: list[float] = []
+        train_loss: list[float] = []
+        with torch.random.fork_rng(devices=[]), _torch_threads(self.n_jobs):
+            torch.manual_seed(self.seed)
+            network = self._build_network()
+            optimizer = torch.optim.AdamW(network.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            shuffle = torch.Generator().manual_seed(self.seed)
+            best = 0
+            for epoch in range(self.max_epochs):
+                train_loss.append(_train_epoch(network, optimizer, loss_fn, inputs, targets, self.batch_size, shuffle))
+                val_auroc.append(float(roc_auc_score(y_val, _logits(network, val_inputs))))
+                if epoch == 0 or val_auroc[epoch] > val_auroc[best]:
+                    best = epoch
+                    best_state = {key: tensor.clone() for key, tensor in network.state_dict().items()}
+                elif epoch - best >= self.patience:
+                    break
+        network.load_state_dict(best_state)
+        self.network_ = network.eval()
+        return selection_record("epochs", list(range(1, len(val_auroc) + 1)), val_auroc, best, train_loss=train_loss)
+
+    def _positive_proba(self, X: np.ndarray) -> np.ndarray:
+        self._check_channels(X)
+        with _torch_threads(self.n_jobs):
+            return expit(_logits(self.network_, torch.from_numpy(self._standardized(X))))
+
+    def attention_weights(self, X: np.ndarray) -> np.ndarray:
+        """`[N, T - 1]` softmax weights the head gives each grid token (where it looks), for `[N, T, C]` tokens."""
+        self._require_fitted()
+        X = self._features(X, "X")
+        self._check_channels(X)
+        with torch.inference_mode(), _torch_threads(self.n_jobs):
+            _, weights = self.network_.attention(torch.from_numpy(self._standardized(X)))
+        return weights.squeeze(-1).numpy().astype(np.float64)
+
+    def _check_channels(self, X: np.ndarray) -> None:
+        if X.shape[2] != self.n_channels_:
+            raise MedembedError(f"X has {X.shape[2]} channels per token but the attention head was fitted on {self.n_channels_}")
+
+    def _standardized(self, X: np.ndarray) -> np.ndarray:
+        return self.standardizer_.transform(X.reshape(-1, X.shape[2])).reshape(X.shape)
+
+    def _build_network(self) -> GatedAttentionPool:
+        return GatedAttentionPool(self.n_channels_, int(self.hidden), int(self.attention), self.dropout)
+
+    def _save_state(self, directory: Path) -> dict[str, Any]:
+        tensors = {f"network.{key}": tensor.contiguous() for key, tensor in self.network_.state_dict().items()}
+        tensors["standardizer.mean"] = torch.from_numpy(self.standardizer_.mean)
+        tensors["standardizer.std"] = torch.from_numpy(self.standardizer_.std)
+        save_file(tensors, str(directory / WEIGHTS_FILE))
+        return {"n_channels": self.n_channels_}
+
+    def _load_state(self, directory: Path, state: dict[str, Any]) -> None:
+        channels = require(state, "n_channels", int, directory / HEAD_FILE)
+        if channels < 1:
+            raise HeadLoadError(f"{directory / HEAD_FILE}: n_channels must be positive")
+        self.n_channels_ = channels
+        network = self._build_network()
+        expected = {f"network.{key}": tensor for key, tensor in network.state_dict().items()}
+        expected |= {"standardizer.mean": torch.empty(channels), "standardizer.std": torch.empty(channels)}
+        tensors = read_safetensors(directory / WEIGHTS_FILE, expected)
+        if not (tensors["standardizer.std"] > 0).all():
+            raise HeadLoadError(f"{directory / WEIGHTS_FILE}: tensor 'standardizer.std' must be positive")
+        network.load_state_dict({key.removeprefix("network."): tensors[key] for key in expected if key.startswith("network.")})
+        self.network_ = network.eval()
+        self.standardizer_ = TokenStandardizer(mean=tensors["standardizer.mean"].numpy(), std=tensors["standardizer.std"].numpy())
+
+
+def read_safetensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float32 tensors of `path`, refused (HeadLoadError) unless names and shapes are exactly `expected`'s
+    and every value is finite."""
+    try:
+        tensors = load_file(str(path))
+    except (safetensors.SafetensorError, OSError, ValueError) as error:
+        raise HeadLoadError(f"{path}: not a readable safetensors file ({error})") from None
+    if set(tensors) != set(expected):
+        raise HeadLoadError(f"{path}: tensors {sorted(tensors)[:6]}... do not match the config's {sorted(expected)[:6]}...")
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key].shape or tensor.dtype != torch.float32:
+            raise HeadLoadError(f"{path}: tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}, head.json implies float32 {tuple(expected[key].shape)}")
+        if not torch.isfinite(tensor).all():
+            raise HeadLoadError(f"{path}: tensor {key!r} holds NaN or infinite values")
+    return tensors
+
+
+class ConcatTokenHead(LogisticRegressionHead):
+    """Logistic regression on every token of a level concatenated (`[N, T, C]` -> `[N, T * C]`), C chosen on val."""
+
+    name = "concat"
+
+    def __init__(
+        self,
+        *,
+        c_grid: tuple[float, ...] = DEFAULT_C_GRID,
+        tol: float = 1e-3,
+        max_iter: int = 300,
+        class_weight: str | None = None,
+        l2_normalize: bool = False,
+        seed: int = 0,
+    ) -> None:
+        """As the logreg head; `l2_normalize` scales each token (not the concatenation) to unit norm."""
+        super().__init__(c_grid=c_grid, tol=tol, max_iter=max_iter, class_weight=class_weight, l2_normalize=l2_normalize, seed=seed)
+
+    def _features(self, X: np.ndarray, what: str) -> np.ndarray:
+        tokens = TokenHeadMixin._features(self, X, what)
+        return tokens.reshape(tokens.shape[0], -1)
