@@ -1,34 +1,47 @@
-"""The HDF5 embedding store: schema, crash-safe append, resume, read, merge, verify.
+"""The HDF5 embedding store: schema, crash-safe linear append, resume, read, merge, consolidate, verify.
 
-On disk a store is one HDF5 file, readable with plain h5py:
+A finished store is one plain HDF5 file, readable with plain h5py:
 
     embeddings   [N, D] float16|float32, chunked by rows, fletcher32 checksum per chunk
     image_id     [N] UTF-8 strings, aligned with embeddings
     label        [N] int8 (0 normal, 1 abnormal, -1 unknown), fletcher32
     study_id, patient_id, body_part, split   [N] UTF-8 strings ("" where unknown)
+    extra/<name> [N] UTF-8 strings: further manifest columns (view, site, ...), "" for rows written before
+    tokens/<lv>  [N, T, C] token grids of each level (attrs token_levels: {level: [T, C]}), fletcher32
     failed/image_id, failed/reason           images that could not be embedded, and why
     attrs        schema_version, fingerprint (JSON) and its fields, provenance (JSON), dim, dtype,
                  medembed_version, created, ...
 
+A store being written (or resumed with little new work) is segmented: ``<store>`` is then a small index
+file (schema_version 2, attrs layout="segments") whose row datasets are HDF5 virtual datasets over sealed
+segment files in ``<store>.segments/`` beside it (same datasets as a plain file, referenced by relative
+paths, so the folder moves whole), plus the failed table. Plain h5py readers see the same names either way.
+medembed reads segments directly (a missing segment is an error, never HDF5's silent fill value).
+
 Identity and provenance. The fingerprint (FINGERPRINT_KEYS) says which embeddings are comparable: two
 stores, a store and a head, a store and a resumed run must agree on every key. `precision` is the
-autocast precision the vectors were computed in (bf16, fp16, fp32) and `config_sha256` the checksum of
-the checkpoint's config.json. Fingerprints recorded before those two keys existed lack them; a key a
-fingerprint does not record is not compared (resuming such a store warns that it cannot be checked).
-`provenance` (torch, transformers, medembed, python versions, GPU) is not identity: a resume or merge in
-another environment warns (ProvenanceWarning) and goes on.
+autocast precision the vectors were computed in (bf16, fp16, fp32), `config_sha256` the checksum of
+the checkpoint's config.json and `levels` the encoder's canonical string of the token levels it keeps.
+Fingerprints recorded before those keys existed lack them; a key a fingerprint does not record is not
+compared (resuming such a store warns that it cannot be checked). `provenance` (torch, transformers,
+medembed, python versions, GPU) is not identity: a resume or merge in another environment warns
+(ProvenanceWarning) and goes on.
 
 Crash safety. HDF5 itself is not safe against a process killed mid-write (its metadata cache can be half
-flushed), so the writer never modifies the HDF5 file in place. Each appended batch goes to a write-ahead
+flushed), so the writer never modifies an HDF5 file in place. Each appended batch goes to a write-ahead
 log beside it (``<store>.wal``): one framed, CRC-checked record per batch, written with a single
 ``write``. A kill at any instant leaves at most a torn last record, which readers ignore and the next
 writer drops; a damaged record in the middle is skipped (the reader resynchronises on the next intact
-frame) and counted. The log is folded into the HDF5 file by copy -> apply -> ``os.replace``, so the
-``.h5`` is always a complete store; rows already present are skipped on fold, so a kill between the
-replace and the log's removal never duplicates a row. Records are "rows" (a batch, with the batch's
-failed images), "failed" and "columns" (manifest metadata of rows already stored, refreshed after the
-manifest was edited). Readers see the HDF5 rows plus whatever is still in the log. A writer holds an
-exclusive ``flock`` on ``<store>.lock``; a second writer is refused.
+frame) and counted. Every ``fold_every_rows`` rows the log is folded: its rows go to a new segment
+(temp file, fsync, rename) and a new index listing it replaces the old one (temp, fsync, ``os.replace``),
+so a fold costs what it adds, not what the store holds. Rows already stored are skipped on fold, so a
+kill between the replace and the log's removal never duplicates a row; segments no index lists (a kill
+before the replace) are removed by the next writer. At the end of a run the store is consolidated into
+one plain file (temp, fsync, replace) when that is cheap relative to the run (see
+`StoreWriter.close`), else by `medembed merge <store> --out <store>`. Records are "rows" (a batch, its
+token grids and the batch's failed images), "failed" and "columns" (manifest metadata of rows already
+stored, refreshed after the manifest was edited). Readers see the stored rows plus whatever is still in
+the log. A writer holds an exclusive ``flock`` on ``<store>.lock``; a second writer is refused.
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from urllib.parse import unquote
 
 import h5py
 import numpy as np
@@ -55,14 +69,15 @@ from medembed._files import ExclusiveLock, LockBusy, is_locked
 from medembed.errors import MedembedError
 from medembed.images import PreprocessSpec
 
-SCHEMA_VERSION = 1  # additive changes since (fingerprint keys, provenance, checksums) stay readable by older medembed
+SCHEMA_VERSION = 2  # 2: the segmented layout (an index file); plain files are still written as 1
+PLAIN_SCHEMA_VERSION = 1  # additive changes since (fingerprint keys, provenance, checksums, tokens, extra) stay readable
 # The attributes that must match for two sets of embeddings to be comparable (mixing, merging, applying a head).
 FINGERPRINT_KEYS = (
     "encoder", "model_id", "revision", "weights_sha256", "embedding_kind", "preprocess_hash", "dtype",
-    "precision", "config_sha256",
+    "precision", "config_sha256", "levels",
 )
 # Keys added after stores were first written: a recorded fingerprint without them predates them.
-LATER_FINGERPRINT_KEYS = ("precision", "config_sha256")
+LATER_FINGERPRINT_KEYS = ("precision", "config_sha256", "levels")
 PRECISIONS = ("bf16", "fp16", "fp32")
 STRING_COLUMNS = ("study_id", "patient_id", "body_part", "split")
 COLUMNS = ("label",) + STRING_COLUMNS
@@ -75,6 +90,10 @@ _RECORD_HEAD = struct.Struct("<8sIQI")  # magic, header length, body length, crc
 _RECORD_KINDS = ("rows", "failed", "columns")
 _TARGET_CHUNK_BYTES = 1 << 20
 _UPDATE_BATCH = 10_000  # ids per "columns" log record
+_COPY_ROWS_BYTES = 64 << 20  # consolidation copies row data in blocks of about this size
+# A store whose rows take at most this is consolidated at the end of every run (the copy is cheap anyway).
+_ALWAYS_CONSOLIDATE_BYTES = 256 << 20
+_RESERVED_NAMES = ("image_id", "embeddings", "failed", "tokens", "extra")
 
 
 class StoreError(MedembedError):
@@ -189,6 +208,53 @@ def _storable_text(value: str) -> str:
     return str(value).replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+
+# ----------------------------------------------------------------------------------------------- names
+
+
+def _h5_name(name: str) -> str:
+    """A level or column name as one HDF5 link name: '/' (a path separator there) and '%' are %-escaped,
+    and so is a leading '.' ('.' alone names the group itself)."""
+    encoded = name.replace("%", "%25").replace("/", "%2F")
+    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
+
+
+def _name_of(h5_name: str) -> str:
+    """The name `_h5_name` encoded."""
+    return unquote(h5_name)
+
+
+def _tokens_dataset(level: str) -> str:
+    return f"tokens/{_h5_name(level)}"
+
+
+def _extra_dataset(column: str) -> str:
+    return f"extra/{_h5_name(column)}"
+
+
+def _check_name(path: Path, name: object, what: str) -> str:
+    """`name` if it can name a token level or an extra column, else a one-line StoreError."""
+    problem = "is empty" if name == "" else text_problem(name)
+    if problem:
+        raise StoreError(f"{path}: {what} name {name!r} cannot be stored: it {problem}")
+    return str(name)
+
+
+def normalise_token_shapes(path: Path, tokens: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, int]]:
+    """{level: (T, C)} with positive ints, in sorted level order; a one-line StoreError on a bad entry."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for level in sorted(tokens or {}, key=str):
+        shape = tuple(tokens[level]) if isinstance(tokens[level], (tuple, list)) else ()
+        if len(shape) != 2 or not all(isinstance(v, (int, np.integer)) and v > 0 for v in shape):
+            raise StoreError(f"{path}: token level {level!r} needs a shape (T, C) of two positive ints, got {tokens[level]!r}")
+        shapes[_check_name(path, level, "token level")] = (int(shape[0]), int(shape[1]))
+    return shapes
+
+
+def _describe_levels(shapes: Mapping[str, tuple[int, int]]) -> str:
+    return ", ".join(f"{level} {t}x{c}" for level, (t, c) in shapes.items()) or "none"
+
+
 # --------------------------------------------------------------------------------------------- reading
 
 
@@ -212,11 +278,15 @@ def _check_schema(path: Path, f: h5py.File) -> None:
         )
 
 
-def _read_dataset(path: Path, f: h5py.File, name: str) -> np.ndarray:
-    """A whole dataset (strings as a [N] object array of str); a damaged chunk is a one-line StoreError."""
+def _read_dataset(path: Path, f: h5py.File, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+    """A dataset (or the rows `rows` of it; strings as a [N] object array of str); a damaged chunk is a
+    one-line StoreError."""
     try:
         dataset = f[name]
-        return dataset.asstr()[:].astype(object) if dataset.dtype.kind == "O" else dataset[:]
+        selection = slice(None) if rows is None else rows
+        if dataset.dtype.kind == "O":
+            return np.asarray(dataset.asstr()[selection], dtype=object).reshape(-1)
+        return dataset[selection]
     except OSError as error:
         raise StoreError(
             f"{path}: cannot read {name!r}, the file is damaged ({error}); "
@@ -226,11 +296,63 @@ def _read_dataset(path: Path, f: h5py.File, name: str) -> np.ndarray:
 
 def _strings(dataset: h5py.Dataset) -> np.ndarray:
     """A UTF-8 string dataset as a [N] object array of str."""
-    return dataset.asstr()[:].astype(object)
+    return np.asarray(dataset.asstr()[:], dtype=object).reshape(-1)
+
+
+def _attrs_of(f: h5py.File) -> dict[str, object]:
+    return {k: (v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+
+
+@dataclass
+class _Segment:
+    """One sealed segment file of a segmented store, as its index lists it."""
+
+    file: str  # relative to the store's folder: <store>.segments/seg-000001.h5
+    rows: int
+    extra: list[str] = field(default_factory=list)  # the extra columns it holds
+
+    def as_json(self) -> dict:
+        return {"file": self.file, "rows": self.rows, "extra": self.extra}
+
+
+def _segments_dir(path: Path) -> Path:
+    """Where a segmented store keeps its segments: a folder beside it, <store>.segments/."""
+    return path.with_name(path.name + ".segments")
+
+
+def _segments_in(attrs: Mapping[str, object]) -> list[_Segment] | None:
+    """The segments an index lists, or None for a plain file."""
+    if attrs.get("layout") != "segments":
+        return None
+    return [_Segment(str(s["file"]), int(s["rows"]), list(s.get("extra", []))) for s in json.loads(str(attrs["segments"]))]
+
+
+def _extras_in(f: h5py.File) -> list[str]:
+    return sorted(_name_of(name) for name in f["extra"]) if "extra" in f else []
+
+
+@dataclass
+class _Source:
+    """A file holding rows of a store: the plain file itself or one segment; `first` is its first row."""
+
+    path: Path
+    rows: int
+    first: int
+    extra: list[str]
+    label: str  # how problems name it: '' for a plain file, 'segment seg-000001.h5 ' otherwise
+
+
+def _empty(name: str, dim: int, dtype: str, token_shapes: Mapping[str, tuple[int, int]]) -> np.ndarray:
+    if name == "embeddings":
+        return np.zeros((0, dim), dtype)
+    if name.startswith("tokens/"):
+        return np.zeros((0, *token_shapes[_name_of(name.split("/", 1)[1])]), dtype)
+    return np.zeros(0, np.int8) if name == "label" else np.zeros(0, dtype=object)
 
 
 def _apply_updates(ids: np.ndarray, columns: dict[str, np.ndarray], updates: Mapping[str, Mapping[str, object]]) -> set[str]:
-    """Set the updated column values of the rows whose id is in `updates`, in place; the columns changed."""
+    """Set the updated column values of the rows whose id is in `updates`, in place (a column not there yet
+    is added, "" for the other rows); the columns changed."""
     if not updates:
         return set()
     index = {image_id: row for row, image_id in enumerate(ids)}
@@ -240,6 +362,8 @@ def _apply_updates(ids: np.ndarray, columns: dict[str, np.ndarray], updates: Map
         if row is None:
             continue
         for name, value in values.items():
+            if name not in columns:
+                columns[name] = np.full(len(ids), "", dtype=object)
             if columns[name][row] != value:
                 columns[name][row] = value
                 changed.add(name)
@@ -256,6 +380,20 @@ def _pending_updates(records: Sequence[dict]) -> dict[str, dict[str, object]]:
     return updates
 
 
+def _kept_pending(committed: set[str], records: Sequence[dict]) -> list[tuple[dict, np.ndarray]]:
+    """The log's "rows" records with a mask of the rows readers keep: not stored already, first occurrence."""
+    seen = set(committed)
+    kept = []
+    for record in records:
+        if record["kind"] == "rows":
+            mask = np.zeros(len(record["ids"]), dtype=bool)
+            for k, image_id in enumerate(record["ids"]):
+                mask[k] = image_id not in seen
+                seen.add(image_id)
+            kept.append((record, mask))
+    return kept
+
+
 class EmbeddingStore:
     """Read access to a store: its fingerprint, counts and rows (including rows still in the write-ahead log)."""
 
@@ -263,16 +401,97 @@ class EmbeddingStore:
         self.path = Path(path)
         with _open_h5(self.path) as f:
             _check_schema(self.path, f)
-            self.attrs: dict[str, object] = {
-                k: (v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v)
-                for k, v in f.attrs.items()
-            }
-            self.committed_rows = int(f["embeddings"].shape[0])
-            self.checksummed = bool(f["embeddings"].fletcher32)
+            self.attrs: dict[str, object] = _attrs_of(f)
+            self.segments = _segments_in(self.attrs)
+            if self.segments is None:
+                self.committed_rows = int(f["embeddings"].shape[0])
+                self._plain_extras = _extras_in(f)
+                self._plain_checksummed = bool(f["embeddings"].fletcher32)
+            else:
+                self.committed_rows = sum(s.rows for s in self.segments)
         self.fingerprint: dict[str, str] = json.loads(str(self.attrs["fingerprint"]))
         self.provenance: dict[str, str] = json.loads(str(self.attrs.get("provenance", "{}")))
         self.dim = int(self.attrs["dim"])
         self.dtype = str(self.attrs["dtype"])
+        self.token_shapes: dict[str, tuple[int, int]] = {
+            level: (int(t), int(c)) for level, (t, c) in json.loads(str(self.attrs.get("token_levels", "{}"))).items()
+        }
+
+    # -- where the rows are
+
+    @property
+    def segmented(self) -> bool:
+        """Whether the store is an index over segment files (a run in progress, or not yet consolidated)."""
+        return self.segments is not None
+
+    def _sources(self) -> list[_Source]:
+        if self.segments is None:
+            return [_Source(self.path, self.committed_rows, 0, self._plain_extras, "")]
+        sources, first = [], 0
+        for segment in self.segments:
+            sources.append(_Source(self.path.parent / segment.file, segment.rows, first, segment.extra, f"segment {Path(segment.file).name} "))
+            first += segment.rows
+        return sources
+
+    def _open_source(self, source: _Source) -> h5py.File:
+        if source.path == self.path:
+            return _open_h5(self.path)
+        if not source.path.exists():
+            raise StoreError(
+                f"{self.path}: its segment {source.path.name} is missing from {source.path.parent}; a segmented store "
+                f"is the file and its {_segments_dir(self.path).name}/ folder: copy or move them together"
+            )
+        try:
+            return h5py.File(source.path, "r")
+        except OSError as error:
+            raise StoreError(f"{source.path}: segment of {self.path} is not a readable HDF5 file ({error})") from None
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether every row file checksums its embeddings (stores written before checksums did not)."""
+        if self.segments is None:
+            return self._plain_checksummed
+        result = True
+        for source in self._sources():
+            with self._open_source(source) as f:
+                result = result and bool(f["embeddings"].fletcher32)
+        return result
+
+    def _read_committed(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """A row dataset over every row file, in row order (or the committed rows `rows`, sorted, unique)."""
+        parts = []
+        for source in self._sources():
+            if rows is None:
+                local = None
+            else:
+                picked = rows[(rows >= source.first) & (rows < source.first + source.rows)] - source.first
+                if not len(picked):
+                    continue
+                local = picked
+            if name.startswith("extra/") and _name_of(name.split("/", 1)[1]) not in source.extra:
+                parts.append(np.full(source.rows if local is None else len(local), "", dtype=object))
+                continue
+            with self._open_source(source) as f:
+                if name not in f:
+                    raise StoreError(f"{source.path}: dataset {name!r} is missing; the store is damaged")
+                if local is None:
+                    parts.append(_read_dataset(source.path, f, name))
+                else:  # one contiguous read per file, then pick (h5py point selections are slow)
+                    block = _read_dataset(source.path, f, name, slice(int(local[0]), int(local[-1]) + 1))
+                    parts.append(block[local - local[0]])
+        if not parts:
+            return _empty(name, self.dim, self.dtype, self.token_shapes)
+        return np.concatenate(parts)
+
+    def extra_columns(self) -> list[str]:
+        """Names of the manifest columns stored beyond the standard ones (view, site, ...), sorted."""
+        names = {name for source in self._sources() for name in source.extra}
+        for record in self._pending():
+            if record["kind"] in ("rows", "columns"):
+                names.update(c for c in record["columns"] if c not in COLUMNS)
+        return sorted(names)
+
+    # -- the log
 
     def _log(self) -> _LogScan:
         return _scan_log(_log_path(self.path), self.dim, self.dtype)
@@ -282,43 +501,41 @@ class EmbeddingStore:
 
     @property
     def pending_rows(self) -> int:
-        """Rows in the write-ahead log, not yet folded into the HDF5 file (a running or killed extraction)."""
-        committed = set(self._committed_ids())
-        return sum(
-            sum(1 for i in rec["ids"] if i not in committed) for rec in self._pending() if rec["kind"] == "rows"
-        )
+        """Rows in the write-ahead log, not yet folded into the store (a running or killed extraction)."""
+        return sum(int(mask.sum()) for _, mask in _kept_pending(set(self._committed_ids()), self._pending()))
 
     def _committed_ids(self) -> np.ndarray:
-        with _open_h5(self.path) as f:
-            return _read_dataset(self.path, f, "image_id")
+        return self._read_committed("image_id")
 
     def __len__(self) -> int:
         return self.committed_rows + self.pending_rows
 
+    # -- rows
+
     def _table(self, with_embeddings: bool) -> EmbeddingTable:
-        with _open_h5(self.path) as f:
-            table = EmbeddingTable(
-                _read_dataset(self.path, f, "embeddings") if with_embeddings else np.zeros((0, 0), self.dtype),
-                _read_dataset(self.path, f, "image_id"),
-                {"label": _read_dataset(self.path, f, "label").astype(np.int8), **{c: _read_dataset(self.path, f, c) for c in STRING_COLUMNS}},
-            )
-        if not with_embeddings:
-            table.embeddings = np.zeros((len(table), 0), self.dtype)
+        ids = self._committed_ids()
+        columns = {"label": self._read_committed("label").astype(np.int8), **{c: self._read_committed(c) for c in STRING_COLUMNS}}
         records = self._pending()
-        pending = [rec for rec in records if rec["kind"] == "rows"]
+        extras = self.extra_columns()
+        for name in extras:
+            columns[name] = self._read_committed(_extra_dataset(name))
+        embeddings = self._read_committed("embeddings") if with_embeddings else np.zeros((len(ids), 0), self.dtype)
+        table = EmbeddingTable(embeddings, ids, columns)
+        pending = [(_record_table(rec), mask) for rec, mask in _kept_pending(set(ids), records) if mask.any()]
         if pending:
-            tables = [_record_table(rec) for rec in pending]
+            tables = [t.subset(mask) for t, mask in pending]
             if not with_embeddings:
                 for t in tables:
                     t.embeddings = np.zeros((len(t), 0), self.dtype)
             table = _concat([table] + tables)
-            _, first = np.unique(table.image_id.astype(str), return_index=True)
-            table = table.subset(np.sort(first))
         _apply_updates(table.image_id, table.columns, _pending_updates(records))
+        for name in extras:  # a column only "columns" records name shows up once, '' elsewhere
+            table.columns.setdefault(name, np.full(len(table), "", dtype=object))
         return table
 
     def read(self, split: str | None = None) -> EmbeddingTable:
-        """All rows (or one split's), embeddings [N, D] in the stored dtype with aligned ids and columns."""
+        """All rows (or one split's), embeddings [N, D] in the stored dtype with aligned ids and columns
+        (the standard ones and every extra column, "" where a row has no value)."""
         table = self._table(with_embeddings=True)
         if split is not None:
             table = table.subset(table.columns["split"] == split)
@@ -327,6 +544,34 @@ class EmbeddingStore:
     def read_columns(self) -> EmbeddingTable:
         """Every row's id and manifest columns without reading the embeddings (`embeddings` is [N, 0])."""
         return self._table(with_embeddings=False)
+
+    def read_tokens(self, level: str, rows: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
+        """The token grids [n, T, C] (store dtype) of `level` for the rows `rows` of `read()`'s row order (an
+        index array or a boolean mask; None: every row), rows still in the write-ahead log included."""
+        if level not in self.token_shapes:
+            raise StoreError(
+                f"{self.path}: no token level {level!r}; the store has "
+                + (", ".join(repr(name) for name in self.token_shapes) if self.token_shapes else "no token grids")
+            )
+        committed_ids = self._committed_ids()
+        pending = [rec["tokens"][level][mask] for rec, mask in _kept_pending(set(committed_ids), self._pending()) if mask.any()]
+        total = len(committed_ids) + sum(len(p) for p in pending)
+        if rows is None:
+            return np.concatenate([self._read_committed(_tokens_dataset(level))] + pending)
+        picked = np.asarray(rows)
+        picked = np.flatnonzero(picked) if picked.dtype == bool else picked.astype(np.intp).reshape(-1)
+        if picked.dtype == bool or (len(picked) and (picked.min() < -total or picked.max() >= total)):
+            raise StoreError(f"{self.path}: token rows out of range: the store has {total} rows")
+        picked = np.where(picked < 0, picked + total, picked)
+        out = np.empty((len(picked), *self.token_shapes[level]), self.dtype)
+        in_store = picked < len(committed_ids)
+        wanted = np.unique(picked[in_store])
+        if len(wanted):
+            block = self._read_committed(_tokens_dataset(level), wanted)
+            out[in_store] = block[np.searchsorted(wanted, picked[in_store])]
+        if (~in_store).any():
+            out[~in_store] = np.concatenate(pending)[picked[~in_store] - len(committed_ids)]
+        return out
 
     def image_ids(self) -> set[str]:
         """Ids of every embedded row, committed or pending."""
@@ -372,44 +617,41 @@ class EmbeddingStore:
     def verify(self) -> list[str]:
         """Check the store end to end; one line per problem found (empty: all is well).
 
-        Reads every chunk of every dataset (HDF5 checks each fletcher32 chunk checksum as it reads; a store
-        written before checksums were added is read without them), checks that the columns are aligned,
-        ids unique, labels in {-1, 0, 1} and embeddings finite, and that the write-ahead log has no
-        damaged records.
+        Reads every chunk of every row dataset of every row file (the plain file, or each segment: HDF5
+        checks each fletcher32 chunk checksum as it reads; a store written before checksums were added is
+        read without them), checks that segments exist and hold the rows their index says, that the
+        columns are aligned, ids unique, labels in {-1, 0, 1} and embeddings and token grids finite, that
+        the index's virtual datasets cover every row, and that the write-ahead log has no damaged records.
         """
         problems: list[str] = []
         with _open_h5(self.path) as f:
-            n = f["embeddings"].shape[0]
-            for name in ("embeddings", "image_id") + COLUMNS + ("failed/image_id", "failed/reason"):
+            for name in ("failed/image_id", "failed/reason"):
                 if name not in f:
                     problems.append(f"dataset {name!r} is missing")
-                    continue
-                dataset = f[name]
-                expected = len(f["failed/image_id"]) if name.startswith("failed/") and "failed/image_id" in f else n
-                if dataset.shape[0] != expected:
-                    problems.append(f"{name!r} has {dataset.shape[0]} rows, expected {expected}")
-                step = dataset.chunks[0] if dataset.chunks else max(1, dataset.shape[0])
-                for start in range(0, dataset.shape[0], step):
-                    try:
-                        block = dataset[start : start + step]
-                    except OSError as error:
-                        problems.append(f"{name!r} rows {start}-{min(start + step, dataset.shape[0]) - 1} are damaged ({error})")
-                        continue
-                    if name == "embeddings":
-                        bad = ~np.isfinite(block.astype(np.float32)).all(axis=1)
-                        if bad.any():
-                            problems.append(f"embeddings rows {(np.flatnonzero(bad) + start)[:5].tolist()} are not finite ({int(bad.sum())} in rows {start}-{start + len(block) - 1})")
-                    elif name == "label":
-                        bad = ~np.isin(block, (-1, 0, 1))
-                        if bad.any():
-                            problems.append(f"label rows {(np.flatnonzero(bad) + start)[:5].tolist()} hold values outside -1/0/1")
-            if "image_id" in f:
+            if "failed/image_id" in f and "failed/reason" in f and len(f["failed/reason"]) != len(f["failed/image_id"]):
+                problems.append(f"'failed/reason' has {len(f['failed/reason'])} rows, expected {len(f['failed/image_id'])}")
+            if self.segmented:
+                for name in _row_names(self.token_shapes):
+                    if name not in f or f[name].shape[0] != self.committed_rows:
+                        found = "is missing" if name not in f else f"has {f[name].shape[0]} rows"
+                        problems.append(f"index dataset {name!r} {found}, expected {self.committed_rows} (plain h5py readers see it)")
+        ids: list[np.ndarray] = []
+        for source in self._sources():
+            try:
+                f = self._open_source(source)
+            except StoreError as error:
+                problems.append(str(error))
+                continue
+            with f:
+                problems += _verify_rows(f, source, _row_names(self.token_shapes) + tuple(_extra_dataset(c) for c in source.extra))
                 try:
-                    ids, counts = np.unique(_strings(f["image_id"]).astype(str), return_counts=True)
-                except OSError:
-                    ids, counts = np.array([]), np.array([], dtype=int)
-                if (counts > 1).any():
-                    problems.append(f"image ids stored more than once: {ids[counts > 1][:5].tolist()} ({int((counts > 1).sum())} in all)")
+                    ids.append(_strings(f["image_id"]).astype(str))
+                except (OSError, KeyError):
+                    pass
+        if ids:
+            unique, counts = np.unique(np.concatenate(ids), return_counts=True)
+            if (counts > 1).any():
+                problems.append(f"image ids stored more than once: {unique[counts > 1][:5].tolist()} ({int((counts > 1).sum())} in all)")
         log = self._log()
         if log.skipped_records:
             problems.append(
@@ -421,7 +663,8 @@ class EmbeddingStore:
         return problems
 
     def summary(self) -> dict:
-        """Rows, dim, dtype, fingerprint, provenance, failed count and label counts per split: what `medembed info` prints."""
+        """Rows, dim, dtype, fingerprint, provenance, failed count, token levels, extra columns, layout and
+        label counts per split: what `medembed info` prints."""
         try:
             table = self.read_columns()
         except StoreError as error:  # a damaged column: say so and let `verify()` list the damage
@@ -438,6 +681,11 @@ class EmbeddingStore:
                 "unknown": int((labels < 0).sum()),
             }
         log = self._log()
+        itemsize = np.dtype(self.dtype).itemsize
+        try:
+            checksum = "fletcher32" if self.checksummed else "none"
+        except StoreError as error:
+            checksum, damaged = "unknown", damaged or str(error)
         return {
             "path": str(self.path),
             "rows": len(table) if table is not None else self.committed_rows,
@@ -449,11 +697,53 @@ class EmbeddingStore:
             "failed": len(self.failed()),
             "fingerprint": self.fingerprint,
             "provenance": self.provenance,
-            "checksum": "fletcher32" if self.checksummed else "none",
+            "checksum": checksum,
             "log_skipped_records": log.skipped_records,
-            "attrs": {k: v for k, v in self.attrs.items() if k not in ("fingerprint", "provenance")},
+            "token_levels": {
+                level: {"shape": [t, c], "bytes_per_image": t * c * itemsize} for level, (t, c) in self.token_shapes.items()
+            },
+            "extra_columns": self.extra_columns(),
+            "layout": "segments" if self.segmented else "plain",
+            "segments": len(self.segments or ()),
+            "segments_dir": str(_segments_dir(self.path)) if self.segmented else "",
+            "attrs": {k: v for k, v in self.attrs.items() if k not in ("fingerprint", "provenance", "segments")},
             "splits": by_split,
         }
+
+
+def _row_names(token_shapes: Mapping[str, tuple[int, int]]) -> tuple[str, ...]:
+    """The row datasets every row file has: embeddings, ids, the standard columns and each token level."""
+    return ("embeddings", "image_id") + COLUMNS + tuple(_tokens_dataset(level) for level in token_shapes)
+
+
+def _verify_rows(f: h5py.File, source: _Source, names: Sequence[str]) -> list[str]:
+    """Problems of one row file: missing or misaligned datasets, damaged chunks, values out of range."""
+    problems: list[str] = []
+    where = f" ({source.label.strip()})" if source.label else ""
+    for name in names:
+        if name not in f:
+            problems.append(f"{source.label}dataset {name!r} is missing")
+            continue
+        dataset = f[name]
+        if dataset.shape[0] != source.rows:
+            problems.append(f"{source.label}{name!r} has {dataset.shape[0]} rows, expected {source.rows}")
+        step = dataset.chunks[0] if dataset.chunks else max(1, dataset.shape[0])
+        for start in range(0, dataset.shape[0], step):
+            first, last = source.first + start, source.first + min(start + step, dataset.shape[0]) - 1
+            try:
+                block = dataset[start : start + step]
+            except OSError as error:
+                problems.append(f"{name!r} rows {first}-{last} are damaged ({error}){where}")
+                continue
+            if name == "embeddings" or name.startswith("tokens/"):
+                bad = ~np.isfinite(block.astype(np.float32)).reshape(len(block), -1).all(axis=1)
+                if bad.any():
+                    problems.append(f"{name} rows {(np.flatnonzero(bad) + first)[:5].tolist()} are not finite ({int(bad.sum())} in rows {first}-{last})")
+            elif name == "label":
+                bad = ~np.isin(block, (-1, 0, 1))
+                if bad.any():
+                    problems.append(f"label rows {(np.flatnonzero(bad) + first)[:5].tolist()} hold values outside -1/0/1")
+    return problems
 
 
 def describe_preprocess(spec_json: str) -> str:
@@ -478,6 +768,16 @@ def format_summary(summary: Mapping) -> list[str]:
         f"dim, dtype   {summary['dim']}, {summary['dtype']}",
         f"failed       {summary['failed']}",
     ]
+    for k, (level, info) in enumerate(summary.get("token_levels", {}).items()):
+        t, c = info["shape"]
+        lines.append(f"{'tokens' if k == 0 else '':<12} {level} [{t}, {c}] ({info['bytes_per_image']:,} bytes per image)")
+    if summary.get("extra_columns"):
+        lines.append(f"{'extra':<12} {', '.join(summary['extra_columns'])}")
+    if summary.get("layout") == "segments":
+        lines.append(
+            f"{'layout':<12} {summary['segments']} segment(s) in {summary['segments_dir']}/ "
+            f"(`medembed merge {summary['path']} --out {summary['path']}` consolidates them into one file)"
+        )
     lines += [f"{key:<12} {value}" for key, value in summary["fingerprint"].items()]
     attrs = summary.get("attrs", {})
     if "preprocess" in attrs:
@@ -516,10 +816,12 @@ def read_stores(paths: Sequence[Path | str], split: str | None = None) -> tuple[
 
 
 def _concat(tables: Sequence[EmbeddingTable]) -> EmbeddingTable:
+    """Tables one after another; an extra column some lack is "" in their rows."""
+    names = list(COLUMNS) + sorted({k for t in tables for k in t.columns if k not in COLUMNS})
     return EmbeddingTable(
         np.concatenate([t.embeddings for t in tables]),
         np.concatenate([t.image_id for t in tables]),
-        {k: np.concatenate([t.columns[k] for t in tables]) for k in COLUMNS},
+        {k: np.concatenate([t.columns[k] if k in t.columns else np.full(len(t), "", dtype=object) for t in tables]) for k in names},
     )
 
 
@@ -551,6 +853,20 @@ class _LogScan:
     dropped: list[str] = field(default_factory=list)  # entries of intact records that HDF5 cannot store
 
 
+def _record_levels(record: dict) -> list[tuple[str, int, int]] | None:
+    """The token levels a "rows" record carries after its embeddings, [(level, T, C)], or None if malformed."""
+    levels = record.get("tokens", [])
+    if not isinstance(levels, list):
+        return None
+    out = []
+    for entry in levels:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                and all(isinstance(v, int) and v > 0 for v in entry[1:])):
+            return None
+        out.append((entry[0], entry[1], entry[2]))
+    return out
+
+
 def _parse_frame(data: bytes, offset: int, dim: int, itemsize: int) -> tuple[dict, bytes, int] | None:
     """(header, body, end offset) of an intact record starting at `offset`, or None."""
     if offset + _RECORD_HEAD.size > len(data):
@@ -569,9 +885,22 @@ def _parse_frame(data: bytes, offset: int, dim: int, itemsize: int) -> tuple[dic
         return None
     if not isinstance(record, dict) or record.get("kind") not in _RECORD_KINDS:
         return None
-    if record["kind"] == "rows" and len(body) != len(record.get("ids", ())) * dim * itemsize:
-        return None
+    if record["kind"] == "rows":
+        levels = _record_levels(record)
+        if levels is None or len(body) != len(record.get("ids", ())) * (dim + sum(t * c for _, t, c in levels)) * itemsize:
+            return None
     return record, body, end
+
+
+def _split_body(record: dict, body: bytes, dim: int, dtype: str) -> None:
+    """Set a "rows" record's embeddings [n, D] and tokens {level: [n, T, C]} from its body (read-only views)."""
+    n, itemsize = len(record["ids"]), np.dtype(dtype).itemsize
+    record["embeddings"] = np.frombuffer(body, dtype=dtype, count=n * dim).reshape(n, dim)
+    offset, tokens = n * dim * itemsize, {}
+    for level, t, c in _record_levels(record) or []:
+        tokens[level] = np.frombuffer(body, dtype=dtype, count=n * t * c, offset=offset).reshape(n, t, c)
+        offset += n * t * c * itemsize
+    record["tokens"] = tokens
 
 
 def _scan_log(path: Path, dim: int, dtype: str) -> _LogScan:
@@ -599,7 +928,7 @@ def _scan_log(path: Path, dim: int, dtype: str) -> _LogScan:
             continue
         record, body, offset = parsed
         if record["kind"] == "rows":
-            record["embeddings"] = np.frombuffer(body, dtype=dtype).reshape(len(record["ids"]), dim)
+            _split_body(record, body, dim, dtype)
         scan.dropped += _clean_record(record)
         scan.records.append(record)
     return scan
@@ -625,6 +954,7 @@ def _clean_record(record: dict) -> list[str]:
             record["columns"] = {c: [values[k] for k in keep] for c, values in columns.items()}
             if record["kind"] == "rows":
                 record["embeddings"] = record["embeddings"][keep]
+                record["tokens"] = {level: grid[keep] for level, grid in record.get("tokens", {}).items()}
     failed = record.get("failed", {})
     if failed:
         clean = {}
@@ -643,7 +973,11 @@ def _record_table(record: dict) -> EmbeddingTable:
     return EmbeddingTable(
         record["embeddings"],
         np.asarray(record["ids"], dtype=object).reshape(-1),
-        {"label": np.asarray(columns["label"], dtype=np.int8).reshape(-1), **{c: np.asarray(columns[c], dtype=object).reshape(-1) for c in STRING_COLUMNS}},
+        {
+            "label": np.asarray(columns["label"], dtype=np.int8).reshape(-1),
+            **{c: np.asarray(columns[c], dtype=object).reshape(-1) for c in STRING_COLUMNS},
+            **{c: np.asarray(v, dtype=object).reshape(-1) for c, v in columns.items() if c not in COLUMNS},
+        },
     )
 
 
@@ -661,6 +995,85 @@ def _writer_lock(store_path: Path) -> ExclusiveLock:
         ) from None
 
 
+def _chunk_rows(row_bytes: int, rows: int | None = None) -> int:
+    """Rows per chunk of about 1 MiB (no more than `rows`, so a small file is not padded to a whole chunk)."""
+    chunk = max(1, _TARGET_CHUNK_BYTES // max(1, row_bytes))
+    return max(1, min(chunk, rows)) if rows else chunk
+
+
+def _create_row_datasets(
+    f: h5py.File, dim: int, dtype: str, token_shapes: Mapping[str, tuple[int, int]], extras: Sequence[str], rows: int | None = None
+) -> None:
+    """The empty, resizable row datasets of a plain file or a segment (`rows`: what it will hold, if known)."""
+    itemsize = np.dtype(dtype).itemsize
+    string_chunk = max(1, min(4096, rows)) if rows else 4096
+    f.create_dataset("embeddings", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=(_chunk_rows(dim * itemsize, rows), dim), fletcher32=True)
+    f.create_dataset("image_id", (0,), dtype=_STR, maxshape=(None,), chunks=(string_chunk,))
+    f.create_dataset("label", (0,), dtype=np.int8, maxshape=(None,), chunks=(string_chunk,), fletcher32=True)
+    for name in STRING_COLUMNS + tuple(_extra_dataset(c) for c in extras):
+        f.create_dataset(name, (0,), dtype=_STR, maxshape=(None,), chunks=(string_chunk,))
+    for level, (t, c) in token_shapes.items():
+        f.create_dataset(
+            _tokens_dataset(level), (0, t, c), dtype=dtype, maxshape=(None, t, c),
+            chunks=(_chunk_rows(t * c * itemsize, rows), t, c), fletcher32=True,
+        )
+
+
+def _append_arrays(f: h5py.File, embeddings: np.ndarray, tokens: Mapping[str, np.ndarray]) -> None:
+    """Append rows of embeddings and token grids (the numeric row data) to the end of a file's datasets."""
+    n0, n = f["embeddings"].shape[0], len(embeddings)
+    f["embeddings"].resize(n0 + n, axis=0)
+    f["embeddings"][n0:] = embeddings
+    for level, grid in tokens.items():
+        name = _tokens_dataset(level)
+        f[name].resize(n0 + n, axis=0)
+        f[name][n0:] = grid
+
+
+def _write_columns(f: h5py.File, image_id: np.ndarray, columns: Mapping[str, np.ndarray]) -> None:
+    """Write the ids, labels and string columns (standard and extra) of every row of a file at once."""
+    f["image_id"].resize(len(image_id), axis=0)
+    f["image_id"][:] = image_id.tolist()
+    f["label"].resize(len(image_id), axis=0)
+    f["label"][:] = np.asarray(columns["label"], dtype=np.int8)
+    for name, values in columns.items():
+        if name == "label":
+            continue
+        target = name if name in STRING_COLUMNS else _extra_dataset(name)
+        if target not in f:
+            f.create_dataset(target, (0,), dtype=_STR, maxshape=(None,), chunks=(max(1, min(4096, len(image_id))),))
+        f[target].resize(len(values), axis=0)
+        f[target][:] = list(values)
+
+
+def _write_failed(f: h5py.File, failed: Mapping[str, str]) -> None:
+    for name, values in (("failed/image_id", list(failed)), ("failed/reason", list(failed.values()))):
+        if name not in f:
+            f.create_dataset(name, (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
+        f[name].resize(len(values), axis=0)
+        f[name][:] = values
+
+
+def _store_attrs(
+    dim: int, dtype: str, fingerprint: Mapping[str, str], metadata: Mapping[str, object], provenance: Mapping[str, str],
+    token_shapes: Mapping[str, tuple[int, int]],
+) -> dict[str, object]:
+    attrs: dict[str, object] = {
+        "schema_version": PLAIN_SCHEMA_VERSION,
+        "fingerprint": json.dumps(dict(fingerprint), sort_keys=True),
+        **{key: str(fingerprint.get(key, "")) for key in FINGERPRINT_KEYS},
+        "dim": dim,
+        "medembed_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    for key, value in metadata.items():
+        attrs[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    attrs["provenance"] = json.dumps(dict(provenance))
+    attrs["token_levels"] = json.dumps({level: list(shape) for level, shape in token_shapes.items()})
+    attrs["dtype"] = dtype
+    return attrs
+
+
 def _create_h5(
     path: Path,
     dim: int,
@@ -668,26 +1081,15 @@ def _create_h5(
     fingerprint: Mapping[str, str],
     metadata: Mapping[str, object],
     provenance: Mapping[str, str],
+    token_shapes: Mapping[str, tuple[int, int]] | None = None,
 ) -> None:
-    chunk_rows = max(1, _TARGET_CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
-    tmp = path.with_name(path.name + ".tmp")
+    """A new, empty plain store (temp file, fsync, rename)."""
+    tmp = _tmp_path(path)
     try:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("embeddings", (0, dim), dtype=dtype, maxshape=(None, dim), chunks=(chunk_rows, dim), fletcher32=True)
-            f.create_dataset("image_id", (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
-            f.create_dataset("label", (0,), dtype=np.int8, maxshape=(None,), chunks=(4096,), fletcher32=True)
-            for name in STRING_COLUMNS + ("failed/image_id", "failed/reason"):
-                f.create_dataset(name, (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["fingerprint"] = json.dumps(dict(fingerprint), sort_keys=True)
-            for key in FINGERPRINT_KEYS:
-                f.attrs[key] = str(fingerprint.get(key, ""))
-            f.attrs["dim"] = dim
-            f.attrs["medembed_version"] = __version__
-            f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            for key, value in metadata.items():
-                f.attrs[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-            f.attrs["provenance"] = json.dumps(dict(provenance))
+            _create_row_datasets(f, dim, dtype, token_shapes or {}, ())
+            _write_failed(f, {})
+            f.attrs.update(_store_attrs(dim, dtype, fingerprint, metadata, provenance, token_shapes or {}))
         _fsync(tmp)
     except (OSError, RuntimeError) as error:  # e.g. no space left: HDF5's message spans lines
         tmp.unlink(missing_ok=True)
@@ -697,36 +1099,29 @@ def _create_h5(
     _fsync(path.parent)
 
 
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
 def _open_log(store_path: Path):
     """The store's write-ahead log, opened unbuffered for appending."""
     return open(_log_path(store_path), "ab", buffering=0)
 
 
-def _fold_bound(path: Path, records: Sequence[dict], dim: int, dtype: str) -> int:
-    """An upper bound of the bytes a fold of `records` adds to a copy of the store `path`: every chunk it
-    may write anew (embeddings, labels, string columns rewritten by updates and the failed table) and the
-    strings' heap, with a margin for HDF5's own metadata."""
-    rows = sum(len(r["ids"]) for r in records if r["kind"] == "rows")
-    strings = sum(
-        len(str(v).encode("utf-8", "replace")) + 32
-        for r in records
-        for values in ([r.get("ids", [])] + [v for k, v in r.get("columns", {}).items() if k != "label"])
-        for v in values
-    )
-    with h5py.File(path, "r") as f:
-        n = int(f["embeddings"].shape[0])
-        chunk_rows = (f["embeddings"].chunks or (max(1, n),))[0]
-        failed = len(f["failed/image_id"])
-    failed += sum(len(r.get("failed", {})) for r in records)
-    strings += sum(len(str(k)) + len(str(v)) + 64 for r in records for k, v in r.get("failed", {}).items())
-    chunk_bytes = chunk_rows * dim * np.dtype(dtype).itemsize + 4096
-    embeddings = ((n + rows) // chunk_rows - n // chunk_rows + 2) * chunk_bytes
-    total_rows = n + rows
-    updated = any(r["kind"] == "columns" for r in records)
-    # string columns (16-byte heap references, chunks of 4096) and labels; columns updates rewrite whole columns
-    columns = 6 * ((rows if not updated else total_rows) // 4096 + 2) * (4096 * 16 + 4096)
-    columns += (2 * failed // 4096 + 4) * (4096 * 16 + 4096) + (total_rows * 5 * 48 if updated else 0) + failed * 96
-    return int(1.25 * (embeddings + columns + strings)) + (1 << 20)
+def _rows_bound(rows: int, strings: int, dim: int, dtype: str, token_shapes: Mapping[str, tuple[int, int]]) -> int:
+    """An upper bound of the bytes a file of `rows` rows (and `strings` bytes of text) takes: every chunk
+    padded, the strings' heap and 16-byte references, a margin for HDF5's own metadata."""
+    itemsize = np.dtype(dtype).itemsize
+    numeric = 0
+    for row_bytes in [dim * itemsize] + [t * c * itemsize for t, c in token_shapes.values()]:
+        chunk = _chunk_rows(row_bytes, rows or None)
+        numeric += (rows // chunk + 2) * (chunk * row_bytes + 4096)
+    columns = (6 + 8) * (rows // 4096 + 2) * (4096 * 16 + 4096)  # references of up to 14 string columns
+    return int(1.25 * (numeric + columns + strings + rows * 64)) + (1 << 20)
+
+
+def _text_bytes(values: Sequence[object]) -> int:
+    return sum(len(str(v).encode("utf-8", "replace")) + 32 for v in values)
 
 
 def _reserve(path: Path, extra: int) -> None:
@@ -746,6 +1141,14 @@ def _reserve(path: Path, extra: int) -> None:
         os.close(fd)
 
 
+def _new_h5(path: Path, reserve: int) -> h5py.File:
+    """A new HDF5 file opened for writing with `reserve` bytes allocated first: HDF5 does not survive running
+    out of space mid-write (h5py crashes the process, up to a segfault at exit), so a disk too full fails here."""
+    h5py.File(path, "w").close()
+    _reserve(path, reserve)
+    return h5py.File(path, "r+")
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -754,40 +1157,156 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _append_rows(f: h5py.File, table: EmbeddingTable) -> None:
-    n0, n = f["embeddings"].shape[0], len(table)
-    for name in ("embeddings", "image_id") + COLUMNS:
-        f[name].resize(n0 + n, axis=0)
-    f["embeddings"][n0:] = table.embeddings
-    f["image_id"][n0:] = table.image_id.tolist()
-    f["label"][n0:] = table.label
-    for name in STRING_COLUMNS:
-        f[name][n0:] = table.columns[name].tolist()
-
-
-def _apply_updates_h5(f: h5py.File, updates: Mapping[str, Mapping[str, object]]) -> None:
-    """Rewrite the columns of stored rows that "columns" records changed (whole columns, only those changed)."""
-    names = sorted({name for values in updates.values() for name in values})
-    columns = {name: (f[name][:].astype(np.int8) if name == "label" else _strings(f[name])) for name in names}
-    for name in _apply_updates(_strings(f["image_id"]), columns, updates):
-        f[name][:] = columns[name] if name == "label" else columns[name].tolist()
-
-
-def _rewrite_failed(f: h5py.File, failed: Mapping[str, str]) -> None:
-    for name, values in (("failed/image_id", list(failed)), ("failed/reason", list(failed.values()))):
-        f[name].resize(len(values), axis=0)
-        f[name][:] = values
-
-
 def _label_value(value: object) -> int:
     return int(value) if str(value) not in ("", "-1", "None", "nan") else -1
+
+
+def _text_value(value: object) -> str:
+    """A manifest value as stored text: missing values (None, NaN) are ""."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value)
+
+
+def _write_index(
+    path: Path, attrs: Mapping[str, object], segments: Sequence[_Segment], failed: Mapping[str, str], next_segment: int,
+    dim: int, dtype: str, token_shapes: Mapping[str, tuple[int, int]],
+) -> None:
+    """Replace the store file by an index over `segments` (temp, fsync, os.replace): attrs, the failed table,
+    and virtual datasets joining the segments' row datasets, so plain h5py readers see every row."""
+    tmp = _tmp_path(path)
+    total = sum(s.rows for s in segments)
+    extras = sorted({c for s in segments for c in s.extra})
+    reserve = (len(segments) + 1) * 2048 * (8 + len(token_shapes) + len(extras)) + _text_bytes(list(failed) + list(failed.values())) * 3 + (1 << 20)
+    with _new_h5(tmp, reserve) as f:
+        f.attrs.update({k: v for k, v in attrs.items() if k not in ("layout", "segments", "next_segment")})
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["layout"] = "segments"
+        f.attrs["segments"] = json.dumps([s.as_json() for s in segments])
+        f.attrs["next_segment"] = next_segment
+        _write_failed(f, failed)
+        columns = [("embeddings", (dim,), np.dtype(dtype)), ("image_id", (), _STR), ("label", (), np.dtype(np.int8))]
+        columns += [(name, (), _STR) for name in STRING_COLUMNS]
+        columns += [(_tokens_dataset(level), shape, np.dtype(dtype)) for level, shape in token_shapes.items()]
+        columns += [(_extra_dataset(c), (), _STR) for c in extras]
+        for name, tail, kind in columns:
+            _virtual_dataset(f, name, tail, kind, segments, total)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _virtual_dataset(f: h5py.File, name: str, tail: tuple, kind: np.dtype, segments: Sequence[_Segment], total: int) -> None:
+    """`name` as a virtual dataset over the segments holding it (relative paths: the store folder can move)."""
+    if total == 0:
+        f.create_dataset(name, (0, *tail), dtype=kind, maxshape=(None, *tail))
+        return
+    layout = h5py.VirtualLayout((total, *tail), dtype=kind)
+    first = 0
+    extra = _name_of(name.split("/", 1)[1]) if name.startswith("extra/") else None
+    for segment in segments:
+        if segment.rows and (extra is None or extra in segment.extra):
+            # '%' starts a printf-style field in VDS source names, so it is doubled
+            source = h5py.VirtualSource(segment.file.replace("%", "%%"), name.replace("%", "%%"), shape=(segment.rows, *tail), dtype=kind)
+            layout[first : first + segment.rows] = source
+        first += segment.rows
+    f.create_virtual_dataset(name, layout, fillvalue=None if kind == _STR else (-1 if name == "label" else 0))
+
+
+def _failed_after(path: Path, records: Sequence[dict]) -> dict[str, str]:
+    """The failed table of the store file `path` with `records` applied: a row that succeeded leaves it."""
+    with _open_h5(path) as f:
+        failed = dict(zip(_read_dataset(path, f, "failed/image_id"), _read_dataset(path, f, "failed/reason")))
+    for record in records:
+        if record["kind"] == "rows":
+            for image_id in record["ids"]:
+                failed.pop(image_id, None)
+        failed.update(record.get("failed", {}))
+    return failed
+
+
+def _write_segment(final: Path, table: EmbeddingTable, tokens: Mapping[str, np.ndarray], dim: int, dtype: str,
+                   token_shapes: Mapping[str, tuple[int, int]]) -> list[str]:
+    """Seal `table`'s rows (and their token grids) into the new segment file `final` (temp, fsync, rename);
+    returns the extra columns it holds."""
+    tmp = final.with_name(final.name + ".tmp")
+    extras = sorted(c for c in table.columns if c not in COLUMNS)
+    text = _text_bytes(table.image_id) + sum(_text_bytes(v) for k, v in table.columns.items() if k != "label")
+    with _new_h5(tmp, _rows_bound(len(table), text, dim, dtype, token_shapes)) as f:
+        _create_row_datasets(f, dim, dtype, token_shapes, extras, len(table))
+        _append_arrays(f, table.embeddings, tokens)
+        _write_columns(f, table.image_id, table.columns)
+        f.attrs["medembed_segment"] = 1
+    _fsync(tmp)
+    os.replace(tmp, final)
+    return extras
+
+
+def _rewrite_segment(source: Path, final: Path, updates: Mapping[str, Mapping[str, object]]) -> list[str] | None:
+    """A copy of the segment (or plain file) `source` as the new segment `final` with the column `updates`
+    of its rows applied (other datasets copied chunk for chunk); its extra columns, or None (and no file)
+    when no value of it changes."""
+    with h5py.File(source, "r") as s:
+        ids = _strings(s["image_id"])
+        mine = {image_id: updates[image_id] for image_id in ids if image_id in updates}
+        if not mine:
+            return None
+        extras = _extras_in(s)
+        names = sorted({name for values in mine.values() for name in values})
+        columns = {
+            name: s["label"][:].astype(np.int8) if name == "label"
+            else _strings(s[name]) if name in STRING_COLUMNS
+            else _strings(s[_extra_dataset(name)]) if name in extras
+            else np.full(len(ids), "", dtype=object)
+            for name in names
+        }
+        changed = _apply_updates(ids, columns, mine)
+        if not changed:
+            return None
+        tmp = final.with_name(final.name + ".tmp")
+        with _new_h5(tmp, source.stat().st_size + sum(_text_bytes(columns[c]) for c in changed if c != "label") * 2 + (1 << 20)) as d:
+            for key in s:
+                if key == "extra":
+                    group = d.create_group("extra")
+                    for sub in s["extra"]:
+                        if _name_of(sub) not in changed:
+                            s.copy(s["extra"][sub], group, sub)
+                elif key not in changed:
+                    s.copy(s[key], d, key)
+            d.attrs.update(dict(s.attrs))
+            chunk = max(1, min(4096, len(ids)))
+            for name in sorted(changed):
+                target = name if name in COLUMNS else _extra_dataset(name)
+                if name == "label":
+                    d.create_dataset(target, data=columns[name], maxshape=(None,), chunks=(chunk,), fletcher32=True)
+                else:
+                    d.create_dataset(target, data=columns[name].tolist(), dtype=_STR, maxshape=(None,), chunks=(chunk,))
+    _fsync(tmp)
+    os.replace(tmp, final)
+    return sorted(set(extras) | {c for c in changed if c not in COLUMNS})
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` as a second name of `source` (instant), or a copy where hard links are not allowed."""
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+        _fsync(tmp)
+    os.replace(tmp, target)
 
 
 class StoreWriter:
     """Appends batches to a store crash-safely; use as a context manager. One writer per store.
 
-    `provenance` (see `collect_provenance`, the default) is recorded when the store is created; resuming a
-    store created in another environment warns (ProvenanceWarning), naming what differs.
+    `tokens` ({level: (T, C)}) makes every batch carry those token grids (`append(..., tokens=...)`); a
+    resumed store must have the same levels. `provenance` (see `collect_provenance`, the default) is
+    recorded when the store is created; resuming a store created in another environment warns
+    (ProvenanceWarning), naming what differs. Every `fold_every_rows` rows the log becomes a new segment.
+    `consolidate`: whether `close()` joins the segments into one plain file (None: when cheap relative to
+    the run, see `close`).
     """
 
     def __init__(
@@ -799,19 +1318,24 @@ class StoreWriter:
         metadata: Mapping[str, object] | None = None,
         fold_every_rows: int = 50_000,
         provenance: Mapping[str, str] | None = None,
+        tokens: Mapping[str, tuple[int, int]] | None = None,
+        consolidate: bool | None = None,
     ) -> None:
         self.path = Path(path)
         dtype = str(fingerprint.get("dtype", ""))
         if dtype not in DTYPES:
             raise StoreError(f"{self.path}: fingerprint dtype must be one of {DTYPES}, got {dtype!r}")
         self.dim, self.dtype = dim, dtype
+        self.token_shapes = normalise_token_shapes(self.path, tokens)
         self.fold_every_rows = fold_every_rows
+        self.consolidate = consolidate
         self.provenance = dict(provenance) if provenance is not None else collect_provenance()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = _writer_lock(self.path)
         try:
+            _tmp_path(self.path).unlink(missing_ok=True)  # what a writer killed mid-fold or mid-consolidation left
             if not self.path.exists():
-                _create_h5(self.path, dim, dtype, fingerprint, metadata or {}, self.provenance)
+                _create_h5(self.path, dim, dtype, fingerprint, metadata or {}, self.provenance, self.token_shapes)
             self._check_compatible(fingerprint)
             # Finish whatever a killed writer left in the log.
             scan = _scan_log(_log_path(self.path), dim, dtype)
@@ -830,7 +1354,9 @@ class StoreWriter:
                     StoreWarning,
                     stacklevel=2,
                 )
+            self._committed: set[str] = set(open_store(self.path)._committed_ids())  # ids folded into the store
             self._fold(scan.records)
+            self._remove_orphans()
             store = open_store(self.path)
             self._done = store.image_ids()
             self._failed = store.failed()
@@ -841,6 +1367,7 @@ class StoreWriter:
         self.fingerprint = dict(fingerprint)
         self._unfolded: list[dict] = []  # records in the log since the last fold, kept to fold without rereading
         self._logged_rows = 0
+        self._appended_rows = 0  # rows this writer appended (the consolidation choice weighs them)
         self._log_failed = False  # an append failed (disk full): the log is kept as it is and folded by the next run
 
     def _check_compatible(self, fingerprint: Mapping[str, str]) -> None:
@@ -856,6 +1383,11 @@ class StoreWriter:
             )
         if store.dim != self.dim:
             raise StoreError(f"{self.path}: store has dim {store.dim}, this run produces {self.dim}")
+        if store.token_shapes != self.token_shapes:
+            raise StoreError(
+                f"{self.path} holds token grids of levels {_describe_levels(store.token_shapes)} but this run writes "
+                f"{_describe_levels(self.token_shapes)}; write to a new store or keep the store's levels"
+            )
         unchecked = unrecorded_keys(store.fingerprint, fingerprint)
         if unchecked:
             warnings.warn(
@@ -889,19 +1421,52 @@ class StoreWriter:
             subject = f"image id {image_id!r}" if what == "image_id" else f"column {what!r} of image id {image_id!r} ({value!r})"
             raise StoreError(f"{self.path}: {subject} cannot be stored in HDF5: it {problem}")
 
+    def _column_values(self, ids: list[str], name: str, values: Sequence) -> list:
+        """One column's values as stored (labels as -1/0/1, the rest as text), checked against the ids."""
+        values = list(values)
+        if len(values) != len(ids):
+            raise StoreError(f"{self.path}: column {name!r} has {len(values)} values for {len(ids)} ids")
+        if name == "label":
+            return [_label_value(v) for v in values]
+        text = [_text_value(v) for v in values] if name not in STRING_COLUMNS else [str(v) for v in values]
+        for image_id, value in zip(ids, text):
+            self._check_text(image_id, value, name)
+        return text
+
+    def _column_names(self, columns: Mapping[str, Sequence]) -> None:
+        for name in columns:
+            if name == "image_id":
+                raise StoreError(f"{self.path}: 'image_id' is given as the ids, not as a column")
+            if name not in COLUMNS:
+                _check_name(self.path, name, "column")
+
     def _normalise_columns(self, ids: list[str], columns: Mapping[str, Sequence] | None) -> dict[str, list]:
+        """Standard columns (defaults where not given) and any extra manifest columns, as stored."""
         columns = dict(columns or {})
-        record_columns = {
-            "label": [_label_value(v) for v in columns.get("label", [-1] * len(ids))],
-            **{c: [str(v) for v in columns.get(c, [""] * len(ids))] for c in STRING_COLUMNS},
+        self._column_names(columns)
+        defaults = {"label": [-1] * len(ids), **{c: [""] * len(ids) for c in STRING_COLUMNS}}
+        return {
+            name: self._column_values(ids, name, columns.get(name, defaults.get(name)))
+            for name in list(COLUMNS) + sorted(c for c in columns if c not in COLUMNS)
         }
-        for name, values in record_columns.items():
-            if len(values) != len(ids):
-                raise StoreError(f"{self.path}: column {name!r} has {len(values)} values for {len(ids)} ids")
-        for name in STRING_COLUMNS:
-            for image_id, value in zip(ids, record_columns[name]):
-                self._check_text(image_id, value, name)
-        return record_columns
+
+    def _check_tokens(self, n: int, tokens: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """The batch's token grids as contiguous [n, T, C] arrays of the store dtype, one per store level."""
+        given = dict(tokens or {})
+        missing = [level for level in self.token_shapes if level not in given]
+        unexpected = sorted(str(level) for level in given if level not in self.token_shapes)
+        if missing or unexpected:
+            parts = ([f"missing level(s) {', '.join(map(repr, missing))}"] if missing else []) + (
+                [f"unexpected level(s) {', '.join(map(repr, unexpected))}"] if unexpected else []
+            )
+            raise StoreError(f"{self.path}: the batch's token grids do not match the store's levels ({_describe_levels(self.token_shapes)}): {'; '.join(parts)}")
+        grids = {}
+        for level, (t, c) in self.token_shapes.items():
+            grid = np.ascontiguousarray(given[level], dtype=self.dtype)
+            if grid.shape != (n, t, c):
+                raise StoreError(f"{self.path}: token level {level!r} has shape {tuple(grid.shape)}, expected ({n}, {t}, {c})")
+            grids[level] = grid
+        return grids
 
     def append(
         self,
@@ -909,9 +1474,11 @@ class StoreWriter:
         embeddings: np.ndarray,
         columns: Mapping[str, Sequence] | None = None,
         failed: Mapping[str, str] | None = None,
+        tokens: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """Append one batch: ids [B], embeddings [B, D] (cast to the store dtype), optional aligned columns,
-        and the batch's failed images (id -> reason) in the same atomic record.
+        """Append one batch: ids [B], embeddings [B, D] (cast to the store dtype), optional aligned columns
+        (the standard ones and any extra manifest column, stored as text), the token grids {level: [B, T, C]}
+        of every store level, and the batch's failed images (id -> reason) in the same atomic record.
 
         Durable against SIGKILL once this returns. Ids already in the store are refused, and so are ids or
         column values HDF5 cannot store (a NUL byte, a lone surrogate): nothing of the batch is logged then.
@@ -928,17 +1495,23 @@ class StoreWriter:
         if duplicates:
             raise StoreError(f"{self.path}: image ids already in the store: {duplicates[:5]} ({len(duplicates)} in all)")
         record_columns = self._normalise_columns(ids, columns)
+        grids = self._check_tokens(len(ids), tokens)
         failed = self._failed_entries(failed or {})
         header = {"kind": "rows", "ids": ids, "columns": record_columns, "failed": failed}
-        body = embeddings.tobytes()
+        if grids:
+            header["tokens"] = [[level, t, c] for level, (t, c) in self.token_shapes.items()]
+        body = b"".join([embeddings.tobytes()] + [grids[level].tobytes() for level in self.token_shapes])
         self._write(header, body)
-        # Kept as a read-only view of the bytes written, so a caller reusing its buffer cannot change it.
-        self._unfolded.append(dict(header, embeddings=np.frombuffer(body, dtype=self.dtype).reshape(embeddings.shape)))
+        # Kept as read-only views of the bytes written, so a caller reusing its buffers cannot change them.
+        record = dict(header)
+        _split_body(record, body, self.dim, self.dtype)
+        self._unfolded.append(record)
         self._done.update(ids)
         for image_id in ids:
             self._failed.pop(image_id, None)
         self._failed.update(failed)
         self._logged_rows += len(ids)
+        self._appended_rows += len(ids)
         if self._logged_rows >= self.fold_every_rows:
             self.flush()
 
@@ -961,28 +1534,21 @@ class StoreWriter:
             self._failed.update(failed)
 
     def update_columns(self, image_ids: Sequence[str], columns: Mapping[str, Sequence]) -> int:
-        """Set the manifest columns (label, study_id, patient_id, body_part, split) of rows already stored, e.g.
-        after the manifest was edited; ids not stored are ignored. Only the given columns are changed.
+        """Set manifest columns (label, study_id, patient_id, body_part, split, or any extra column such as
+        view or site) of rows already stored, e.g. after the manifest was edited; ids not stored are
+        ignored. Only the given columns are changed.
 
         Returns how many rows' values changed. Logged like a batch (durable once this returns, applied on fold).
         """
         ids = [str(i) for i in image_ids]
-        unknown = set(columns) - set(COLUMNS)
-        if unknown:
-            raise StoreError(f"{self.path}: cannot update columns {sorted(unknown)}; only {', '.join(COLUMNS)}")
-        given = {name: list(values) for name, values in columns.items()}
-        for name, values in given.items():
-            if len(values) != len(ids):
-                raise StoreError(f"{self.path}: column {name!r} has {len(values)} values for {len(ids)} ids")
-        new = {name: [_label_value(v) for v in values] if name == "label" else [str(v) for v in values] for name, values in given.items()}
-        for name in STRING_COLUMNS:
-            for image_id, value in zip(ids, new.get(name, ())):
-                self._check_text(image_id, value, name)
+        self._column_names(columns)
+        new = {name: self._column_values(ids, name, values) for name, values in columns.items()}
         current = open_store(self.path).read_columns()
         index = {image_id: row for row, image_id in enumerate(current.image_id)}
+        blank = np.full(len(current), "", dtype=object)
         changed = [
             k for k, image_id in enumerate(ids)
-            if image_id in index and any(current.columns[name][index[image_id]] != values[k] for name, values in new.items())
+            if image_id in index and any(current.columns.get(name, blank)[index[image_id]] != values[k] for name, values in new.items())
         ]
         for start in range(0, len(changed), _UPDATE_BATCH):
             part = changed[start : start + _UPDATE_BATCH]
@@ -1017,63 +1583,154 @@ class StoreWriter:
             ) from None
 
     def flush(self) -> None:
-        """Fold the log into the HDF5 file now (plain h5py readers then see every row)."""
+        """Fold the log into a new segment now (plain h5py readers then see every row)."""
         self._log.close()
         self._fold(self._unfolded)
         self._log = _open_log(self.path)
         self._unfolded, self._logged_rows = [], 0
 
-    def _fold(self, records: Sequence[dict]) -> None:
-        """Apply log records to a copy of the HDF5 file, swap it in atomically, then drop the log."""
+    def _fold(self, records: Sequence[dict], consolidate: bool = False) -> None:
+        """Apply log records to the store, then drop the log: as a new segment and a new index (the cost is
+        what the records add), or, with `consolidate`, by writing the whole store as one plain file."""
         log = _log_path(self.path)
-        if not records:
+        if not records and not consolidate:
             log.unlink(missing_ok=True)
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        # HDF5 does not survive running out of space mid-write (h5py crashes the process, up to a segfault at
-        # exit), so the space the fold can need is reserved first: a disk too full is a StoreError, with
-        # the .h5 and the log untouched.
+        kept = [(rec, mask) for rec, mask in _kept_pending(self._committed, records) if mask.any()]
+        table = _concat([_record_table(rec).subset(mask) for rec, mask in kept]) if kept else None
+        tokens = {level: np.concatenate([rec["tokens"][level][mask] for rec, mask in kept]) for level in self.token_shapes} if kept else {}
+        updates = _pending_updates(records)
+        failed = _failed_after(self.path, records)
         try:
-            shutil.copyfile(self.path, tmp)
-            _reserve(tmp, _fold_bound(self.path, records, self.dim, self.dtype))
-        except OSError as error:
-            tmp.unlink(missing_ok=True)
+            if consolidate:
+                self._consolidate(table, tokens, updates, failed)
+            else:
+                self._add_segment(table, tokens, updates, failed)
+        except BaseException as error:
+            _tmp_path(self.path).unlink(missing_ok=True)
+            if not isinstance(error, OSError):
+                raise
             raise StoreError(
                 f"{self.path}: cannot fold the write-ahead log into the store ({error.strerror or error} "
                 f"under {self.path.parent}); nothing was lost: make room and rerun to finish"
             ) from None
-        with h5py.File(tmp, "r+") as f:
-            present = set(_strings(f["image_id"]))
-            failed = dict(zip(_strings(f["failed/image_id"]), _strings(f["failed/reason"])))
-            new_rows = []
-            for record in records:
-                if record["kind"] == "rows":
-                    table = _record_table(record)
-                    new = np.asarray([i not in present for i in table.image_id], dtype=bool)
-                    new_rows.append(table if new.all() else table.subset(new))
-                    present.update(record["ids"])
-                    for image_id in record["ids"]:
-                        failed.pop(image_id, None)
-                failed.update(record.get("failed", {}))
-            if new_rows:
-                _append_rows(f, _concat(new_rows))
-            updates = _pending_updates(records)
-            if updates:
-                _apply_updates_h5(f, updates)
-            _rewrite_failed(f, failed)
+        log.unlink(missing_ok=True)
+        if table is not None:
+            self._committed.update(table.image_id)
+        self._remove_orphans()
+
+    def _add_segment(self, table: EmbeddingTable | None, tokens: Mapping[str, np.ndarray],
+                     updates: Mapping[str, Mapping[str, object]], failed: Mapping[str, str]) -> None:
+        """Seal the new rows into a segment, rewrite the segments whose columns `updates` change, and replace
+        the index by one listing them. A plain store first becomes segment 0 (a hard link: no copy)."""
+        store = open_store(self.path)
+        folder = _segments_dir(self.path)
+        folder.mkdir(exist_ok=True)
+        if store.segments is not None:
+            segments, serial, base = list(store.segments), int(store.attrs.get("next_segment", len(store.segments))), None
+        else:
+            base = _Segment(f"{folder.name}/seg-000000.h5", store.committed_rows, store._plain_extras)
+            segments, serial = ([base] if base.rows else []), 1
+        replaced = []
+        for k, segment in enumerate(segments if updates else ()):
+            name = f"{folder.name}/seg-{serial:06d}.h5"
+            source = self.path if segment is base else self.path.parent / segment.file
+            extras = _rewrite_segment(source, self.path.parent / name, updates)
+            if extras is not None:
+                replaced.append(segment)
+                segments[k] = _Segment(name, segment.rows, extras)
+                serial += 1
+        if table is not None:
+            name = f"{folder.name}/seg-{serial:06d}.h5"
+            extras = _write_segment(self.path.parent / name, table, tokens, self.dim, self.dtype, self.token_shapes)
+            segments.append(_Segment(name, len(table), extras))
+            serial += 1
+        if base is not None and base in segments:
+            _link_or_copy(self.path, self.path.parent / base.file)
+        _fsync(folder)
+        _write_index(self.path, store.attrs, segments, failed, serial, self.dim, self.dtype, self.token_shapes)
+        for segment in replaced:
+            if segment is not base:
+                (self.path.parent / segment.file).unlink(missing_ok=True)
+
+    def _consolidate(self, table: EmbeddingTable | None, tokens: Mapping[str, np.ndarray],
+                     updates: Mapping[str, Mapping[str, object]], failed: Mapping[str, str]) -> None:
+        """Write the store (its row files, then the new rows, with `updates` applied) as one plain file in
+        its place (temp, fsync, replace); the segments go after."""
+        store = open_store(self.path)
+        sources = store._sources()
+        new_rows = len(table) if table is not None else 0
+        stored_text = sum(s.path.stat().st_size for s in sources if s.path.exists())
+        new_text = (_text_bytes(table.image_id) + sum(_text_bytes(v) for k, v in table.columns.items() if k != "label")) if table is not None else 0
+        columns = {"label": store._read_committed("label").astype(np.int8), **{c: store._read_committed(c) for c in STRING_COLUMNS}}
+        for name in sorted({c for s in sources for c in s.extra}):
+            columns[name] = store._read_committed(_extra_dataset(name))
+        merged = EmbeddingTable(np.zeros((store.committed_rows, 0), self.dtype), store._committed_ids(), columns)
+        if table is not None:
+            merged = _concat([merged, EmbeddingTable(np.zeros((new_rows, 0), self.dtype), table.image_id, table.columns)])
+        _apply_updates(merged.image_id, merged.columns, updates)
+        total = len(merged)
+        extras = sorted(c for c in merged.columns if c not in COLUMNS)
+        tmp = _tmp_path(self.path)
+        bound = stored_text + _rows_bound(total, new_text, self.dim, self.dtype, self.token_shapes)
+        with _new_h5(tmp, bound) as f:
+            f.attrs.update({k: v for k, v in store.attrs.items() if k not in ("layout", "segments", "next_segment")})
+            f.attrs["schema_version"] = PLAIN_SCHEMA_VERSION
+            _create_row_datasets(f, self.dim, self.dtype, self.token_shapes, extras, total)
+            _write_failed(f, failed)
+            itemsize = np.dtype(self.dtype).itemsize
+            block = max(1, _COPY_ROWS_BYTES // (itemsize * (self.dim + sum(t * c for t, c in self.token_shapes.values()))))
+            for source in sources:
+                with store._open_source(source) as s:
+                    for start in range(0, source.rows, block):
+                        part = slice(start, min(start + block, source.rows))
+                        _append_arrays(
+                            f, _read_dataset(source.path, s, "embeddings", part),
+                            {level: _read_dataset(source.path, s, _tokens_dataset(level), part) for level in self.token_shapes},
+                        )
+            if table is not None:
+                _append_arrays(f, table.embeddings, tokens)
+            _write_columns(f, merged.image_id, merged.columns)
         _fsync(tmp)
         os.replace(tmp, self.path)
         _fsync(self.path.parent)
-        log.unlink()
+
+    def _remove_orphans(self) -> None:
+        """Delete segment files the index does not list (a fold killed before its index replace, segments a
+        rewrite or a consolidation superseded); the folder itself once empty."""
+        folder = _segments_dir(self.path)
+        if not folder.is_dir():
+            return
+        listed = {Path(s.file).name for s in open_store(self.path).segments or ()}
+        for entry in folder.iterdir():
+            if entry.name.startswith("seg-") and entry.name.endswith((".h5", ".h5.tmp")) and entry.name not in listed:
+                entry.unlink(missing_ok=True)
+        if not listed:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # something else lives there: leave it
+
+    def _should_consolidate(self) -> bool:
+        """Whether close() writes one plain file: when asked to, or when cheap relative to the run (the rows
+        are small, or this run appended at least half of them, so the copy at most doubles its writes)."""
+        if self.consolidate is not None:
+            return self.consolidate
+        total = len(self._committed) + sum(len(r["ids"]) for r in self._unfolded if r["kind"] == "rows")
+        row_bytes = np.dtype(self.dtype).itemsize * (self.dim + sum(t * c for t, c in self.token_shapes.values()))
+        return total * row_bytes <= _ALWAYS_CONSOLIDATE_BYTES or 2 * self._appended_rows >= total
 
     def close(self) -> None:
-        """Fold the log and release the lock."""
+        """Fold the log, consolidate the store into one plain file when `_should_consolidate` (else it stays
+        segmented: `consolidate_store` or `medembed merge <store> --out <store>` does it later), and release the lock."""
         if self._lock.fd < 0:
             return
         try:
             self._log.close()
             if not self._log_failed:  # after a failed append the log stays for the next run to fold
-                self._fold(self._unfolded)
+                consolidate = self._should_consolidate() and (bool(self._unfolded) or open_store(self.path).segmented)
+                self._fold(self._unfolded, consolidate=consolidate)
+                self._remove_orphans()
         finally:
             self._lock.release()
 
@@ -1084,8 +1741,20 @@ class StoreWriter:
         self.close()
 
 
+def consolidate_store(path: Path | str) -> Path:
+    """Join a segmented store's segments (and its unfolded log) into one plain file in its place; a plain
+    store is left as it is. Crash-safe like every fold: a kill leaves the segmented store, which opens."""
+    store = open_store(path)
+    with StoreWriter(
+        path, dim=store.dim, fingerprint=store.fingerprint, provenance=store.provenance, tokens=store.token_shapes, consolidate=True
+    ):
+        pass
+    return Path(path)
+
+
 def merge_stores(inputs: Sequence[Path | str], out: Path | str) -> Path:
-    """Join shard stores (one fingerprint, disjoint ids) into the store `out`.
+    """Join shard stores (one fingerprint, one set of token levels, disjoint ids) into the store `out`, one
+    plain file; `merge_stores([s], s)` consolidates the store `s` in place (see `consolidate_store`).
 
     `out` may already exist (a resumed distributed run): it must have the same fingerprint, and rows it
     already holds are skipped. Ids present in two inputs are refused. Inputs created in different
@@ -1093,9 +1762,19 @@ def merge_stores(inputs: Sequence[Path | str], out: Path | str) -> Path:
     """
     if not inputs:
         raise StoreError("merge needs at least one input store")
+    if len(inputs) == 1 and Path(out).exists() and Path(inputs[0]).resolve() == Path(out).resolve():
+        return consolidate_store(out)
     stores = [open_store(p) for p in inputs]
-    table, fingerprint = read_stores([s.path for s in stores])
-    ids, counts = np.unique(table.image_id.astype(str), return_counts=True)
+    for store in stores[1:]:
+        diff = fingerprint_mismatch(stores[0].fingerprint, store.fingerprint)
+        if diff:
+            raise StoreError(f"refusing to mix {stores[0].path} and {store.path}: fingerprints differ ({'; '.join(diff)})")
+        if store.token_shapes != stores[0].token_shapes:
+            raise StoreError(
+                f"refusing to merge {stores[0].path} and {store.path}: token levels differ "
+                f"({_describe_levels(stores[0].token_shapes)} vs {_describe_levels(store.token_shapes)})"
+            )
+    ids, counts = np.unique(np.concatenate([s.read_columns().image_id.astype(str) for s in stores]), return_counts=True)
     if (counts > 1).any():
         raise StoreError(f"shard stores overlap: image ids in more than one shard: {ids[counts > 1][:5].tolist()} ({int((counts > 1).sum())} in all)")
     for store in stores[1:]:
@@ -1106,17 +1785,26 @@ def merge_stores(inputs: Sequence[Path | str], out: Path | str) -> Path:
                 ProvenanceWarning,
                 stacklevel=2,
             )
-    skip = {"fingerprint", "schema_version", "dim", "created", "medembed_version", "provenance", *FINGERPRINT_KEYS}
+    skip = {"fingerprint", "schema_version", "dim", "created", "medembed_version", "provenance", "token_levels",
+            "layout", "segments", "next_segment", *FINGERPRINT_KEYS}
     metadata = {k: v for k, v in stores[0].attrs.items() if k not in skip}
     metadata["merged_from"] = json.dumps([str(s.path) for s in stores])
     failed: dict[str, str] = {}
     for store in stores:
         failed.update(store.failed())
-    with StoreWriter(out, dim=stores[0].dim, fingerprint=fingerprint, metadata=metadata, provenance=stores[0].provenance) as writer:
-        table = table.subset(np.asarray([i not in writer.done_ids(include_failed=False) for i in table.image_id], dtype=bool))
-        for start in range(0, len(table), 8192):
-            part = table.subset(slice(start, start + 8192))
-            writer.append(part.image_id, part.embeddings, part.columns)
+    with StoreWriter(
+        out, dim=stores[0].dim, fingerprint=stores[0].fingerprint, metadata=metadata, provenance=stores[0].provenance,
+        tokens=stores[0].token_shapes, consolidate=True,
+    ) as writer:
+        for store in stores:
+            table = store.read()
+            todo = np.flatnonzero([i not in writer.done_ids(include_failed=False) for i in table.image_id])
+            grids = {level: store.read_tokens(level, todo) for level in store.token_shapes}
+            table = table.subset(todo)
+            for start in range(0, len(table), 8192):
+                part = slice(start, start + 8192)
+                chunk = table.subset(part)
+                writer.append(chunk.image_id, chunk.embeddings, chunk.columns, tokens={level: g[part] for level, g in grids.items()})
         failed = {k: v for k, v in failed.items() if k not in writer.done_ids(include_failed=False)}
         if failed:
             writer.add_failed(list(failed), list(failed.values()))

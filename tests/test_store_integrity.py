@@ -67,9 +67,9 @@ def old_schema_store(path, n=4):
 
 
 def test_fingerprint_has_precision_and_config_hash_and_old_call_sites_still_work():
-    assert FINGERPRINT_KEYS[-2:] == ("precision", "config_sha256")
+    assert FINGERPRINT_KEYS[-3:] == ("precision", "config_sha256", "levels")
     old_style = make_fingerprint(encoder="x", dtype="float32")  # a call site that knows nothing of the new keys
-    assert old_style["precision"] == "" and old_style["config_sha256"] == ""
+    assert old_style["precision"] == "" and old_style["config_sha256"] == "" and old_style["levels"] == ""
 
 
 def test_a_store_begun_in_bf16_is_refused_in_fp32_with_one_line(tmp_path):
@@ -307,8 +307,8 @@ def test_metadata_updates_are_logged_seen_by_readers_and_applied_on_fold(tmp_pat
     assert split[ids[3]] == rows(3, 4)[2]["split"][0]
     assert not (tmp_path / "s.h5.wal").exists()
     with StoreWriter(path, dim=DIM, fingerprint=FP) as w:
-        with pytest.raises(StoreError, match="cannot update columns"):
-            w.update_columns([ids[0]], {"path": ["x"]})
+        with pytest.raises(StoreError, match="'image_id' is given as the ids"):
+            w.update_columns([ids[0]], {"image_id": ["x"]})
 
 
 # --------------------------------------------------------------------------------------- partial stores
@@ -336,3 +336,129 @@ def test_a_store_being_written_or_left_unfolded_is_partial(tmp_path):
         for _ in range(20):
             assert open_store(path).being_written()
     assert not open_store(path).is_partial()
+
+
+# ------------------------------------------------------------------------------------------ token grids
+
+LEVELS = {"final": (4, 3), "block10@7x7": (2, 3), "layer:-4/x": (1, 2)}  # '/' cannot be in an HDF5 name
+
+
+def grids(start: int, stop: int) -> dict[str, np.ndarray]:
+    idx = np.arange(start, stop, dtype=np.float32)
+    return {
+        level: (idx[:, None, None] + np.arange(t * c, dtype=np.float32).reshape(1, t, c) / 16 + k).astype(np.float16)
+        for k, (level, (t, c)) in enumerate(sorted(LEVELS.items()))
+    }
+
+
+def test_token_grids_round_trip_through_the_log_segments_and_the_plain_file(tmp_path):
+    path = tmp_path / "s.h5"
+    w = StoreWriter(path, dim=DIM, fingerprint=FP, tokens=LEVELS, fold_every_rows=8)
+    for start in range(0, 20, 4):
+        w.append(*rows(start, start + 4), tokens=grids(start, start + 4))
+    store = open_store(path)
+    assert store.segmented and store.pending_rows == 4 and store.token_shapes == LEVELS
+    order = store.read().image_id
+    for level in LEVELS:  # rows index read()'s row order, folded or still in the log
+        np.testing.assert_array_equal(store.read_tokens(level), grids(0, 20)[level])
+        np.testing.assert_array_equal(store.read_tokens(level, [19, 2, 17, 2]), grids(0, 20)[level][[19, 2, 17, 2]])
+        mask = np.asarray([int(i[3:]) % 3 == 0 for i in order])
+        np.testing.assert_array_equal(store.read_tokens(level, mask), grids(0, 20)[level][mask])
+    w.close()
+    with h5py.File(path, "r") as f:  # one plain file: tokens/<level> [N, T, C], '/' escaped in the name
+        assert sorted(f["tokens"]) == ["block10@7x7", "final", "layer:-4%2Fx"]
+        assert f["tokens/final"].shape == (20, 4, 3) and f["tokens/final"].dtype == np.float16
+        assert json.loads(f.attrs["token_levels"]) == {k: list(v) for k, v in LEVELS.items()}
+    store = open_store(path)
+    assert not store.segmented and store.verify() == []
+    np.testing.assert_array_equal(store.read_tokens("layer:-4/x", np.arange(5, 9)), grids(5, 9)["layer:-4/x"])
+    lines = format_summary(store.summary())
+    assert "tokens       block10@7x7 [2, 3] (12 bytes per image)" in lines
+    assert "             final [4, 3] (24 bytes per image)" in lines
+
+
+def test_token_levels_that_do_not_match_are_one_line_naming_the_level(tmp_path):
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, dim=DIM, fingerprint=FP, tokens=LEVELS) as w:
+        batch = grids(0, 2)
+        with pytest.raises(StoreError, match=r"missing level\(s\) 'final'"):
+            w.append(*rows(0, 2), tokens={k: v for k, v in batch.items() if k != "final"})
+        with pytest.raises(StoreError, match=r"unexpected level\(s\) 'block14'"):
+            w.append(*rows(0, 2), tokens=dict(batch, block14=batch["final"]))
+        with pytest.raises(StoreError, match=r"token level 'final' has shape \(2, 3, 4\), expected \(2, 4, 3\)"):
+            w.append(*rows(0, 2), tokens=dict(batch, final=np.zeros((2, 3, 4))))
+        with pytest.raises(StoreError, match="missing level"):
+            w.append(*rows(0, 2))
+        w.append(*rows(0, 2), tokens=batch)
+    assert len(open_store(path)) == 2  # nothing of a refused batch was logged
+    with pytest.raises(StoreError) as refused:
+        StoreWriter(path, dim=DIM, fingerprint=FP, tokens={"final": (4, 3)})
+    assert "\n" not in str(refused.value) and "holds token grids of levels block10@7x7 2x3, final 4x3, layer:-4/x 1x2 but this run writes final 4x3" in str(refused.value)
+    with pytest.raises(StoreError, match="levels .* but this run writes none"):
+        StoreWriter(path, dim=DIM, fingerprint=FP)
+    with pytest.raises(StoreError, match="no token level 'block14'; the store has 'block10@7x7', 'final', 'layer:-4/x'"):
+        open_store(path).read_tokens("block14")
+    plain = tmp_path / "plain.h5"
+    with StoreWriter(plain, dim=DIM, fingerprint=FP) as w:
+        w.append(*rows(0, 2))
+    assert open_store(plain).token_shapes == {}
+    with pytest.raises(StoreError, match="no token grids"):
+        open_store(plain).read_tokens("final")
+    with pytest.raises(StoreError, match="needs a shape"):
+        StoreWriter(tmp_path / "bad.h5", dim=DIM, fingerprint=FP, tokens={"final": (4,)})
+
+
+def test_levels_is_a_fingerprint_key_that_older_fingerprints_do_not_record(tmp_path):
+    with_levels = dict(FP, levels="final@4x3")
+    assert fingerprint_mismatch(FP, with_levels) == ["levels: '' vs 'final@4x3'"]
+    older = {k: v for k, v in FP.items() if k != "levels"}
+    assert fingerprint_mismatch(older, with_levels) == []
+
+
+def test_merge_keeps_token_grids_and_extra_columns(tmp_path):
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    for path, (start, stop) in ((a, (0, 5)), (b, (5, 9))):
+        with StoreWriter(path, dim=DIM, fingerprint=FP, tokens=LEVELS) as w:
+            ids, emb, cols = rows(start, stop)
+            w.append(ids, emb, dict(cols, view=[f"v{i}" for i in range(start, stop)]), tokens=grids(start, stop))
+    merged = open_store(merge_stores([a, b], tmp_path / "m.h5"))
+    assert merged.token_shapes == LEVELS and merged.read().image_id.tolist() == rows(0, 9)[0]
+    np.testing.assert_array_equal(merged.read_tokens("final"), grids(0, 9)["final"])
+    assert merged.read().columns["view"].tolist() == [f"v{i}" for i in range(9)]
+    other = tmp_path / "other.h5"
+    with StoreWriter(other, dim=DIM, fingerprint=FP, tokens={"final": (4, 3)}) as w:
+        w.append(*rows(20, 21), tokens={"final": grids(20, 21)["final"]})
+    with pytest.raises(StoreError, match="token levels differ"):
+        merge_stores([a, other], tmp_path / "m2.h5")
+
+
+# ------------------------------------------------------------------------------------ extra manifest columns
+
+
+def test_extra_manifest_columns_are_stored_read_updated_and_listed(tmp_path):
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, dim=DIM, fingerprint=FP, fold_every_rows=4) as w:
+        w.append(*rows(0, 4))  # before the manifest had a view column
+        ids, emb, cols = rows(4, 8)
+        w.append(ids, emb, dict(cols, view=["AP", "LAT", None, float("nan")], **{"site/ward": ["a"] * 4}))
+        assert w.update_columns(rows(0, 2)[0], {"view": ["PA", "PA"]}) == 2
+        ids, emb, cols = rows(8, 10)
+        w.append(ids, emb, dict(cols, view=["AP", "AP"]))
+        with pytest.raises(StoreError, match="column 'view' has 1 values for 2 ids"):
+            w.append(*rows(10, 12)[:2], dict(rows(10, 12)[2], view=["AP"]))
+        with pytest.raises(StoreError, match="column 'site' of image id 'img00010'.*NUL"):
+            w.append(*rows(10, 12)[:2], dict(rows(10, 12)[2], site=["a\x00", "b"]))
+        table = open_store(path).read()  # mid-run: segments plus the log
+        assert table.columns["view"].tolist() == ["PA", "PA", "", "", "AP", "LAT", "", "", "AP", "AP"]
+    table = open_store(path).read_columns()
+    assert table.columns["view"].tolist() == ["PA", "PA", "", "", "AP", "LAT", "", "", "AP", "AP"]
+    assert table.columns["site/ward"].tolist() == [""] * 4 + ["a"] * 4 + [""] * 2
+    assert table.subset(table.columns["view"] == "AP").image_id.tolist() == ["img00004", "img00008", "img00009"]
+    with h5py.File(path, "r") as f:
+        assert sorted(f["extra"]) == ["site%2Fward", "view"] and f["extra/view"].asstr()[5] == "LAT"
+    summary = open_store(path).summary()
+    assert summary["extra_columns"] == ["site/ward", "view"]
+    assert "extra        site/ward, view" in format_summary(summary)
+    with StoreWriter(path, dim=DIM, fingerprint=FP) as w:  # a column first set by an update
+        assert w.update_columns(rows(0, 1)[0], {"sex": ["F"]}) == 1
+    assert open_store(path).read().columns["sex"].tolist() == ["F"] + [""] * 9
