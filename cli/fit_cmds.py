@@ -10,6 +10,7 @@ from cli._generate import command
 from medembed.extract import ExtractOptions
 from medembed.fit import FitOptions
 from medembed.robustness import RobustnessOptions
+from medembed.transfer.options import PREDICT_SKIPS, TransferOptions
 
 
 def print_headline(metrics: dict) -> None:
@@ -50,13 +51,15 @@ def fit(
 def evaluate(
     run: Path = typer.Argument(..., help="A run directory of any kind (fit, baseline cnn, zeroshot)."),
     store: list[Path] = typer.Option(None, "--store", help="Evaluate on these stores instead of the run's own (same fingerprint)."),
-    split: str = typer.Option("test", help="Split to evaluate: train | val | test."),
+    split: str = typer.Option(None, help="Split to evaluate: train | val | test (default test; with --on: all, or one split of the target)."),
     bootstrap: int = typer.Option(None, "--bootstrap", help="Bootstrap resamples (default: the run's)."),
     corrupt: str = typer.Option(None, "--corrupt", help="Robustness: re-read the test images under corruptions noise,blur,contrast,gamma,jpeg (or all)."),
     severity: str = typer.Option("1..5", "--severity", help="With --corrupt: severities 1..5, a list 1,3,5, or one."),
     manifest: Path = typer.Option(None, "--manifest", help="With --corrupt: the manifest of the run's images."),
-    root: Path = typer.Option(None, "--root", help="With --corrupt: folder the manifest's paths are relative to."),
+    root: Path = typer.Option(None, "--root", help="With --corrupt, or --on a manifest: folder the manifest's paths are relative to."),
+    on: Path = typer.Option(None, "--on", help="External validation: score this store (a manifest with --root for image runs) with the run's calibration and thresholds."),
     extract: ExtractOptions = None,
+    transfer: TransferOptions = None,
 ) -> None:
     """Recompute a run's metrics, report and figures (on its test split, or other stores); or, with --corrupt,
     how its metrics drop on corrupted test images.
@@ -66,7 +69,15 @@ def evaluate(
       medembed evaluate runs/frac-mlp
 
       medembed evaluate runs/frac-mlp --corrupt noise,blur,jpeg --severity 1..5 --manifest data_manifests/fracatlas.csv --root ../shared/data/fracatlas
+
+      medembed evaluate runs/frac-mlp --on other-hospital.h5 --by site,sex
     """
+    if on is not None:
+        from cli.transfer_cmds import evaluate_on
+
+        evaluate_on(run, on, root, split or "all", bootstrap, transfer)
+        return
+    split = split or "test"
     if split not in ("train", "val", "test"):
         raise typer.BadParameter(f"expected train, val or test; got {split!r}", param_hint="--split")
     if corrupt:
@@ -76,7 +87,7 @@ def evaluate(
         return
     from medembed.fit import evaluate_run
 
-    metrics = evaluate_run(run, stores=store or None, split=split, n_resamples=bootstrap)
+    metrics = evaluate_run(run, stores=store or None, split=split, n_resamples=bootstrap, transfer=transfer)
     print_headline(metrics)
     typer.echo(f"report: {run / 'report.md'}")
 
@@ -105,6 +116,7 @@ def predict(
     inputs: list[Path] = typer.Argument(..., help="Image files, folders of images, or one manifest CSV."),
     out: Path = typer.Option(None, "--out", "-o", help="CSV of image probabilities and decisions (default: standard output)."),
     extract: ExtractOptions = None,
+    transfer: TransferOptions = None,
 ) -> None:
     """Score new images with a fitted run: its own encoder or model, calibration and thresholds.
 
@@ -116,8 +128,12 @@ def predict(
     """
     from medembed.predict import predict as run_predict
 
-    summary = run_predict(run, inputs, out, extract)
+    summary = run_predict(run, inputs, out, extract, transfer)
     typer.echo(f"{summary.scored} of {summary.images} images scored, {summary.abnormal} called abnormal, {summary.failed} could not be read", err=out is None)
+    flagged = "" if summary.ood_flagged is None else f", {summary.ood_flagged} flagged out of distribution"
+    typer.echo(f"{summary.referred} referred (conformal set not one class){flagged}", err=out is None)
+    for note in summary.notes:
+        typer.echo(f"note: {note}", err=True)
     if out is not None:
         typer.echo(f"wrote {summary.images_csv}" + (f" and {summary.studies_csv}" if summary.studies_csv else ""))
 
@@ -149,5 +165,5 @@ def register(app: typer.Typer) -> None:
     """Add the stage-2 commands to the top-level app."""
     command(app)(fit)
     command(app)(evaluate)
-    command(app)(predict)
+    command(app, skip={TransferOptions: PREDICT_SKIPS})(predict)
     app.command()(compare)

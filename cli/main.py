@@ -12,7 +12,7 @@ import warnings
 
 import typer
 
-from cli import baseline_cmds, encoders_cmds, extract_cmds, fit_cmds, manifest_cmds, store_cmds, sweep_cmds, zeroshot_cmds
+from cli import baseline_cmds, encoders_cmds, extract_cmds, fit_cmds, manifest_cmds, store_cmds, sweep_cmds, transfer_cmds, zeroshot_cmds
 from medembed.errors import MedembedError
 
 app = typer.Typer(
@@ -24,7 +24,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(manifest_cmds.app, name="manifest")
-for module in (extract_cmds, fit_cmds, zeroshot_cmds, baseline_cmds, sweep_cmds, store_cmds, encoders_cmds):
+for module in (extract_cmds, fit_cmds, zeroshot_cmds, baseline_cmds, sweep_cmds, store_cmds, encoders_cmds, transfer_cmds):
     module.register(app)
 
 

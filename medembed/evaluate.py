@@ -163,11 +163,27 @@ def bootstrap_metrics(
     group's multiplicity. Resamples where a metric is undefined (one class drawn) are left out of its interval;
     a metric undefined in all gives (NaN, NaN).
     """
+    if not 0 < alpha < 1:
+        raise MedembedError(f"alpha must be in (0, 1); got {alpha}")
+    resampled = resampled_metrics(y, p, threshold, groups, n_resamples, seed)
+    percentiles = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    intervals = {}
+    for name in METRICS:
+        values = resampled[name]
+        values = values[~np.isnan(values)]
+        low, high = np.percentile(values, percentiles) if values.size else (np.nan, np.nan)
+        intervals[name] = (float(low), float(high))
+    return intervals
+
+
+def resampled_metrics(
+    y: np.ndarray, p: np.ndarray, threshold: float, groups: np.ndarray | None, n_resamples: int = 1000, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Every metric in METRICS on each of n_resamples group resamples, {name: [R] float64} (NaN where undefined),
+    drawn as `bootstrap_metrics` describes; differences between two samples' metrics are taken resample by resample."""
     y, p = check_scores(y, p)
     if n_resamples < 1:
         raise MedembedError(f"n_resamples must be at least 1; got {n_resamples}")
-    if not 0 < alpha < 1:
-        raise MedembedError(f"alpha must be in (0, 1); got {alpha}")
     if groups is None:
         group_of_row = np.arange(len(p))
     else:
@@ -189,14 +205,7 @@ def bootstrap_metrics(
         scores = weighted_metrics(y, p, threshold, multiplicities[:, group_of_row])
         for name in METRICS:
             resampled[name].append(scores[name])
-    percentiles = [100 * alpha / 2, 100 * (1 - alpha / 2)]
-    intervals = {}
-    for name in METRICS:
-        values = np.concatenate(resampled[name])
-        values = values[~np.isnan(values)]
-        low, high = np.percentile(values, percentiles) if values.size else (np.nan, np.nan)
-        intervals[name] = (float(low), float(high))
-    return intervals
+    return {name: np.concatenate(values) for name, values in resampled.items()}
 
 
 def evaluate_predictions(

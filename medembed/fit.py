@@ -18,11 +18,16 @@ from medembed.errors import MedembedError
 from medembed.evaluate import summarize_seeds
 from medembed.heads import make_head
 from medembed.manifest import read_manifest
-from medembed.options import check_positive, option
+from medembed.options import check_choice, check_positive, option
 from medembed.protocol import ProtocolOptions, evaluate_split, fit_and_evaluate
 from medembed.runs import Evaluation, Run, RunRecord, load_run, write_evaluation, write_run
 from medembed.splits import Split, load_splits, manifest_splits, split_sizes
 from medembed.store import fingerprint_mismatch, open_store
+from medembed.scorers import positive_scores
+from medembed.transfer.options import TransferOptions
+from medembed.transfer.reference import run_reference
+from medembed.transfer.sections import fit_extras, source_sections
+from medembed.transfer.targets import with_manifest_columns
 
 
 @dataclass
@@ -32,12 +37,25 @@ class FitOptions(ProtocolOptions):
     head: str = option("logreg", "Head: logreg | mlp | xgboost | sklearn:MODULE.CLASS (any scikit-learn classifier).")
     head_params: dict[str, Any] = option(help="Head hyperparameter key=value, e.g. -p hidden=[256] -p dropout=0.2.", flag="--param -p", factory=dict)
     seeds: int = option(1, "Fit N times with seeds seed..seed+N-1 and report mean ± sd.")
+    ensemble: str = option("", "Ensemble: concat (several encoders' stores, joined by image id, one feature vector) | mean | stack (heads per store and per --head, e.g. --head logreg,mlp,xgboost; stack: a logistic meta-model on out-of-fold train predictions).")
+    ensemble_folds: int = option(5, "With --ensemble stack: folds of the out-of-fold train predictions the meta-model is fitted on.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("seeds", self.seeds)
         if not isinstance(self.head_params, dict):
             raise MedembedError(f"option head_params must be a mapping, got {self.head_params!r}")
+        if self.ensemble:
+            from medembed.ensemble import COMBINES, parse_heads, split_head_params
+
+            check_choice("ensemble", self.ensemble, COMBINES)
+            check_positive("ensemble_folds", self.ensemble_folds, minimum=2)
+            heads = parse_heads(self.head)
+            for head, params in split_head_params(heads, self.head_params).items():
+                make_head(head, **params)
+            return
+        if "," in self.head:
+            raise MedembedError(f"option head {self.head!r} names several heads; combine them with --ensemble mean or --ensemble stack")
         make_head(self.head, **self.head_params)  # an unknown head or a bad hyperparameter fails here, before any fit
 
 
@@ -47,18 +65,28 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any
     for store in stores:
         if open_store(store).being_written():  # its splits would be a moving subset: refuse rather than fit on it
             raise MedembedError(open_store(store).partial_reason())
-    splits, fingerprint, notes = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed)
+    if options.ensemble:  # several encoders' stores are joined by image id, not concatenated as shards
+        from medembed.ensemble import load_joined_splits, make_ensemble
+
+        joined = load_joined_splits(stores, val_fraction=options.val_fraction, seed=options.seed)
+        splits, fingerprint, notes = joined.splits, joined.fingerprint, joined.notes
+        new_scorer = lambda seed: make_ensemble(options.head, options.head_params, options.ensemble, joined.widths, options.ensemble_folds, seed)  # noqa: E731
+        fit_params = {"groups": splits["train"].patient_id}
+    else:
+        splits, fingerprint, notes = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed)
+        new_scorer = lambda seed: make_head(options.head, seed=seed, **options.head_params)  # noqa: E731
+        fit_params = None
     notes += [reason for reason in (open_store(s).partial_reason() for s in stores) if reason]
     fitted = [
-        fit_and_evaluate(make_head(options.head, seed=options.seed + k, **options.head_params), splits, options, options.seed + k)
+        fit_and_evaluate(new_scorer(options.seed + k), splits, options, options.seed + k, fit_params=fit_params)
         for k in range(options.seeds)
     ]
     best = fitted[0]
     metrics = best.metrics if len(fitted) == 1 else {**best.metrics, "over_seeds": summarize_seeds([f.metrics for f in fitted])}
     store = open_store(stores[0])
     record = RunRecord(
-        kind="head",
-        scorer=options.head,
+        kind="ensemble" if options.ensemble else "head",
+        scorer=f"{options.ensemble}:{options.head}" if options.ensemble else options.head,
         consumes="embeddings",
         fingerprint=fingerprint,
         options=asdict(options),
@@ -67,12 +95,19 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any
         calibration=best.calibration.calibrator.to_dict(),
         split_sizes=split_sizes(splits),
         inputs={"stores": [str(s.resolve()) for s in stores]},
-        encoder_options=json.loads(str(store.attrs.get("encoder_options", "{}"))),
-        preprocess=str(store.attrs.get("preprocess", "")),
+        # an ensemble of several encoders keeps each member's in details.members
+        encoder_options=json.loads(str(store.attrs.get("encoder_options", "{}"))) if not (options.ensemble and len(stores) > 1) else {},
+        preprocess=str(store.attrs.get("preprocess", "")) if not (options.ensemble and len(stores) > 1) else "",
         notes=notes,
-        details={"seeds": [{"seed": f.seed, "selection": getattr(f.scorer, "selection_", {})} for f in fitted]},
+        details={
+            "seeds": [{"seed": f.seed, "selection": getattr(f.scorer, "selection_", {})} for f in fitted],
+            **({"members": joined.members} if options.ensemble else {}),
+        },
     )
-    write_run(out, record, best.scorer, Evaluation(best.p_test, splits["test"], metrics))
+    val = splits["val"]
+    p_val = best.calibration.calibrator.transform(positive_scores(best.scorer, val.X, {"body_part": val.body_part}))
+    extras = fit_extras(p_val, splits, best.p_test, best.calibration.image_threshold, options.seed, options.n_resamples)
+    write_run(out, record, best.scorer, Evaluation(best.p_test, splits["test"], metrics), extras=extras)
     return metrics
 
 
@@ -80,6 +115,10 @@ def run_rows(run: Run, split: str = "test", stores: list[Path] | None = None) ->
     """The labelled rows of `split` that `run`'s scorer consumes: from its stores (or others with the same
     fingerprint) for embedding scorers, from its manifest's images for image scorers."""
     record, options = run.record, run.record.protocol
+    if record.kind == "ensemble":  # member stores joined by image id, each checked against its own fingerprint
+        from medembed.ensemble import ensemble_rows
+
+        return ensemble_rows(run, split, stores)
     if record.consumes == "embeddings":
         stores = [Path(s) for s in (stores or record.inputs["stores"])]
         for store in stores:
@@ -98,9 +137,12 @@ def run_rows(run: Run, split: str = "test", stores: list[Path] | None = None) ->
     return splits[split].take(np.array([by_id[i] for i in wanted.image_id[decoded]], dtype=np.int64), X=pixels)
 
 
-def evaluate_run(run_dir: Path, stores: list[Path] | None = None, split: str = "test", n_resamples: int | None = None) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: Path, stores: list[Path] | None = None, split: str = "test", n_resamples: int | None = None, transfer: TransferOptions | None = None
+) -> dict[str, Any]:
     """Re-evaluate any run directory on its inputs (or other stores with the same fingerprint); rewrites its
-    metrics, report, figures and predictions. Returns the metrics."""
+    metrics, report, figures and predictions, with the transfer sections (conformal coverage, OOD false alarms,
+    subgroups of `transfer.by`). Returns the metrics."""
     run = load_run(run_dir)
     options = run.record.protocol
     if n_resamples is not None:
@@ -109,5 +151,10 @@ def evaluate_run(run_dir: Path, stores: list[Path] | None = None, split: str = "
     rows = run_rows(run, split, stores)
     p = run.probabilities(rows)
     metrics = evaluate_split(p, rows, run.calibration, options, seed=options.seed)
-    write_evaluation(Path(run_dir), run.record, Evaluation(p, rows, metrics))
+    transfer = transfer or TransferOptions()
+    if transfer.columns_from is not None:
+        rows = with_manifest_columns(rows, transfer.columns_from)
+    reference = run_reference(run)
+    extras = lambda directory: source_sections(directory, reference, rows, p, run.calibration.image_threshold, transfer, options.n_resamples, options.seed)  # noqa: E731
+    write_evaluation(Path(run_dir), run.record, Evaluation(p, rows, metrics), extras=extras)
     return metrics

@@ -15,7 +15,7 @@ import io
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ from medembed.manifest import IMAGE_SUFFIXES, Manifest, read_manifest
 from medembed.runs import Run, load_run
 from medembed.splits import Split
 from medembed.store import fingerprint_mismatch, open_store
+from medembed.transfer.annotate import COLUMNS as ANNOTATIONS, annotate
+from medembed.transfer.options import TransferOptions
 
 
 @dataclass
@@ -42,17 +44,26 @@ class PredictSummary:
     abnormal: int
     images_csv: Path | None
     studies_csv: Path | None
+    ood_flagged: int | None = None  # None: no OOD score for this run (an image run, or no reference)
+    referred: int = 0  # images whose conformal set is not a single class
+    notes: list[str] = field(default_factory=list)
 
 
 def run_encoder(run: Run) -> Encoder:
     """An embedding run's encoder rebuilt from run.json, refused unless it reproduces the run's store fingerprint."""
-    fingerprint = run.record.fingerprint
-    encoder = build_encoder(fingerprint["encoder"], run.record.encoder_options)
-    expected = store_fingerprint(encoder, fingerprint["dtype"], run_precision(run))
+    if run.record.kind == "ensemble":
+        raise MedembedError(f"{run.directory} is an ensemble: its members' encoders are rebuilt by medembed predict; this tool takes single-encoder runs")
+    return rebuild_encoder(run.record.fingerprint, run.record.encoder_options, run.directory)
+
+
+def rebuild_encoder(fingerprint: dict[str, str], encoder_options: dict[str, Any], run_dir: Path) -> Encoder:
+    """The encoder that made embeddings of `fingerprint` (with `encoder_options`), refused unless it reproduces it."""
+    encoder = build_encoder(fingerprint["encoder"], encoder_options)
+    expected = store_fingerprint(encoder, fingerprint["dtype"], fingerprint.get("precision") or "fp32")
     diff = fingerprint_mismatch(fingerprint, expected)
     if diff:
         raise MedembedError(
-            f"the encoder available here does not match the one run {run.directory} was fitted on ({'; '.join(diff)}); "
+            f"the encoder available here does not match the one run {run_dir} was fitted on ({'; '.join(diff)}); "
             "install the same model weights and medembed version"
         )
     return encoder
@@ -119,6 +130,10 @@ def score_images(
     """The rows of `manifest` that `run`'s scorer could read, as a Split holding what it consumes, and why the
     others could not be read. Embedding runs extract into the store `cache` (resumable) with `encoder` (default:
     `run_encoder(run)`); `preprocess` replaces the images' preprocessing (a corrupted variant for robustness)."""
+    if run.record.kind == "ensemble":  # each member's encoder into its own cache store, joined by image id
+        from medembed.ensemble import score_member_images
+
+        return score_member_images(run, manifest, root, cache, options, preprocess)
     rows = Split.from_manifest(manifest)
     if run.record.consumes == "images":
         pixels, decoded, failed = run.scorer.load_images(manifest, root, preprocess)
@@ -134,9 +149,11 @@ def score_images(
     return Scored(rows.take(keep, X=X), store.failed(), summary)
 
 
-def predict(run_dir: Path, inputs: list[Path], out_csv: Path | None, options: ExtractOptions | None = None) -> PredictSummary:
-    """Score images with a run of any kind; writes `out_csv` (per image; standard output when None) and, when
-    studies are known and `out_csv` is a file, `<out>_studies.csv`."""
+def predict(run_dir: Path, inputs: list[Path], out_csv: Path | None, options: ExtractOptions | None = None,
+            transfer: TransferOptions | None = None) -> PredictSummary:
+    """Score images with a run of any kind; writes `out_csv` (per image, with its conformal prediction set and
+    OOD score and flag at `transfer`'s alpha and false-alarm rate; standard output when None) and, when studies
+    are known and `out_csv` is a file, `<out>_studies.csv`."""
     run = load_run(run_dir)
     manifest, root = images_manifest([Path(i) for i in inputs])
     options = options or ExtractOptions()
@@ -150,12 +167,13 @@ def predict(run_dir: Path, inputs: list[Path], out_csv: Path | None, options: Ex
     p = run.probabilities(rows) if len(rows) else np.zeros(0)
     by_id = dict(zip(rows.image_id, p))
     threshold = run.calibration.image_threshold
+    annotations, notes = annotate(run, rows, p, transfer)
     table = [
         [i, path, study, f"{by_id[i]:.6f}" if i in by_id else "", int(by_id[i] >= threshold) if i in by_id else "",
-         failed.get(i, "" if i in by_id else "not processed")]
+         failed.get(i, "" if i in by_id else "not processed"), *annotations.get(i, ["", "", ""])]
         for i, path, study in zip(manifest.image_id, manifest.path, manifest.study_id)
     ]
-    _write_rows(out_csv, ["image_id", "path", "study_id", "probability", "abnormal", "error"], table)
+    _write_rows(out_csv, ["image_id", "path", "study_id", "probability", "abnormal", "error", *ANNOTATIONS], table)
     studies_csv = None
     if out_csv is not None and (manifest.study_id != "").any() and len(rows):
         studies = aggregate_studies(p, np.zeros(len(rows), dtype=np.int8), rows.study_id, how=run.record.protocol.aggregation)
@@ -166,7 +184,10 @@ def predict(run_dir: Path, inputs: list[Path], out_csv: Path | None, options: Ex
             [[s, f"{prob:.6f}", int(prob >= run.calibration.study_threshold)] for s, prob in zip(studies.study_ids, studies.p)],
         )
     abnormal = int(sum(prob >= threshold for prob in by_id.values()))
-    return PredictSummary(len(manifest), len(by_id), len(manifest) - len(by_id), abnormal, out_csv, studies_csv)
+    flags = [cells[2] for cells in annotations.values() if cells[2] != ""]
+    referred = sum(cells[0] in ("both", "empty") for cells in annotations.values())
+    return PredictSummary(len(manifest), len(by_id), len(manifest) - len(by_id), abnormal, out_csv, studies_csv,
+                          sum(flag == "1" for flag in flags) if flags else None, referred, notes)
 
 
 def _write_rows(path: Path | None, header: list[str], rows: list[list]) -> None:

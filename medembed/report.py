@@ -60,13 +60,14 @@ def read_metrics_json(path: Path) -> dict:
         raise MedembedError(f"{path}: not valid JSON ({error})") from None
 
 
-def markdown_report(result: dict, *, title: str, context: dict) -> str:
+def markdown_report(result: dict, *, title: str, context: dict, sections: list[str] | tuple[str, ...] = ()) -> str:
     """A Markdown report of an evaluate_predictions result or a summarize_seeds summary.
 
     Headline table: rows = metrics, columns = image / study level, cells "0.871 (0.842–0.897)" (value and
     bootstrap interval) or "0.871 ± 0.012" (mean ± sd over seeds). A seed summary stored beside a single run's
     result under "over_seeds" gets its own headline table. Then one per-body-part table per level, and the
     context (store fingerprint, head, threshold rule and value, calibration, split sizes, ...) as a list.
+    `sections` (Markdown, each starting with its "## " heading) go before the context.
     """
     levels = [level for level in LEVELS if level in result]
     if not levels:
@@ -86,6 +87,8 @@ def markdown_report(result: dict, *, title: str, context: dict) -> str:
                 for part, table in by_part.items()
             ],
         )
+    for section in sections:
+        lines += ["", section]
     if context:
         lines += ["", "## Context", ""]
         lines += [f"- **{key}**: {_context_value(value)}" for key, value in context.items()]

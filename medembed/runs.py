@@ -18,7 +18,7 @@ import io
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -170,21 +170,28 @@ class Evaluation:
     metrics: dict[str, Any]
 
 
-def write_run(out: Path, record: RunRecord, scorer: Scorer, evaluation: Evaluation) -> None:
+# Writes what the transfer kit adds to a run directory (its reference, figures) and returns report sections.
+Extras = Callable[[Path], list[str]]
+
+
+def write_run(out: Path, record: RunRecord, scorer: Scorer, evaluation: Evaluation, extras: Extras | None = None) -> None:
     """Write a complete run directory `out` (replacing an earlier one only once everything is written)."""
     with replaced_directory(out) as staging:
         scorer.save(staging / SCORER_DIR)
-        write_evaluation(staging, record, evaluation, title=Path(out).name)
+        write_evaluation(staging, record, evaluation, title=Path(out).name, extras=extras)
         atomic_write_json(staging / RUN_FILE, asdict(record))
 
 
-def write_evaluation(directory: Path, record: RunRecord, evaluation: Evaluation, title: str | None = None) -> None:
-    """metrics.json, report.md, figures and predictions.csv of one evaluated split, into `directory`."""
+def write_evaluation(directory: Path, record: RunRecord, evaluation: Evaluation, title: str | None = None, extras: Extras | None = None) -> None:
+    """metrics.json, report.md, figures and predictions.csv of one evaluated split, into `directory`; `extras`
+    writes its own files there and adds its sections to report.md."""
     directory = Path(directory)
     p, rows, metrics = evaluation.p, evaluation.rows, evaluation.metrics
     calibration, options = record.decisions, record.protocol
     write_metrics_json(metrics, directory / "metrics.json")
-    atomic_write_text(directory / "report.md", markdown_report(metrics, title=f"medembed run: {title or directory.name}", context=report_context(record)))
+    sections = extras(directory) if extras is not None else []
+    report = markdown_report(metrics, title=f"medembed run: {title or directory.name}", context=report_context(record), sections=sections)
+    atomic_write_text(directory / "report.md", report)
     figures = directory / "figures"
     figures.mkdir(exist_ok=True)
     body_parts = rows.body_part if (rows.body_part != "").all() else None

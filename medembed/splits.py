@@ -6,7 +6,7 @@ Train on ``train``, choose everything on ``val``, report on ``test``. A store wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,10 @@ import numpy as np
 from medembed.errors import MedembedError
 from medembed.manifest import SPLITS, Manifest, assign_grouped_split
 from medembed.store import EmbeddingTable, open_store, read_stores
+
+
+# Columns Split holds as fields (or drops: label is y); every other column is carried in Split.extra.
+_CORE_COLUMNS = ("label", "study_id", "patient_id", "body_part")
 
 
 @dataclass
@@ -28,6 +32,7 @@ class Split:
     patient_id: np.ndarray  # study id where the store has none: the resampling / grouping unit
     body_part: np.ndarray
     has_patients: bool
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # other manifest columns [N] str (subgroups: view, site)
 
     @classmethod
     def from_columns(cls, X: Any, label: np.ndarray, image_id: np.ndarray, columns: dict[str, np.ndarray]) -> Split:
@@ -36,8 +41,9 @@ class Split:
         study_col, patient_col = (np.asarray(columns[c]).astype(str) for c in ("study_id", "patient_id"))
         study = np.where(study_col != "", study_col, image_id)
         patient = np.where(patient_col != "", patient_col, study)
+        extra = {name: np.asarray(values).astype(str) for name, values in columns.items() if name not in _CORE_COLUMNS}
         return cls(X, np.asarray(label).astype(np.int8), image_id, study, patient,
-                   np.asarray(columns["body_part"]).astype(str), bool((patient_col != "").any()))
+                   np.asarray(columns["body_part"]).astype(str), bool((patient_col != "").any()), extra)
 
     @classmethod
     def from_table(cls, table: EmbeddingTable) -> Split:
@@ -48,13 +54,14 @@ class Split:
     def from_manifest(cls, manifest: Manifest) -> Split:
         """The rows of a manifest (no embeddings: for scorers that read images)."""
         columns = {"study_id": manifest.study_id, "patient_id": manifest.patient_id, "body_part": manifest.body_part}
+        columns |= {name: values for name, values in manifest.columns.items() if name not in ("image_id", "path", "label")}
         return cls.from_columns(None, manifest.label, manifest.image_id, columns)
 
     def take(self, rows: np.ndarray, X: Any = None) -> Split:
         """The split restricted to `rows` (indices or a mask), with `X` replacing the inputs when given."""
         inputs = X if X is not None else (None if self.X is None else self.X[rows])
         return Split(inputs, self.y[rows], self.image_id[rows], self.study_id[rows], self.patient_id[rows],
-                     self.body_part[rows], self.has_patients)
+                     self.body_part[rows], self.has_patients, {name: values[rows] for name, values in self.extra.items()})
 
     def __len__(self) -> int:
         return len(self.y)
@@ -68,17 +75,28 @@ def split_sizes(splits: dict[str, Split]) -> dict[str, dict[str, int]]:
     }
 
 
-def load_splits(stores: list[Path], *, val_fraction: float = 0.125, seed: int = 0) -> tuple[dict[str, Split], dict[str, str], list[str]]:
+def load_splits(
+    stores: list[Path], *, val_fraction: float = 0.125, seed: int = 0, level: str | None = None
+) -> tuple[dict[str, Split], dict[str, str], list[str]]:
     """Train/val/test splits of one or more stores (one fingerprint), checked for leakage and bad values.
 
+    `level`: X is that token level `[N, T, C]` instead of the pooled embeddings; levels joined by "+"
+    (block14+block10@7x7) are concatenated along the channels (they must have the same token count).
     Returns the splits, the fingerprint and notes (e.g. rows dropped for unknown labels, a carved val split).
     """
     stores = [Path(s) for s in stores]
     table, fingerprint = read_stores(stores)
+    if level:
+        table = EmbeddingTable(level_tokens(stores, level), table.image_id, table.columns)
     notes: list[str] = []
     failed = sum(len(open_store(s).failed()) for s in stores)
     if failed:
         notes.append(f"{failed} images the extractor could not read (the store's failed table) are not scored")
+    return table_splits(table, stores, val_fraction=val_fraction, seed=seed, notes=notes), fingerprint, notes
+
+
+def table_splits(table: EmbeddingTable, stores: list[Path], *, val_fraction: float, seed: int, notes: list[str]) -> dict[str, Split]:
+    """Train/val/test splits of rows read from `stores` (named in errors), checked; appends to `notes`."""
     if len(table) == 0:
         raise MedembedError(f"{', '.join(map(str, stores))}: the store has no rows")
     labelled = table.label >= 0
@@ -87,12 +105,28 @@ def load_splits(stores: list[Path], *, val_fraction: float = 0.125, seed: int = 
     if not labelled.all():
         notes.append(f"{int((~labelled).sum())} rows without a label left out")
         table = table.subset(labelled)
-    bad = ~np.isfinite(table.embeddings.astype(np.float32)).all(axis=1)
+    bad = ~np.isfinite(table.embeddings.astype(np.float32)).reshape(len(table), -1).all(axis=1)
     if bad.any():
         raise MedembedError(f"{int(bad.sum())} embeddings are NaN or infinite, e.g. image ids {table.image_id[bad][:5].tolist()}; re-extract them")
     split = table.columns["split"].astype(str)
-    splits = _named_splits(Split.from_table(table), split, val_fraction, seed, notes, where=str(stores[0]))
-    return splits, fingerprint, notes
+    return _named_splits(Split.from_table(table), split, val_fraction, seed, notes, where=str(stores[0]))
+
+
+def level_tokens(stores: list[Path], level: str) -> np.ndarray:
+    """The tokens `[N, T, C]` of `level` (or of levels joined by "+", concatenated along C) of every row of the
+    stores, in `read_stores` order."""
+    names = [name.strip() for name in level.split("+") if name.strip()]
+    opened = [open_store(s) for s in stores]
+    for store in opened:
+        missing = [name for name in names if name not in store.token_shapes]
+        if missing:
+            have = ", ".join(store.token_shapes) or "none (extract with --levels or --tokens)"
+            raise MedembedError(f"{store.path}: no token level {missing[0]!r}; its levels: {have}")
+    counts = {name: opened[0].token_shapes[name][0] for name in names}
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{name} {count}" for name, count in counts.items())
+        raise MedembedError(f"levels {level!r} cannot be concatenated: their token counts differ ({shown}); pool them to one grid (@RxC)")
+    return np.concatenate([np.concatenate([store.read_tokens(name) for store in opened]) for name in names], axis=2)
 
 
 def manifest_splits(manifest: Manifest, *, val_fraction: float = 0.125, seed: int = 0) -> tuple[dict[str, Split], np.ndarray, list[str]]:

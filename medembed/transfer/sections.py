@@ -1,0 +1,158 @@
+"""Report sections (Markdown) and figures of the transfer kit, and the numbers behind them.
+
+Every number comes from the statistic modules (`conformal`, `ood`, `drift`, `subgroups`); this module gathers
+them for one evaluated set of rows and formats them.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medembed.report import format_cell, markdown_table, write_metrics_json
+from medembed.splits import Split
+from medembed.transfer.conformal import coverage, fit_conformal, prediction_sets
+from medembed.transfer.ood import embedding_matrix, ood_threshold
+from medembed.transfer.options import TransferOptions
+from medembed.transfer.reference import NO_EMBEDDINGS, SiteReference
+from medembed.transfer.subgroups import subgroup_figure, subgroup_metrics
+
+COMPARED = ("auroc", "sensitivity", "specificity", "kappa", "f1", "ppv", "npv", "brier", "ece")
+
+
+def conformal_summary(reference: SiteReference, p: np.ndarray, y: np.ndarray, alphas: tuple[float, ...]) -> dict[str, Any]:
+    """{alpha: {"marginal" | "class_conditional": coverage(...)}} of sets calibrated on the reference's val."""
+    result = {}
+    for alpha in alphas:
+        result[f"{alpha:g}"] = {
+            variant: coverage(prediction_sets(p, fit_conformal(reference.val_p, reference.val_y, alpha, conditional)), y)
+            for variant, conditional in (("marginal", False), ("class_conditional", True))
+        }
+    return result
+
+
+def ood_scores(reference: SiteReference, X: Any, false_alarm: float) -> tuple[np.ndarray, float] | None:
+    """Per-row OOD scores [N] and the flag threshold at `false_alarm`; None without an embedding reference."""
+    matrix = embedding_matrix(X) if reference.has_embeddings and X is not None else None
+    if matrix is None:
+        return None
+    return reference.ood_model().score(matrix), ood_threshold(reference.val_ood, false_alarm)
+
+
+def source_sections(directory: Path, reference: SiteReference, rows: Split, p: np.ndarray, threshold: float,
+                    options: TransferOptions, n_resamples: int, seed: int) -> list[str]:
+    """The run's own evaluated split: conformal coverage, OOD false alarms, subgroups (with --by). Writes
+    transfer.json and figures/subgroups.png into `directory`; returns the report sections."""
+    result: dict[str, Any] = {"conformal": conformal_summary(reference, p, rows.y, options.alphas)}
+    scored = ood_scores(reference, rows.X, options.false_alarm)
+    if scored is not None:
+        scores, cut = scored
+        result["ood"] = {"false_alarm": options.false_alarm, "threshold": cut, "flagged": float((scores > cut).mean()), "n": len(scores)}
+    if options.columns:
+        result["subgroups"] = subgroup_metrics(p, rows, options.columns, threshold, n_resamples, seed)
+        save_subgroup_figure(directory, result["subgroups"])
+    write_metrics_json(result, Path(directory) / "transfer.json")
+    sections = [conformal_markdown(result["conformal"], where="this split")]
+    sections.append(ood_markdown(result.get("ood"), where="this split (in distribution: the flagged share is the false-alarm rate)"))
+    if "subgroups" in result:
+        sections.append(subgroups_markdown(result["subgroups"]))
+    return sections
+
+
+def save_subgroup_figure(directory: Path, result: dict[str, Any]) -> None:
+    figures = Path(directory) / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    subgroup_figure(result).savefig(figures / "subgroups.png", dpi=120)
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def conformal_markdown(result: dict[str, Any], where: str) -> str:
+    """Coverage per class and refer rate per alpha and variant."""
+    rows = [
+        [alpha, variant.replace("_", "-"), f"{1 - float(alpha):.2f}", _rate(c["coverage"]), _rate(c["coverage_normal"]),
+         _rate(c["coverage_abnormal"]), _rate(c["refer_rate"]), _rate(c["share_empty"])]
+        for alpha, variants in result.items() for variant, c in variants.items()
+    ]
+    header = ["alpha", "quantiles", "nominal", "coverage", "normal", "abnormal", "refer rate", "empty sets"]
+    return "\n".join([
+        "## Conformal prediction sets", "",
+        f"Split-conformal sets calibrated on the run's val, evaluated on {where}: each image gets {{normal}}, {{abnormal}} "
+        "or, when the model cannot tell at this alpha, {both} (refer). Coverage = share of images whose true label is in the set.",
+        "", *markdown_table(header, rows),
+    ])
+
+
+def ood_markdown(result: dict[str, Any] | None, where: str) -> str:
+    if result is None:
+        return "## Out-of-distribution score\n\n" + NO_EMBEDDINGS + "."
+    return "\n".join([
+        "## Out-of-distribution score", "",
+        f"Mahalanobis distance to the run's train embeddings; flagged above {result['threshold']:.2f}, the val quantile at a "
+        f"{result['false_alarm']:.0%} false-alarm rate. Flagged on {where}: {result['flagged']:.1%} of {result['n']} images.",
+    ])
+
+
+def subgroups_markdown(result: dict[str, Any]) -> str:
+    lines = ["## Subgroups", "", "Image level at the run's threshold; 95% bootstrap intervals within each group. Figure: figures/subgroups.png."]
+    for column, entry in result.items():
+        metrics = ("n", "n_pos", "auroc", "sensitivity", "specificity", "kappa")
+        lines += ["", f"### By {column}", ""]
+        lines += markdown_table([column, *metrics], [[g, *(format_cell(m[k], k) for k in metrics)] for g, m in entry["groups"].items()])
+        gaps = entry["largest_gap"]
+        if gaps:
+            lines += ["", "Largest gaps: " + "; ".join(f"{k} {v['gap']:.3f} ({v['high']} vs {v['low']})" for k, v in gaps.items()) + "."]
+    return "\n".join(lines)
+
+
+def comparison_markdown(comparison: dict[str, Any], source_name: str, target_name: str) -> str:
+    lines = ["## External validation", "",
+             f"The run's calibration and thresholds applied unchanged. Δ = {target_name} − {source_name} (the run's own test), "
+             "95% interval from independent bootstrap resamples of both."]
+    for level, metrics in comparison.items():
+        rows = [[m, _rate(v["source"]), _rate(v["target"]), _signed(v["difference"]), _interval(v["difference_ci"])] for m, v in metrics.items()]
+        lines += ["", f"### {level.capitalize()} level", ""] + markdown_table(["metric", source_name, target_name, "Δ", "Δ 95% CI"], rows)
+    return "\n".join(lines)
+
+
+def drift_markdown(drift: dict[str, Any]) -> str:
+    lines = ["## Drift (no labels needed)", ""]
+    shift = drift.get("shift")
+    if shift:
+        lines.append(f"- Embedding shift vs the run's train sample: MMD² {shift['mmd2']:.4f}, permutation p = {shift['p_value']:.4f} "
+                     f"({shift['permutations']} permutations; {shift['n_reference']} reference and {shift['n_target']} target rows).")
+    else:
+        lines.append(f"- Embedding shift: {drift.get('unavailable', NO_EMBEDDINGS)}.")
+    prevalence = drift["prevalence"]
+    lines.append(f"- Predicted prevalence: {prevalence['target_called_abnormal']:.1%} called abnormal here vs {prevalence['source_called_abnormal']:.1%} "
+                 f"on the run's val (ratio {_rate(prevalence['called_ratio'])}); mean probability {prevalence['target_mean_probability']:.3f} vs "
+                 f"{prevalence['source_mean_probability']:.3f}.")
+    return "\n".join(lines)
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:+.3f}"
+
+
+def _interval(ci: list[float] | None) -> str:
+    return "n/a" if not ci or any(v is None or math.isnan(v) for v in ci) else f"{ci[0]:+.3f} to {ci[1]:+.3f}"
+
+
+def fit_extras(p_val: np.ndarray, splits: dict[str, Split], p_test: np.ndarray, threshold: float, seed: int,
+               n_resamples: int, options: TransferOptions | None = None) -> Any:
+    """What a fit adds to its run directory: the reference (val scores, a train-embedding sample) and the report
+    sections of the test split. Returned as the `extras` callable `medembed.runs.write_run` takes."""
+    from medembed.transfer.reference import REFERENCE_DIR, build_reference
+
+    reference = build_reference(p_val, splits["val"], splits["train"], seed=seed)
+
+    def extras(directory: Path) -> list[str]:
+        reference.save(Path(directory) / REFERENCE_DIR)
+        return source_sections(directory, reference, splits["test"], p_test, threshold, options or TransferOptions(), n_resamples, seed)
+
+    return extras

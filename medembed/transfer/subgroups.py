@@ -1,0 +1,88 @@
+"""Metrics per subgroup of any manifest column (site, sex, age band, view, scanner) with bootstrap intervals.
+
+Each column is taken on its own: one group per distinct value (empty values form no group), image-level metrics
+from `medembed.evaluate` at the run's threshold, percentile intervals resampling patients (else studies) within
+the group, and per metric the largest gap between two groups that define it and have at least MIN_GROUP images.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from medembed.errors import MedembedError
+from medembed.evaluate import binary_metrics, bootstrap_metrics
+from medembed.splits import Split
+
+GAP_METRICS = ("auroc", "sensitivity", "specificity", "kappa", "ppv", "npv")
+MIN_GROUP = 10  # images: smaller groups are reported but take no part in the largest gap
+
+
+def parse_columns(text: str | None) -> list[str]:
+    """ "view,site" -> ["view", "site"]; None or "" -> []."""
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    if len(set(names)) != len(names):
+        raise MedembedError(f"--by names a column twice: {text!r}")
+    return names
+
+
+def row_column(rows: Split, name: str) -> np.ndarray:
+    """Column `name` of the rows ([N] str): a manifest column carried through the store, or body_part."""
+    if name == "body_part":
+        return rows.body_part
+    extra = getattr(rows, "extra", {}) or {}
+    if name not in extra:
+        available = ", ".join(["body_part", *sorted(extra)])
+        raise MedembedError(f"--by {name}: no such column on these rows (they have {available}); stores keep the manifest's columns "
+                            "from extraction on, or pass --columns-from MANIFEST to join them by image id")
+    return np.asarray(extra[name]).astype(str)
+
+
+def subgroup_metrics(p: np.ndarray, rows: Split, columns: list[str], threshold: float, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """{column: {"groups": {value: {metric: {"value", "ci"}}}, "largest_gap": {metric: {"gap", "low", "high"}}}}."""
+    y = rows.y
+    units = rows.patient_id if rows.has_patients else rows.study_id
+    result: dict[str, Any] = {}
+    for name in columns:
+        values = row_column(rows, name)
+        groups: dict[str, dict] = {}
+        for value in sorted(set(values.tolist()) - {""}):
+            member = values == value
+            point = binary_metrics(y[member], p[member], threshold)
+            intervals = bootstrap_metrics(y[member], p[member], threshold, units[member], n_resamples, seed) if n_resamples else {}
+            groups[value] = {metric: {"value": v, "ci": list(intervals[metric]) if metric in intervals else None} for metric, v in point.items()}
+        result[name] = {"groups": groups, "largest_gap": largest_gaps(groups)}
+    return result
+
+
+def largest_gaps(groups: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """Per metric, the highest minus the lowest value over groups of at least MIN_GROUP images where it is defined."""
+    gaps = {}
+    for metric in GAP_METRICS:
+        defined = {g: m[metric]["value"] for g, m in groups.items() if m["n"]["value"] >= MIN_GROUP and not math.isnan(m[metric]["value"])}
+        if len(defined) >= 2:
+            low, high = min(defined, key=defined.get), max(defined, key=defined.get)
+            gaps[metric] = {"gap": defined[high] - defined[low], "low": low, "high": high}
+    return gaps
+
+
+def subgroup_figure(result: dict[str, Any], metrics: tuple[str, ...] = ("auroc", "sensitivity", "specificity")) -> Figure:
+    """One row of panels per column: each metric per group with its 95% interval."""
+    figure = Figure(figsize=(4.0 * len(metrics), 3.2 * len(result)), layout="constrained")
+    axes = figure.subplots(len(result), len(metrics), squeeze=False)
+    for row, (column, entry) in enumerate(result.items()):
+        names = list(entry["groups"])
+        for col, metric in enumerate(metrics):
+            ax = axes[row][col]
+            values = np.array([entry["groups"][g][metric]["value"] for g in names], dtype=float)
+            cis = [entry["groups"][g][metric]["ci"] or [np.nan, np.nan] for g in names]
+            low = np.array([v - c[0] for v, c in zip(values, cis)], dtype=float)
+            high = np.array([c[1] - v for v, c in zip(values, cis)], dtype=float)
+            ax.bar(range(len(names)), np.nan_to_num(values), yerr=np.nan_to_num(np.vstack([low, high])), capsize=3, color="tab:blue", alpha=0.8)
+            ax.set_xticks(range(len(names)), [f"{column}={g}" for g in names], rotation=30, ha="right", fontsize="small")
+            ax.set(ylim=(0, 1.05), title=f"{metric} by {column}")
+            ax.grid(axis="y", alpha=0.3)
+    return figure
