@@ -25,20 +25,13 @@ from medembed.store import (
     read_stores,
 )
 
-from tests.test_store import DIM, rows
+from tests.test_store import DIM, abandon, rows
 
 FP = make_fingerprint(
     encoder="test", model_id="tiny", embedding_kind="pooler_output", preprocess_hash="abc", dtype="float16",
     precision="bf16", config_sha256="c0ffee",
 )
 OLD_KEYS = ("encoder", "model_id", "revision", "weights_sha256", "embedding_kind", "preprocess_hash", "dtype")
-
-
-def abandon(writer: StoreWriter) -> None:
-    """What a SIGKILL leaves: the log as written, no fold, the lock released by the kernel."""
-    writer._log.close()
-    os.close(writer._lock.fd)
-    writer._lock.fd = -1
 
 
 def old_schema_store(path, n=4):
