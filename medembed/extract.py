@@ -1,8 +1,11 @@
 """The batch runner: a frozen encoder over every image of a manifest, into an HDF5 embedding store.
 
-DataLoader workers decode and preprocess (the encoder's picklable PreprocessSpec) while the main process
-runs the model: bf16 autocast on CUDA, fp32 on CPU, under ``torch.inference_mode``; the precision used is
-part of the store fingerprint, so a store is never continued in another precision. The run is resumable:
+DataLoader workers decode; on CUDA they send compact integer pixels and the encoder's PreprocessSpec runs on
+the GPU (`medembed.device_preprocess`: the same ops, the same spec hash), elsewhere, and for corrupted
+variants, the workers preprocess too. The main process runs the model in the overlapped loop of
+`medembed.extract_loop` (copies on a side stream, the store written on a thread): bf16 autocast on CUDA,
+fp32 on CPU, under ``torch.inference_mode``; the precision used is part of the store fingerprint, so a
+store is never continued in another precision. The run is resumable:
 ids already in the store (or recorded as failed) are skipped, and every batch is durable once appended.
 Unreadable images never stop the run; they go to the store's ``failed`` table with their reason. A file
 that does not exist is not a bad image: it is counted as missing and tried again by the next run (and if
@@ -31,9 +34,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from medembed._files import atomic_write_json
+from medembed.batch_size import AUTO, check_batch_size, cached, cuda_fits, largest_batch, rounded
+from medembed.device_preprocess import PackedBatch, pack, preprocess_packed
 from medembed.encoders import Encoder, get_encoder
 from medembed.errors import MedembedError
-from medembed.images import ImageDecodeError, PreprocessSpec
+from medembed.extract_loop import DurableWriter, PinnedPool, StageTimes, WriteJob, timed
+from medembed.images import CompactPixels, ImageDecodeError, PreprocessSpec
 from medembed.manifest import Manifest, validate_manifest
 from medembed.options import check_choice, check_positive, option
 from medembed.store import (
@@ -52,25 +59,29 @@ if TYPE_CHECKING:
     from medembed.corrupt import CorruptedPreprocess
 
 CUDA_BATCH, CPU_BATCH = 128, 4
+PREPROCESS_PLACES = ("auto", "device", "workers")
 
 
 @dataclass
 class ExtractOptions:
     """How to run the encoder. Defaults suit both a CPU laptop and one GPU."""
 
-    batch_size: int | None = option(None, f"Images per forward pass (default: {CUDA_BATCH} on CUDA, {CPU_BATCH} on CPU, where small batches stay in cache).", flag="-b")
+    batch_size: int | str | None = option(None, f"Images per forward pass, or 'auto': the largest that fits the GPU with a margin (searched once, cached; on a CPU the CPU default). Default: {CUDA_BATCH} on CUDA, {CPU_BATCH} on CPU, where small batches stay in cache.", flag="-b")
     num_workers: int | None = option(None, "Decoding worker processes (default: every core but one on a GPU box; a quarter of the cores on a CPU, none on 2 cores).", flag="--workers -j")
     device: str = option("auto", "auto | cpu | cuda | cuda:N.")
     precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32; recorded in the store's fingerprint.")
     store_dtype: str = option("float16", "Store dtype: float16 | float32.", flag="--dtype")
-    compile: bool = option(False, "torch.compile the encoder (GPU, long runs).")
+    compile: bool = option(False, "torch.compile the encoder (GPU, long runs); on CUDA with CUDA graphs, every batch padded to one static shape.")
+    preprocess_on: str = option("auto", "Where pad/resize/normalise run: device (the model's, from compact pixels the workers decode), workers (decoding workers, float32 tensors), or auto (device on CUDA, workers on a CPU: measured in tests/benchmarks/bench_extract.py).")
+    profile: bool = option(False, "Print the per-stage timing table (decode wait, H2D, preprocess, model, D2H, write) and write it beside the store as <out>.profile.json.")
     retry_failed: bool = option(False, "Try again the images an earlier run listed as failed.")
     limit: int | None = option(None, "Embed at most this many new images (smoke tests, benchmarks).")
     allow_absolute: bool = option(False, "Accept absolute paths in the manifest (kept as they are instead of joined to --root).")
     allow_outside_root: bool = option(False, "Accept relative manifest paths whose '..' lead outside --root.")
 
     def __post_init__(self) -> None:
-        check_positive("batch_size", self.batch_size, allow_none=True)
+        check_batch_size(self.batch_size)
+        check_choice("preprocess_on", self.preprocess_on, PREPROCESS_PLACES)
         check_positive("num_workers", self.num_workers, minimum=0, allow_none=True)
         check_positive("limit", self.limit, minimum=0, allow_none=True)
         check_choice("precision", self.precision, ("auto", *PRECISIONS))
@@ -94,6 +105,10 @@ class ExtractSummary:
     missing_paths: list[str] = field(default_factory=list)  # the first few of them, as resolved
     metadata_updated: int = 0  # stored rows whose manifest columns (label, split, ...) were refreshed
     precision: str = ""  # the autocast precision used (bf16, fp16, fp32)
+    batch_size: int = 0  # the batch size used (resolved from auto or the default)
+    preprocess_on: str = ""  # where preprocessing ran: "device" (e.g. cuda:0) or "workers"
+    stages: StageTimes = field(default_factory=StageTimes)
+    profile: bool = False  # format() adds the per-stage table
 
     @property
     def images_per_second(self) -> float:
@@ -115,6 +130,10 @@ class ExtractSummary:
                 f"  metadata: {self.metadata_updated} stored row(s) had their label/split/study/patient/body part "
                 "refreshed from the manifest"
             )
+        if self.stages.batches:
+            lines.append(f"  batch {self.batch_size}, preprocessing on the {self.preprocess_on}; {self.stages.line()}")
+        if self.profile and self.stages.batches:
+            lines.append(self.stages.table(self.seconds))
         return "\n".join(lines)
 
 
@@ -124,20 +143,22 @@ _MISSING_REASONS = (MISSING, "broken symbolic link")
 
 
 class ManifestImages(Dataset):
-    """(index, pixels [3, S, S] float32 or None, failure reason) for each manifest row; decoding errors are data.
+    """(index, pixels or None, failure reason) for each manifest row; decoding errors are data. Pixels are the
+    preprocessed `[C, S, S]` float32 array, or with `compact` the decoded `CompactPixels` (`spec.decode_compact`).
 
     A file that does not exist (even one removed during the run, or a symbolic link to nothing) has the reason MISSING.
     """
 
-    def __init__(self, paths: list[Path], spec: PreprocessSpec) -> None:
-        self.paths, self.spec = paths, spec
+    def __init__(self, paths: list[Path], spec: PreprocessSpec, compact: bool = False) -> None:
+        self.paths, self.spec, self.compact = paths, spec, compact
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | CompactPixels | None, str]:
         try:
-            return index, self.spec.load(self.paths[index]), ""
+            path = self.paths[index]
+            return index, self.spec.decode_compact(path) if self.compact else self.spec.load(path), ""
         except ImageDecodeError as error:
             return index, None, MISSING if not os.path.exists(self.paths[index]) else error.reason
         except Exception as error:  # a decoder bug on one file must not kill a day-long run
@@ -150,9 +171,19 @@ def init_decode_worker(_: int) -> None:
 
 
 def collate_images(items: list[tuple[int, np.ndarray | None, str]]) -> tuple[list[int], torch.Tensor | None, list[int], list[str]]:
+    """(good indices, their pixels stacked [B, C, S, S], failed indices, their reasons)."""
+    return _collate(items, lambda images: torch.from_numpy(np.stack(images)))
+
+
+def collate_compact(items: list[tuple[int, CompactPixels | None, str]]) -> tuple[list[int], PackedBatch | None, list[int], list[str]]:
+    """As `collate_images`, the compact pixels packed into one buffer (one pinned copy, one transfer)."""
+    return _collate(items, pack)
+
+
+def _collate(items: list[tuple[int, Any, str]], join: Callable[[list], Any]) -> tuple[list[int], Any, list[int], list[str]]:
     good = [(i, x) for i, x, _ in items if x is not None]
     bad = [(i, reason) for i, x, reason in items if x is None]
-    pixels = torch.from_numpy(np.stack([x for _, x in good])) if good else None
+    pixels = join([x for _, x in good]) if good else None
     return [i for i, _ in good], pixels, [i for i, _ in bad], [r for _, r in bad]
 
 
@@ -173,7 +204,8 @@ def resolve_device(device: str) -> torch.device:
     """'auto' -> CUDA when available (this rank's GPU under torchrun), else CPU."""
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            # Ranks beyond the GPU count share them (e.g. two processes on one GPU).
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         return torch.device("cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
@@ -244,7 +276,12 @@ def _distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # The ranks only meet at barriers; NCCL refuses two ranks on one GPU, gloo serves them there.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nccl = torch.cuda.is_available() and local <= torch.cuda.device_count()
+        if nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if nccl else "gloo")
     return dist.get_rank(), world
 
 
@@ -293,9 +330,11 @@ def extract(
         "image_root": str(root),
         "encoder_options": json.dumps(encoder_options or {}, sort_keys=True),
     }
-    summary = ExtractSummary(total=len(rows), store=out, precision=precision)
+    summary = ExtractSummary(total=len(rows), store=out, precision=precision, profile=options.profile)
     start = time.perf_counter()
-    writer = StoreWriter(target, dim=encoder.dim, fingerprint=fingerprint, metadata=metadata, provenance=run_provenance(device))
+    writer = StoreWriter(
+        target, dim=encoder.dim, fingerprint=fingerprint, metadata=metadata, provenance=run_provenance(device), tokens=encoder.token_shapes()
+    )
     with writer:
         if world == 1:
             summary.metadata_updated = refresh_metadata(writer, manifest)
@@ -315,6 +354,8 @@ def extract(
         if todo:
             _run(manifest.subset(np.asarray(todo)), root, encoder, spec, writer, options, summary, on_progress, device)
     summary.seconds = time.perf_counter() - start
+    if options.profile and summary.stages.batches:
+        atomic_write_json(target.with_name(target.name + ".profile.json"), profile_document(summary))
     if world > 1:
         summary.metadata_updated = _merge_shards(out, rank, world, manifest)
     return summary
@@ -333,8 +374,10 @@ def refresh_metadata(writer: StoreWriter, manifest: Manifest) -> int:
 
 
 def store_columns(manifest: Manifest) -> dict[str, np.ndarray]:
-    """The manifest columns a store keeps beside each embedding (the one place that says which)."""
-    return {name: manifest.label if name == "label" else getattr(manifest, name) for name in ("label", "study_id", "patient_id", "body_part", "split")}
+    """The manifest columns a store keeps beside each embedding (the one place that says which): the standard
+    ones, and every further column (view, site, sex: subgroups) as an extra column; not the machine's paths."""
+    standard = {name: manifest.label if name == "label" else getattr(manifest, name) for name in ("label", "study_id", "patient_id", "body_part", "split")}
+    return standard | {name: values for name, values in manifest.columns.items() if name not in standard and name not in ("image_id", "path")}
 
 
 def _resolve(manifest: Manifest, root: Path, options: ExtractOptions) -> list[Path]:
@@ -388,51 +431,220 @@ def _run(
     on_progress: Callable[[int], None] | None,
     device: torch.device,
 ) -> None:
+    """Embed `todo` into `writer` through the overlapped loop; `summary` counts only what the store holds."""
     autocast = _autocast_dtype(options.precision, device)
     encoder.load(device)
-    embed = torch.compile(encoder.embed) if options.compile else encoder.embed
+    compact = preprocess_on_device(spec, options.preprocess_on, device)
+    embed = _embed_function(encoder, options.compile, device)
+    batch_size = resolve_batch_size(options.batch_size, encoder, spec, device, autocast)
+    summary.batch_size = batch_size
+    summary.preprocess_on = f"{device} device" if compact else "decoding workers"
     workers = options.num_workers if options.num_workers is not None else default_workers(device)
-    batch_size = options.batch_size or (CUDA_BATCH if device.type == "cuda" else CPU_BATCH)
     paths = _resolve(todo, root, options)
     loader = DataLoader(
-        ManifestImages(paths, spec),
+        ManifestImages(paths, spec, compact=compact),
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=collate_images,
+        collate_fn=collate_compact if compact else collate_images,
         worker_init_fn=init_decode_worker,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    columns = store_columns(todo)
-    ids = todo.image_id
+    step = _Step(encoder, spec if compact else None, embed, device, autocast, writer.dtype, paths, todo.image_id,
+                 batch_size if options.compile and device.type == "cuda" else None, summary.stages)
+    durable = DurableWriter(writer.append, todo.image_id, store_columns(todo), str(writer.path), summary.stages)
+
+    def acknowledge() -> None:
+        for ack in durable.acks():
+            summary.done += ack.done
+            summary.failed += len(ack.failed)
+            summary.failure_reasons.update(ack.failed.values())
+            summary.missing += len(ack.vanished)
+            summary.missing_paths += ack.vanished[: max(0, 5 - len(summary.missing_paths))]
+            if on_progress:
+                on_progress(ack.done + len(ack.failed) + len(ack.vanished))
+
     threads = torch.get_num_threads()
     if device.type == "cpu":
         # Decoding workers and the model's threads share the cores; oversubscribed threads stall each other.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
     try:
         with torch.inference_mode():
-            for good, pixels, bad, reasons in loader:
-                failed = {str(ids[i]): reason for i, reason in zip(bad, reasons) if reason != MISSING}
-                vanished = [str(paths[i]) for i, reason in zip(bad, reasons) if reason == MISSING]
-                summary.missing += len(vanished)
-                summary.missing_paths += vanished[: max(0, 5 - len(summary.missing_paths))]
-                embeddings = np.zeros((0, encoder.dim), dtype=np.float32)
-                if pixels is not None:
-                    pixels = pixels.to(device, non_blocking=True)
-                    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                        embeddings = embed(pixels).float().cpu().numpy()
-                    finite = np.isfinite(embeddings).all(axis=1)
-                    failed.update({str(ids[i]): "non-finite embedding" for i, ok in zip(good, finite) if not ok})
-                    good, embeddings = [i for i, ok in zip(good, finite) if ok], embeddings[finite]
-                writer.append(ids[good], embeddings, {k: v[good] for k, v in columns.items()}, failed=failed)
-                summary.done += len(good)
-                summary.failed += len(failed)
-                summary.failure_reasons.update(failed.values())
-                if on_progress:
-                    on_progress(len(good) + len(failed) + len(vanished))
+            staged = None
+            for batch in timed(loader, summary.stages):
+                following = step.stage(batch)  # its copy to the device overlaps the model on the batch before
+                if staged is not None:
+                    durable.submit(step.launch(staged))
+                    acknowledge()
+                staged = following
+            if staged is not None:
+                durable.submit(step.launch(staged))
+        durable.close()
+    except BaseException:
+        durable.close(raise_error=False)  # what is queued is computed: written, unless the store failed
+        raise
     finally:
+        acknowledge()
         torch.set_num_threads(threads)
+
+
+def preprocess_on_device(spec: PreprocessSpec | CorruptedPreprocess, place: str, device: torch.device) -> bool:
+    """Whether pad/resize/normalise run on the model's device (workers then only decode): "device" or
+    "workers" as asked; "auto" on CUDA only. A corrupted variant (corruptions act on the decoded float
+    image, in the workers) always preprocesses in the workers."""
+    if not isinstance(spec, PreprocessSpec):
+        return False
+    return place == "device" or (place == "auto" and device.type == "cuda")
+
+
+def resolve_batch_size(requested: int | str | None, encoder: Encoder, spec: PreprocessSpec | CorruptedPreprocess,
+                       device: torch.device, autocast: torch.dtype | None) -> int:
+    """The batch size a run uses: the one asked for; by default CUDA_BATCH on CUDA, CPU_BATCH on a CPU;
+    "auto": on CUDA the largest that fits (see `medembed.batch_size`, cached), on a CPU the CPU default."""
+    if isinstance(requested, int):
+        return requested
+    if requested is None or device.type != "cuda":
+        return CUDA_BATCH if device.type == "cuda" else CPU_BATCH
+    size = spec.to_dict()["size"]
+    key = "|".join([
+        torch.cuda.get_device_name(device), str(torch.cuda.get_device_properties(device).total_memory), encoder.name,
+        encoder.model_id, encoder.config_sha256(), f"{size}px", str(autocast), f"torch {torch.__version__}",
+        json.dumps(encoder.token_shapes(), sort_keys=True),
+    ])
+    fits = cuda_fits(encoder.embed_with_tokens, (3, size, size), device, autocast)
+    return cached(key, lambda: rounded(largest_batch(fits)))
+
+
+def _embed_function(encoder: Encoder, compile_model: bool, device: torch.device) -> Callable:
+    """`encoder.embed_with_tokens`, torch.compile-d when asked: on CUDA with CUDA graphs ("reduce-overhead";
+    the loop pads every batch to one shape so a single graph is replayed)."""
+    if not compile_model:
+        return encoder.embed_with_tokens
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return torch.compile(encoder.embed_with_tokens, mode=mode, dynamic=False)
+
+
+@dataclass
+class _Staged:
+    """A loaded batch whose pixels are on (or on their way to) the device."""
+
+    good: list[int]
+    pixels: torch.Tensor | PackedBatch | None
+    bad: list[int]
+    reasons: list[str]
+    copied: Any = None  # CUDA event: the host-to-device copy is done
+    copy_seconds: Callable[[], float] | None = None
+
+
+class _Step:
+    """The per-batch work of the loop: `stage` starts the host-to-device copy, `launch` queues preprocessing,
+    the model and the copy back (asynchronous on CUDA) and returns the WriteJob for the writer thread."""
+
+    def __init__(self, encoder: Encoder, device_spec: PreprocessSpec | None, embed: Callable, device: torch.device,
+                 autocast: torch.dtype | None, store_dtype: str, paths: list[Path], ids: np.ndarray,
+                 static_batch: int | None, stages: StageTimes) -> None:
+        self.encoder, self.device_spec, self.embed, self.device, self.autocast = encoder, device_spec, embed, device, autocast
+        self.token_dtype = getattr(torch, store_dtype)
+        self.paths, self.ids, self.static_batch, self.stages = paths, ids, static_batch, stages
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.pool = PinnedPool() if self.cuda else None
+
+    def stage(self, batch: tuple) -> _Staged:
+        good, pixels, bad, reasons = batch
+        if not self.cuda or pixels is None:
+            return _Staged(good, pixels, bad, reasons)
+        start, copied = _event(), _event()
+        with torch.cuda.stream(self.copy_stream):
+            start.record()
+            moved = pixels.to(self.device, non_blocking=True)
+            copied.record()
+        # the compute stream uses these bytes: the allocator must not hand them out before it is done
+        (moved.buffer if isinstance(moved, PackedBatch) else moved).record_stream(torch.cuda.current_stream(self.device))
+        return _Staged(good, moved, bad, reasons, copied, lambda: start.elapsed_time(copied) / 1e3)
+
+    def launch(self, staged: _Staged) -> WriteJob:
+        failed = {str(self.ids[i]): reason for i, reason in zip(staged.bad, staged.reasons) if reason != MISSING}
+        vanished = [str(self.paths[i]) for i, reason in zip(staged.bad, staged.reasons) if reason == MISSING]
+        if staged.pixels is None:
+            empty = torch.zeros((0, self.encoder.dim))
+            return WriteJob([], empty, {}, torch.zeros(0, dtype=torch.bool), failed, vanished)
+        if self.cuda:
+            return self._launch_cuda(staged, failed, vanished)
+        clock = [time.perf_counter()]
+        pixels = self._pixels(staged.pixels)
+        clock.append(time.perf_counter())
+        pooled, tokens, finite = self._model(pixels)
+        clock.append(time.perf_counter())
+        for stage, begin, end in zip(("preprocess", "model"), clock, clock[1:]):
+            self.stages.add(stage, end - begin)
+        return WriteJob(staged.good, pooled.float(), {k: v.to(self.token_dtype) for k, v in tokens.items()}, finite, failed, vanished)
+
+    def _launch_cuda(self, staged: _Staged, failed: dict[str, str], vanished: list[str]) -> WriteJob:
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(staged.copied)
+        marks = [_event() for _ in range(4)]
+        marks[0].record()
+        pixels = self._pixels(staged.pixels)
+        marks[1].record()
+        pooled, tokens, finite = self._model(pixels)
+        marks[2].record()
+        pool = self.pool
+        host = pool.take(tuple(pooled.shape), torch.float32)
+        host.copy_(pooled, non_blocking=True)
+        host_tokens = {}
+        for level, grid in tokens.items():
+            host_tokens[level] = pool.take(tuple(grid.shape), self.token_dtype)
+            host_tokens[level].copy_(grid, non_blocking=True)
+        host_finite = pool.take(tuple(finite.shape), torch.bool)
+        host_finite.copy_(finite, non_blocking=True)
+        marks[3].record()
+        copy_seconds = staged.copy_seconds
+
+        def timings() -> dict[str, float]:
+            seconds = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+            return {"H2D": copy_seconds(), "preprocess": seconds[0], "model": seconds[1], "D2H": seconds[2]}
+
+        buffers = [host, host_finite, *host_tokens.values()]
+        return WriteJob(staged.good, host, host_tokens, host_finite, failed, vanished, marks[3], timings, lambda: pool.give(buffers))
+
+    def _pixels(self, pixels: torch.Tensor | PackedBatch) -> torch.Tensor:
+        """The encoder's input `[B, 3, S, S]`: preprocessed here from a packed batch, padded to the static
+        batch shape when CUDA graphs replay one (the padding rows are dropped with the rows past `good`)."""
+        if self.device_spec is not None:
+            pixels = preprocess_packed(self.device_spec, pixels)
+        if self.static_batch and len(pixels) < self.static_batch:
+            pixels = torch.cat([pixels, pixels.new_zeros((self.static_batch - len(pixels), *pixels.shape[1:]))])
+        return pixels
+
+    def _model(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """(pooled [B, D], tokens {level: [B, T, C]}, finite [B]: the row's embedding and tokens are finite in the store dtype)."""
+        if self.static_batch:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs were copied out already
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            pooled, tokens = self.embed(pixels)
+        finite = torch.isfinite(pooled).all(dim=1)
+        for grid in tokens.values():
+            finite &= torch.isfinite(grid.to(self.token_dtype)).flatten(1).all(dim=1)
+        return pooled, tokens, finite
+
+
+def _event() -> torch.cuda.Event:
+    return torch.cuda.Event(enable_timing=True)
+
+
+def profile_document(summary: ExtractSummary) -> dict[str, Any]:
+    """What --profile writes beside the store: the run's counts, settings and per-stage seconds."""
+    return {
+        "images_embedded": summary.done,
+        "wall_seconds": summary.seconds,
+        "images_per_second": summary.images_per_second,
+        "batch_size": summary.batch_size,
+        "precision": summary.precision,
+        "preprocess_on": summary.preprocess_on,
+        "stages": summary.stages.to_dict(),
+    }
 
 
 def _merge_shards(out: Path, rank: int, world: int, manifest: Manifest) -> int:
@@ -447,7 +659,7 @@ def _merge_shards(out: Path, rank: int, world: int, manifest: Manifest) -> int:
         for shard in shards:
             shard.unlink()
         store = open_store(out)
-        with StoreWriter(out, dim=store.dim, fingerprint=store.fingerprint, provenance=store.provenance) as writer:
+        with StoreWriter(out, dim=store.dim, fingerprint=store.fingerprint, provenance=store.provenance, tokens=store.token_shapes) as writer:
             updated = refresh_metadata(writer, manifest)
     dist.barrier()
     return updated

@@ -746,10 +746,10 @@ class PreprocessSpec:
         tensor = tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
         return self.transform(tensor[None])[0].numpy()
 
-    def transform(self, batch: torch.Tensor) -> torch.Tensor:
+    def transform(self, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The spec's tensor steps on `[N, C, H, W]` float32 in [0, 1] (C = 1 or 3, on any device) ->
-        `[N, channels, size, size]`: what `__call__` runs on one image, and the device path on a bucket of
-        same-sized images (`medembed.device_preprocess`)."""
+        `[N, channels, size, size]` (written into `out` when given): what `__call__` runs on one image, and
+        the device path on a bucket of same-sized images (`medembed.device_preprocess`)."""
         import torch
         import torch.nn.functional as F
 
@@ -761,7 +761,7 @@ class PreprocessSpec:
         batch = batch.clamp_(0.0, 1.0).expand(-1, self.channels, -1, -1)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=batch.device)[:, None, None]
         std = torch.tensor(self.std, dtype=torch.float32, device=batch.device)[:, None, None]
-        return (batch - mean) / std
+        return torch.sub(batch, mean, out=out).div_(std) if out is not None else (batch - mean) / std
 
     def decode(self, path: Path | str) -> np.ndarray:
         """`decode_image(path)` with this spec's decoding settings (leniency, JPEG draft, limits)."""

@@ -1,10 +1,12 @@
 """The batch runner on real FracAtlas images with the real EfficientNet-Lite0 weights (small input size for speed)."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +123,38 @@ def test_torchrun_two_processes_match_a_single_process_run(tmp_path, small_manif
     single = open_store(tmp_path / "single.h5")
     assert set(merged.failed()) == set(single.failed())
     assert_same_embeddings(merged.read(), single.read())
+
+
+def test_device_preprocessing_gives_the_workers_embeddings_and_profiles_each_stage(tmp_path, small_manifest, fracatlas_root):
+    workers = run_extract(small_manifest, fracatlas_root, tmp_path / "w.h5", ExtractOptions(batch_size=8, num_workers=0, preprocess_on="workers"))
+    device = run_extract(small_manifest, fracatlas_root, tmp_path / "d.h5",
+                         ExtractOptions(batch_size=8, num_workers=1, preprocess_on="device", profile=True))
+    assert (workers.preprocess_on, device.preprocess_on) == ("decoding workers", "cpu device")
+    assert (device.done, device.failed) == (workers.done, workers.failed) == (24, 2)
+    assert_same_embeddings(open_store(tmp_path / "w.h5").read(), open_store(tmp_path / "d.h5").read())
+    assert device.stages.batches == 4 and device.stages.images == 24
+    assert device.stages.seconds["model"] > 0 and device.stages.seconds["preprocess"] > 0 and device.stages.seconds["write"] > 0
+    text = device.format()
+    assert "batch 8, preprocessing on the cpu device; stages: decode wait" in text and "ms/image" in text
+    profile = json.loads((tmp_path / "d.h5.profile.json").read_text())
+    assert profile["images_embedded"] == 24 and profile["stages"]["bound_by"] in profile["stages"]["seconds"]
+
+
+def test_token_grids_are_stored_beside_each_embedding(tmp_path, small_manifest, fracatlas_root):
+    summary = run_extract(small_manifest, fracatlas_root, tmp_path / "t.h5", ExtractOptions(batch_size=8, num_workers=0, limit=10), tokens="2x2")
+    store = open_store(tmp_path / "t.h5")
+    grids = store.read_tokens("final@2x2")
+    assert grids.shape == (summary.done, 5, 1280) and np.isfinite(grids.astype(np.float32)).all()
+    # the pooled embedding is the mean over the final map, the first token of the 2x2 level
+    np.testing.assert_allclose(grids[:, 0].astype(np.float32), store.read().embeddings.astype(np.float32), atol=2e-3)
+
+
+def test_cli_batch_size_auto_and_profile_through_the_entry_point(tmp_path, small_manifest, fracatlas_root):
+    medembed = [str(Path(sys.executable).parent / "medembed"), "extract", str(small_manifest), "--root", str(fracatlas_root),
+                "--encoder", "efficientnet-lite0", "--option", "size=64", "--out", str(tmp_path / "c.h5"), "--workers", "0"]
+    done = subprocess.run([*medembed, "--batch-size", "auto", "--profile", "--limit", "6"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "batch 4, preprocessing on the decoding workers" in done.stdout and "bound by" in done.stdout and "ms/batch" in done.stdout
+    refused = subprocess.run([*medembed, "--batch-size", "huge"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "batch_size must be a positive integer or 'auto'; got 'huge'" in refused.stderr
+    assert "Traceback" not in refused.stderr
