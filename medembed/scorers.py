@@ -3,7 +3,7 @@
 A scorer follows scikit-learn's estimator contract where it applies (keyword hyperparameters stored unmodified,
 `get_params(deep)` / `set_params`, `sklearn.base.clone` works) and adds what medembed's protocol needs:
 
-    kind          the run kind it is saved as: "head" | "cnn" | "zeroshot"
+    kind          the run kind it is saved as: "head" | "cnn" | "zeroshot" | "ensemble"
     consumes      "embeddings" (rows of a store with the run's fingerprint) or "images" (pixels decoded with
                   the scorer's own `preprocess` spec)
     columns_used  manifest columns `predict_proba` also takes, by keyword (the zero-shot prompts use body_part)
@@ -60,6 +60,7 @@ _KINDS: dict[str, tuple[str, str]] = {
     "head": ("medembed.heads", "load_head"),
     "cnn": ("medembed.baselines.cnn", "CNNScorer"),
     "zeroshot": ("medembed.zeroshot", "ZeroShotScorer"),
+    "ensemble": ("medembed.ensemble", "EnsembleScorer"),
 }
 KINDS: tuple[str, ...] = tuple(_KINDS)
 
