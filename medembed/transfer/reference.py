@@ -3,7 +3,8 @@
     reference.npz   val_p [n] float64 calibrated P(abnormal) of val and val_y [n] int8 (conformal quantiles, the
                     source's predicted prevalence); for embedding runs also train_sample [m, D] float32, a seeded
                     sample of at most SAMPLE_SIZE train embeddings (the drift reference and the OOD model), and
-                    val_ood [n] float64, val's OOD scores under that model (the flag threshold at any rate)
+                    val_ood [k] float64, the source val's OOD scores under that model (the flag threshold at any
+                    rate; a recalibrated run keeps the source's while its val_p come from the target sample)
     reference.json  sizes, seed and what is unavailable for this run kind
 
 Read without pickle. A run written before this module existed has no reference: `run_reference` builds one from
@@ -80,8 +81,8 @@ class SiteReference:
         if val_p is None or val_y is None or val_p.ndim != 1 or val_p.shape != val_y.shape:
             raise MedembedError(f"{directory / 'reference.npz'}: val_p and val_y must be aligned [n] arrays")
         sample, val_ood = arrays.get("train_sample"), arrays.get("val_ood")
-        if sample is not None and (sample.ndim != 2 or val_ood is None or val_ood.shape != val_p.shape):
-            raise MedembedError(f"{directory / 'reference.npz'}: train_sample must be [m, D] with val_ood aligned to val_p")
+        if sample is not None and (sample.ndim != 2 or val_ood is None or val_ood.ndim != 1 or not len(val_ood)):
+            raise MedembedError(f"{directory / 'reference.npz'}: train_sample must be [m, D] with val_ood, val's OOD scores, beside it")
         return cls(val_p.astype(np.float64), val_y.astype(np.int8), sample, val_ood, int(meta.get("train_images", 0)), int(meta.get("seed", 0)))
 
 

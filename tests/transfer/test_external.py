@@ -1,0 +1,51 @@
+"""External validation: differences with bootstrap intervals by hand, the outputs of evaluate --on, the CNN path."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from medembed.errors import MedembedError
+from medembed.evaluate import binary_metrics
+from medembed.transfer.external import compare_metrics, evaluate_on
+
+
+def test_differences_are_target_minus_source_with_an_interval_around_them():
+    y = np.array([0, 0, 0, 1, 1, 1] * 5)
+    p_source = np.where(y == 1, 0.8, 0.2)  # perfect
+    p_target = p_source.copy()
+    p_target[[3, 4]] = 0.3  # two abnormal images missed: sensitivity 13 / 15
+    groups = np.arange(len(y)).astype(str)
+    result = compare_metrics({"image": (y, p_source, 0.5, groups)}, {"image": (y, p_target, 0.5, groups)}, n_resamples=200, seed=0)
+    sensitivity = result["image"]["sensitivity"]
+    assert sensitivity["source"] == 1.0 and sensitivity["target"] == pytest.approx(13 / 15)
+    assert sensitivity["difference"] == pytest.approx(13 / 15 - 1)
+    low, high = sensitivity["difference_ci"]
+    assert low <= sensitivity["difference"] <= high <= 0
+    assert result["image"]["specificity"]["difference"] == 0.0
+    assert binary_metrics(y, p_target, 0.5)["kappa"] == pytest.approx(result["image"]["kappa"]["target"])
+
+
+def test_evaluate_on_a_shifted_store_writes_its_report(head_run, target_store):
+    result = evaluate_on(head_run, target_store, n_resamples=50)
+    out = head_run / "external" / "target"
+    assert {"comparison", "drift", "ood", "conformal", "metrics"} <= set(result)
+    assert result["drift"]["shift"]["p_value"] < 0.05  # the target is shifted by design
+    report = (out / "report.md").read_text()
+    for heading in ("## External validation", "## Drift", "## Out-of-distribution score", "## Conformal prediction sets"):
+        assert heading in report
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 240 and {r["prediction_set"] for r in rows} <= {"normal", "abnormal", "both", "empty"}
+    assert all(r["ood"] in ("0", "1") and float(r["ood_score"]) >= 0 for r in rows)
+    assert json.loads((out / "external.json").read_text())["images"] == 240
+
+
+def test_the_cnn_is_validated_on_a_manifest_and_refuses_a_store(cnn_run, fracatlas_subset, fracatlas_root, target_store):
+    with pytest.raises(MedembedError, match="scores images, not a store"):
+        evaluate_on(cnn_run, target_store)
+    result = evaluate_on(cnn_run, fracatlas_subset, root=fracatlas_root, split="test", n_resamples=20)
+    assert result["images"] == 16 and "comparison" in result and "ood" not in result
+    assert "no embedding space" in result["drift"]["unavailable"]
+    assert result["conformal"]["0.1"]["marginal"]["n"] == 16
