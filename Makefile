@@ -53,8 +53,8 @@ demo: install ## The main job on FracAtlas: manifest -> extract (offline Efficie
 sweep: demo ## Benchmark sweep on FracAtlas: encoders x heads x label budgets x seeds, plus CNN/autoencoder baselines
 	$(BIN)/medembed sweep data_manifests/fracatlas_sweep.toml
 
-bench-store: install ## Store write/read throughput on a MURA-sized store (40,561 x 1152 float16)
-	$(BIN)/python tests/benchmarks/bench_store.py
+bench-store: install ## Store: seconds per 50,000 rows over 40 segments (2M x 1152 float16), write/read MB/s, consolidation
+	$(BIN)/python tests/benchmarks/bench_store.py --rows 2000000 --dim 1152 --batch 500
 
 bench-extract: install ## Extraction throughput: EfficientNet-Lite0 over FracAtlas on CPU; MedSigLIP-448 on CUDA when present
 	$(BIN)/python tests/benchmarks/bench_extract.py --fracatlas $(FRACATLAS)

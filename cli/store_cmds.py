@@ -37,14 +37,17 @@ def info(
 
 def merge(
     shards: list[Path] = typer.Argument(..., help="Shard stores with one fingerprint and disjoint ids."),
-    out: Path = typer.Option(..., "--out", "-o", help="The merged store to write (must not exist)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The merged store to write (an existing one is resumed); the one input itself: consolidate it in place."),
 ) -> None:
-    """Merge shard stores (e.g. one per torchrun rank) into one store.
+    """Merge shard stores (e.g. one per torchrun rank) into one plain store, or consolidate a segmented store.
 
-    Example: medembed merge run.rank0.h5 run.rank1.h5 --out run.h5
+    Example: medembed merge run.rank0.h5 run.rank1.h5 --out run.h5; medembed merge run.h5 --out run.h5
     """
     merged = merge_stores(shards, out)
-    typer.echo(f"merged {len(shards)} stores into {merged} ({len(open_store(merged))} rows)")
+    if len(shards) == 1 and shards[0].resolve() == out.resolve():
+        typer.echo(f"consolidated {merged} into one file ({len(open_store(merged))} rows)")
+    else:
+        typer.echo(f"merged {len(shards)} stores into {merged} ({len(open_store(merged))} rows)")
 
 
 def register(app: typer.Typer) -> None:

@@ -381,14 +381,15 @@ def _pending_updates(records: Sequence[dict]) -> dict[str, dict[str, object]]:
 
 
 def _kept_pending(committed: set[str], records: Sequence[dict]) -> list[tuple[dict, np.ndarray]]:
-    """The log's "rows" records with a mask of the rows readers keep: not stored already, first occurrence."""
-    seen = set(committed)
+    """The log's "rows" records with a mask of the rows readers keep: not stored already, first occurrence.
+    (`committed` is not copied: a fold's cost must not grow with the store.)"""
+    seen: set[str] = set()
     kept = []
     for record in records:
         if record["kind"] == "rows":
             mask = np.zeros(len(record["ids"]), dtype=bool)
             for k, image_id in enumerate(record["ids"]):
-                mask[k] = image_id not in seen
+                mask[k] = image_id not in committed and image_id not in seen
                 seen.add(image_id)
             kept.append((record, mask))
     return kept
@@ -684,13 +685,14 @@ class EmbeddingStore:
         itemsize = np.dtype(self.dtype).itemsize
         try:
             checksum = "fletcher32" if self.checksummed else "none"
-        except StoreError as error:
-            checksum, damaged = "unknown", damaged or str(error)
+            pending = self.pending_rows
+        except StoreError as error:  # a missing or unreadable segment
+            checksum, pending, damaged = "unknown", 0, damaged or str(error)
         return {
             "path": str(self.path),
             "rows": len(table) if table is not None else self.committed_rows,
             "damaged": damaged,
-            "pending_rows": self.pending_rows,
+            "pending_rows": pending,
             "being_written": self.being_written(),
             "dim": self.dim,
             "dtype": self.dtype,
@@ -1121,7 +1123,8 @@ def _rows_bound(rows: int, strings: int, dim: int, dtype: str, token_shapes: Map
 
 
 def _text_bytes(values: Sequence[object]) -> int:
-    return sum(len(str(v).encode("utf-8", "replace")) + 32 for v in values)
+    """An upper bound of the UTF-8 bytes of `values` with per-string overhead (4 bytes a character at most)."""
+    return 4 * sum(map(len, map(str, values))) + 32 * len(values)
 
 
 def _reserve(path: Path, extra: int) -> None:
@@ -1429,9 +1432,21 @@ class StoreWriter:
         if name == "label":
             return [_label_value(v) for v in values]
         text = [_text_value(v) for v in values] if name not in STRING_COLUMNS else [str(v) for v in values]
-        for image_id, value in zip(ids, text):
-            self._check_text(image_id, value, name)
+        self._check_texts(ids, text, name)
         return text
+
+    def _check_texts(self, ids: Sequence[str], values: Sequence[str], what: str) -> None:
+        """`_check_text` of every value, by one check of them all joined (a batch is thousands of strings);
+        only a batch with a problem is looked at value by value, to name it."""
+        joined = "\n".join(values)
+        try:
+            joined.encode("utf-8")
+            clean = "\x00" not in joined
+        except UnicodeEncodeError:
+            clean = False
+        if not clean:
+            for image_id, value in zip(ids, values):
+                self._check_text(image_id, value, what)
 
     def _column_names(self, columns: Mapping[str, Sequence]) -> None:
         for name in columns:
@@ -1484,8 +1499,7 @@ class StoreWriter:
         column values HDF5 cannot store (a NUL byte, a lone surrogate): nothing of the batch is logged then.
         """
         ids = [str(i) for i in image_ids]
-        for image_id in ids:
-            self._check_text(image_id, image_id, "image_id")
+        self._check_texts(ids, ids, "image_id")
         embeddings = np.ascontiguousarray(embeddings, dtype=self.dtype)
         if embeddings.shape != (len(ids), self.dim):
             raise StoreError(f"{self.path}: batch of {len(ids)} ids has embeddings of shape {embeddings.shape}, expected ({len(ids)}, {self.dim})")
@@ -1597,7 +1611,7 @@ class StoreWriter:
             log.unlink(missing_ok=True)
             return
         kept = [(rec, mask) for rec, mask in _kept_pending(self._committed, records) if mask.any()]
-        table = _concat([_record_table(rec).subset(mask) for rec, mask in kept]) if kept else None
+        table = _concat([_record_table(rec) if mask.all() else _record_table(rec).subset(mask) for rec, mask in kept]) if kept else None
         tokens = {level: np.concatenate([rec["tokens"][level][mask] for rec, mask in kept]) for level in self.token_shapes} if kept else {}
         updates = _pending_updates(records)
         failed = _failed_after(self.path, records)

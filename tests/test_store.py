@@ -450,3 +450,26 @@ def test_sigkill_at_any_step_of_folds_and_consolidation_loses_nothing_and_duplic
 def _copy(template: Path, folder: Path) -> Path:
     shutil.copytree(template, folder)
     return folder
+
+
+def test_info_shows_segments_tokens_and_extra_columns_and_merge_consolidates_through_the_entry_point(tmp_path):
+    medembed = shutil.which("medembed", path=str(Path(sys.executable).parent)) or shutil.which("medembed")
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, dim=DIM, fingerprint=FP, fold_every_rows=5, consolidate=False, tokens={"final@2x2": (5, DIM)}) as w:
+        for start in range(0, 10, 5):
+            ids, emb, cols = rows(start, start + 5)
+            w.append(ids, emb, dict(cols, view=["AP"] * 5), tokens={"final@2x2": np.ones((5, 5, DIM))})
+    assert open_store(path).verify() == []
+    (tmp_path / "s.h5.segments" / "seg-000001.h5").unlink()
+    info = subprocess.run([medembed, "info", str(path), "--verify"], capture_output=True, text=True, timeout=300)
+    assert info.returncode == 1 and "Traceback" not in info.stderr, info.stderr
+    assert f"layout       2 segment(s) in {path}.segments/" in info.stdout and "verify       1 problem(s)" in info.stdout
+    assert "tokens       final@2x2 [5, 8] (80 bytes per image)" in info.stdout and "extra        view" in info.stdout
+    assert info.stderr.count("problem: ") == 1 and "its segment seg-000001.h5 is missing" in info.stderr
+    with StoreWriter(path.with_name("t.h5"), dim=DIM, fingerprint=FP, fold_every_rows=5, consolidate=False) as w:
+        w.append(*rows(0, 5))
+        w.append(*rows(5, 10))
+    merged = subprocess.run([medembed, "merge", str(tmp_path / "t.h5"), "--out", str(tmp_path / "t.h5")], capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stdout.strip() == f"consolidated {tmp_path / 't.h5'} into one file (10 rows)"
+    assert not open_store(tmp_path / "t.h5").segmented and not (tmp_path / "t.h5.segments").exists()
