@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from medembed.errors import MedembedError
 from medembed.evaluate import summarize_seeds
-from medembed.heads import make_head
+from medembed.heads import TOKEN_HEADS, make_head
 from medembed.manifest import read_manifest
 from medembed.options import check_choice, check_positive, option
 from medembed.protocol import ProtocolOptions, evaluate_split, fit_and_evaluate
@@ -39,12 +40,21 @@ class FitOptions(ProtocolOptions):
     seeds: int = option(1, "Fit N times with seeds seed..seed+N-1 and report mean ± sd.")
     ensemble: str = option("", "Ensemble: concat (several encoders' stores, joined by image id, one feature vector) | mean | stack (heads per store and per --head, e.g. --head logreg,mlp,xgboost; stack: a logistic meta-model on out-of-fold train predictions).")
     ensemble_folds: int = option(5, "With --ensemble stack: folds of the out-of-fold train predictions the meta-model is fitted on.")
+    level: str = option("", "Token level the head reads instead of the pooled embeddings (heads attention | concat | adapter): a store level (block14), levels with one token count joined by + (block14+block10@7x7), or auto (the best val AUROC of the store's levels).")
+    study_pooling: str = option("", "Learned study pooling instead of a head: attention (gated attention over a study's image embeddings, trained on train studies; -p sets hidden, attention, max_epochs...). Every image gets its study's score.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("seeds", self.seeds)
         if not isinstance(self.head_params, dict):
             raise MedembedError(f"option head_params must be a mapping, got {self.head_params!r}")
+        if self.study_pooling:
+            from medembed.study_pooling import make_study_pooling
+
+            if self.ensemble:
+                raise MedembedError("option study_pooling replaces the head; it cannot be combined with --ensemble")
+            make_study_pooling(self.study_pooling, self.head_params, self.seed)
+            return
         if self.ensemble:
             from medembed.ensemble import COMBINES, parse_heads, split_head_params
 
@@ -57,6 +67,44 @@ class FitOptions(ProtocolOptions):
         if "," in self.head:
             raise MedembedError(f"option head {self.head!r} names several heads; combine them with --ensemble mean or --ensemble stack")
         make_head(self.head, **self.head_params)  # an unknown head or a bad hyperparameter fails here, before any fit
+        check_level_head(self.head, self.level)
+
+
+def check_level_head(head: str, level: str) -> None:
+    """Token heads read a level, the other heads the pooled embeddings: refuse a mismatch before any fit."""
+    if head in TOKEN_HEADS and not level:
+        raise MedembedError(f"head {head!r} reads a token level; name one with --level (e.g. block14, final@2x2, auto)")
+    if level and head not in TOKEN_HEADS:
+        raise MedembedError(f"head {head!r} reads the pooled embeddings; --level {level} needs one of {', '.join(TOKEN_HEADS)}")
+    if level == AUTO_LEVEL and head == "adapter":
+        raise MedembedError("the adapter starts from one block's output; name it with --level (e.g. block14), not auto")
+
+
+AUTO_LEVEL = "auto"
+
+
+def choose_level(stores: list[Path], options: FitOptions) -> tuple[str, dict[str, Any]]:
+    """The store level whose `options.head` (first seed) reaches the best AUROC on val, and what was tried.
+    Train fits, val chooses: test is never read."""
+    tried: dict[str, float] = {}
+    for level in open_store(stores[0]).token_shapes:
+        splits, _, _ = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed, level=level)
+        head = make_head(options.head, seed=options.seed, **options.head_params)
+        head.fit(splits["train"].X, splits["train"].y, eval_set=[(splits["val"].X, splits["val"].y)])
+        tried[level] = float(roc_auc_score(splits["val"].y, head.predict_proba(splits["val"].X)[:, 1]))
+    if not tried:
+        raise MedembedError(f"{stores[0]}: --level auto needs a store with token levels (extract --levels or --tokens)")
+    best = max(tried, key=tried.get)
+    return best, {"searched": "level", "val_auroc": tried, "chosen": best}
+
+
+def level_head_params(head: str, level: str, store: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """`params`, plus for the adapter the encoder, its options and the level it starts from (from the store)."""
+    if head != "adapter":
+        return params
+    opened = open_store(store)
+    encoder_options = json.loads(str(opened.attrs.get("encoder_options", "{}")))
+    return {"encoder": opened.fingerprint["encoder"], "encoder_options": encoder_options, "level": level} | params
 
 
 def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any]:
@@ -73,9 +121,20 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any
         new_scorer = lambda seed: make_ensemble(options.head, options.head_params, options.ensemble, joined.widths, options.ensemble_folds, seed)  # noqa: E731
         fit_params = {"groups": splits["train"].patient_id}
     else:
-        splits, fingerprint, notes = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed)
-        new_scorer = lambda seed: make_head(options.head, seed=seed, **options.head_params)  # noqa: E731
+        level_choice = None
+        if options.level == AUTO_LEVEL:
+            options.level, level_choice = choose_level(stores, options)
+        splits, fingerprint, notes = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed, level=options.level or None)
+        head_params = level_head_params(options.head, options.level, stores[0], options.head_params)
+        new_scorer = lambda seed: make_head(options.head, seed=seed, **head_params)  # noqa: E731
         fit_params = None
+        if level_choice:
+            notes.append(f"--level auto chose {options.level} (val AUROC {level_choice['val_auroc'][options.level]:.3f} of {len(level_choice['val_auroc'])} levels)")
+    if options.study_pooling:  # trained over train studies, early-stopped on val studies
+        from medembed.study_pooling import make_study_pooling
+
+        new_scorer = lambda seed: make_study_pooling(options.study_pooling, options.head_params, seed)  # noqa: E731
+        fit_params = {"study_id": splits["train"].study_id, "eval_study_id": splits["val"].study_id}
     notes += [reason for reason in (open_store(s).partial_reason() for s in stores) if reason]
     fitted = [
         fit_and_evaluate(new_scorer(options.seed + k), splits, options, options.seed + k, fit_params=fit_params)
@@ -85,8 +144,8 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any
     metrics = best.metrics if len(fitted) == 1 else {**best.metrics, "over_seeds": summarize_seeds([f.metrics for f in fitted])}
     store = open_store(stores[0])
     record = RunRecord(
-        kind="ensemble" if options.ensemble else "head",
-        scorer=f"{options.ensemble}:{options.head}" if options.ensemble else options.head,
+        kind="ensemble" if options.ensemble else "study-pooling" if options.study_pooling else "head",
+        scorer=f"{options.ensemble}:{options.head}" if options.ensemble else f"study-pooling:{options.study_pooling}" if options.study_pooling else options.head,
         consumes="embeddings",
         fingerprint=fingerprint,
         options=asdict(options),
@@ -102,13 +161,19 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any
         details={
             "seeds": [{"seed": f.seed, "selection": getattr(f.scorer, "selection_", {})} for f in fitted],
             **({"members": joined.members} if options.ensemble else {}),
+            **({"level_selection": level_choice} if not options.ensemble and level_choice else {}),
         },
     )
     val = splits["val"]
-    p_val = best.calibration.calibrator.transform(positive_scores(best.scorer, val.X, {"body_part": val.body_part}))
+    p_val = best.calibration.calibrator.transform(positive_scores(best.scorer, val.X, {"body_part": val.body_part, "study_id": val.study_id}))
     extras = fit_extras(p_val, splits, best.p_test, best.calibration.image_threshold, options.seed, options.n_resamples)
     write_run(out, record, best.scorer, Evaluation(best.p_test, splits["test"], metrics), extras=extras)
     return metrics
+
+
+def run_level(run: Run) -> str:
+    """The token level a run's head reads ("" for pooled embeddings)."""
+    return str(run.record.options.get("level") or "")
 
 
 def run_rows(run: Run, split: str = "test", stores: list[Path] | None = None) -> Split:
@@ -125,7 +190,7 @@ def run_rows(run: Run, split: str = "test", stores: list[Path] | None = None) ->
             diff = fingerprint_mismatch(record.fingerprint, open_store(store).fingerprint)
             if diff:
                 raise MedembedError(f"{store}: embeddings differ from the ones this run was fitted on ({'; '.join(diff)})")
-        splits, _, _ = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed)
+        splits, _, _ = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed, level=run_level(run) or None)
         return splits[split]
     if stores:
         raise MedembedError(f"{run.directory}: a {record.kind} run scores images, not stores; evaluate it on its manifest")

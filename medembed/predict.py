@@ -28,7 +28,7 @@ from medembed.evaluate import aggregate_studies
 from medembed.extract import ExtractOptions, ExtractSummary, build_encoder, extract, store_fingerprint
 from medembed.manifest import IMAGE_SUFFIXES, Manifest, read_manifest
 from medembed.runs import Run, load_run
-from medembed.splits import Split
+from medembed.splits import Split, level_tokens
 from medembed.store import fingerprint_mismatch, open_store
 from medembed.transfer.annotate import COLUMNS as ANNOTATIONS, annotate
 from medembed.transfer.options import TransferOptions
@@ -141,11 +141,15 @@ def score_images(
     encoder = encoder or run_encoder(run)
     options = replace(options, store_dtype=run.record.fingerprint["dtype"], precision=run_precision(run))
     summary = extract(manifest, root, encoder, cache, options, encoder_options=run.record.encoder_options, preprocess=preprocess)
+    from medembed.fit import run_level
+
     store = open_store(cache)
     table = store.read()
+    level = run_level(run)  # a token head reads the re-extracted level, not the pooled vector
+    inputs = level_tokens([cache], level) if level else table.embeddings
     position = {image_id: i for i, image_id in enumerate(table.image_id)}
     keep = np.array([i for i, image_id in enumerate(rows.image_id) if image_id in position], dtype=np.int64)
-    X = table.embeddings[[position[rows.image_id[i]] for i in keep]] if len(keep) else table.embeddings[:0]
+    X = inputs[[position[rows.image_id[i]] for i in keep]] if len(keep) else inputs[:0]
     return Scored(rows.take(keep, X=X), store.failed(), summary)
 
 
