@@ -95,7 +95,7 @@ def fit_and_evaluate(
     choose thresholds on val, evaluate on test."""
     train, val, test = splits["train"], splits["val"], splits["test"]
     scorer.fit(train.X, train.y, eval_set=[(val.X, val.y)], **(fit_params or {}))
-    calibration = calibrate_on_val(positive_scores(scorer, val.X, {"body_part": val.body_part}), val, options)
-    p_test = calibration.calibrator.transform(positive_scores(scorer, test.X, {"body_part": test.body_part}))
+    calibration = calibrate_on_val(positive_scores(scorer, val.X, {"body_part": val.body_part, "study_id": val.study_id}), val, options)
+    p_test = calibration.calibrator.transform(positive_scores(scorer, test.X, {"body_part": test.body_part, "study_id": test.study_id}))
     metrics = evaluate_split(p_test, test, calibration, options, seed=options.seed if bootstrap_seed is None else bootstrap_seed)
     return Fitted(scorer, calibration, p_test, metrics, seed)

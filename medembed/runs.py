@@ -138,7 +138,7 @@ class Run:
 
     def probabilities(self, rows: Split) -> np.ndarray:
         """Calibrated abnormality probability per row of `rows` (whose X the scorer consumes), [N] float64."""
-        raw = positive_scores(self.scorer, rows.X, {"body_part": rows.body_part})
+        raw = positive_scores(self.scorer, rows.X, {"body_part": rows.body_part, "study_id": rows.study_id})
         return self.calibration.calibrator.transform(raw)
 
 

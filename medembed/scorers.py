@@ -6,7 +6,8 @@ A scorer follows scikit-learn's estimator contract where it applies (keyword hyp
     kind          the run kind it is saved as: "head" | "cnn" | "zeroshot" | "ensemble"
     consumes      "embeddings" (rows of a store with the run's fingerprint) or "images" (pixels decoded with
                   the scorer's own `preprocess` spec)
-    columns_used  manifest columns `predict_proba` also takes, by keyword (the zero-shot prompts use body_part)
+    columns_used  manifest columns `predict_proba` also takes, by keyword (the zero-shot prompts use body_part, study
+                  pooling study_id)
     fit(X, y, *, eval_set=[(X_val, y_val)])     train; val only for early stopping / model selection
     predict_proba(X, **columns) -> [N, 2]       column 1 is P(abnormal), uncalibrated
     save(directory) / load(directory)           no pickle; a tampered file fails to load and runs no code
@@ -49,6 +50,9 @@ class Scorer(Protocol):
 
 def positive_scores(scorer: Scorer, X: Any, columns: dict[str, np.ndarray]) -> np.ndarray:
     """Uncalibrated P(abnormal) `[N]` float64, passing the manifest columns the scorer uses."""
+    missing = [name for name in scorer.columns_used if name not in columns]
+    if missing:
+        raise MedembedError(f"this {scorer.kind} scorer needs the column(s) {', '.join(missing)} of the rows it scores")
     wanted = {name: columns[name] for name in scorer.columns_used}
     return np.asarray(scorer.predict_proba(X, **wanted))[:, 1].astype(np.float64)
 
@@ -61,6 +65,7 @@ _KINDS: dict[str, tuple[str, str]] = {
     "cnn": ("medembed.baselines.cnn", "CNNScorer"),
     "zeroshot": ("medembed.zeroshot", "ZeroShotScorer"),
     "ensemble": ("medembed.ensemble", "EnsembleScorer"),
+    "study-pooling": ("medembed.study_pooling", "AttentionStudyPooling"),
 }
 KINDS: tuple[str, ...] = tuple(_KINDS)
 

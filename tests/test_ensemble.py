@@ -2,6 +2,7 @@
 stacking on out-of-fold train predictions, the run directory round trip, and the refusals."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -146,12 +147,9 @@ def test_the_cli_fits_ensembles_and_refuses_in_one_line(stores, tmp_path):
     done = run_cli("fit", a, b, "--ensemble", "concat", "--head", "logreg", "--bootstrap", "0", "--out", tmp_path / "run")
     assert done.returncode == 0 and "study" in done.stdout, done.stderr
     assert json.loads((tmp_path / "run" / "run.json").read_text())["kind"] == "ensemble"
-    refusals = [
+    refusals = [  # each one line, exit 2, before any fit (the rest of the refusals are library tests below)
         (["fit", a, "--head", "logreg,mlp"], "combine them with --ensemble mean or --ensemble stack"),
         (["fit", a, "--ensemble", "concat"], "--ensemble concat joins the features of several stores"),
-        (["fit", a, "--ensemble", "mean"], "combines several members"),
-        (["fit", a, b, "--ensemble", "vote"], "ensemble must be one of concat, mean, stack"),
-        (["fit", a, "--ensemble", "stack", "--head", "logreg,mlp", "--ensemble-folds", "1"], "ensemble_folds must be an integer >= 2"),
     ]
     for args, message in refusals:
         done = run_cli(*args, "--out", tmp_path / "refused")
@@ -180,3 +178,17 @@ def test_an_ensemble_of_two_real_encoders_round_trips_through_evaluate_compare_a
     caches = sorted(p.name for p in tmp_path.glob("p.*.h5"))
     assert len(caches) == 2 and caches[0].endswith(".member0.h5"), caches
     shutil.rmtree(tmp_path / "images")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"ensemble": "mean"}, "combines several members"),
+    ({"ensemble": "vote"}, "ensemble must be one of concat, mean, stack"),
+    ({"ensemble": "stack", "head": "logreg,mlp", "ensemble_folds": 1}, "ensemble_folds must be an integer >= 2"),
+    ({"ensemble": "mean", "head": "logreg,logreg"}, "repeats a head"),
+    ({"ensemble": "mean", "head": "logreg,mlp", "head_params": {"mlp.depth": 2}}, "unknown parameter(s) depth"),
+])
+def test_ensemble_options_are_refused_before_any_fit(stores, tmp_path, options, message):
+    base, a, _, _ = stores
+    with pytest.raises(MedembedError, match=re.escape(message)):
+        fit_run([a], tmp_path / "run", FitOptions(**options))
+    assert not (tmp_path / "run").exists()

@@ -161,7 +161,7 @@ def recalibrate(run_dir: Path, target: Path, out: Path, options: RecalibrateOpti
     rows = labelled(rows)
     if not len(rows):
         raise MedembedError(f"{target}: no labelled rows; recalibration needs labels on some target images")
-    raw = positive_scores(run.scorer, rows.X, {"body_part": rows.body_part})
+    raw = positive_scores(run.scorer, rows.X, {"body_part": rows.body_part, "study_id": rows.study_id})
     sample = marked_rows(rows, options.labelled_column) if options.labelled_column else labelled_sample(rows, options.labelled, options.seed)
     fitted = refit(run, rows, raw, sample, options)
     evaluation_protocol = replace(fitted.protocol, n_resamples=options.n_resamples, seed=options.seed)

@@ -45,16 +45,15 @@ ROWS = (
     Row("l0-heads-mean", ("l0",), "logreg,mlp,xgboost", "mean"),
     Row("l012-concat-logreg", ("l0", "l1", "l2"), "logreg", "concat"),
     Row("l012-mean-mlp", ("l0", "l1", "l2"), "mlp", "mean"),
+    Row("l012-mean-logreg-mlp", ("l0", "l1", "l2"), "logreg,mlp", "mean"),
     Row("l1-logreg", ("l1",), "logreg"),
     Row("l1-mlp", ("l1",), "mlp"),
     Row("l2-logreg", ("l2",), "logreg"),
     Row("l2-mlp", ("l2",), "mlp"),
-    Row("l012-mean-logreg-mlp", ("l0", "l1", "l2"), "logreg,mlp", "mean"),
-    Row("l0-heads-stack", ("l0",), "logreg,mlp,xgboost", "stack", folds=3),
     Row("l012-stack-logreg-mlp", ("l0", "l1", "l2"), "logreg,mlp", "stack", folds=3),
     Row("l012-concat-mlp", ("l0", "l1", "l2"), "mlp", "concat"),
+    Row("l0-heads-stack", ("l0",), "logreg,mlp,xgboost", "stack", folds=3),
 )
-
 
 def measure(row: Row, paths: dict[str, Path], out: Path) -> dict:
     options = FitOptions(head=row.head, ensemble=row.ensemble, ensemble_folds=row.folds, seeds=SEEDS)
