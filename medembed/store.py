@@ -90,7 +90,8 @@ _RECORD_HEAD = struct.Struct("<8sIQI")  # magic, header length, body length, crc
 _RECORD_KINDS = ("rows", "failed", "columns")
 _TARGET_CHUNK_BYTES = 1 << 20
 _UPDATE_BATCH = 10_000  # ids per "columns" log record
-_COPY_ROWS_BYTES = 64 << 20  # consolidation copies row data in blocks of about this size
+_COPY_ROWS_BYTES = 64 << 20  # row data is written in blocks of about this size (bounded extra memory)
+_FOLD_BYTES = 1 << 30  # a fold also happens once the log holds this much (token grids make rows large)
 # A store whose rows take at most this is consolidated at the end of every run (the copy is cheap anyway).
 _ALWAYS_CONSOLIDATE_BYTES = 256 << 20
 _RESERVED_NAMES = ("image_id", "embeddings", "failed", "tokens", "extra")
@@ -1228,16 +1229,37 @@ def _failed_after(path: Path, records: Sequence[dict]) -> dict[str, str]:
     return failed
 
 
-def _write_segment(final: Path, table: EmbeddingTable, tokens: Mapping[str, np.ndarray], dim: int, dtype: str,
-                   token_shapes: Mapping[str, tuple[int, int]]) -> list[str]:
-    """Seal `table`'s rows (and their token grids) into the new segment file `final` (temp, fsync, rename);
-    returns the extra columns it holds."""
+def _columns_only(record: dict, mask: np.ndarray) -> EmbeddingTable:
+    """The ids and columns of a "rows" record's rows in `mask` (embeddings [n, 0]: they are written in blocks)."""
+    table = _record_table(record)
+    table.embeddings = np.zeros((len(table), 0), table.embeddings.dtype)
+    return table if mask.all() else table.subset(mask)
+
+
+def _append_blocks(f: h5py.File, blocks: Sequence[tuple[np.ndarray, Mapping[str, np.ndarray]]]) -> None:
+    """Append (embeddings, token grids) blocks, one per log record, joined into writes of about 64 MB: fewer
+    partial-chunk writes than record by record, and no copy of everything at once."""
+    start = 0
+    while start < len(blocks):
+        stop, size = start, 0
+        while stop < len(blocks) and (stop == start or size < _COPY_ROWS_BYTES):
+            size += blocks[stop][0].nbytes + sum(g.nbytes for g in blocks[stop][1].values())
+            stop += 1
+        part = blocks[start:stop]
+        _append_arrays(f, np.concatenate([e for e, _ in part]), {level: np.concatenate([t[level] for _, t in part]) for level in part[0][1]})
+        start = stop
+
+
+def _write_segment(final: Path, table: EmbeddingTable, blocks: Sequence[tuple[np.ndarray, Mapping[str, np.ndarray]]], dim: int,
+                   dtype: str, token_shapes: Mapping[str, tuple[int, int]]) -> list[str]:
+    """Seal the new rows (`table`'s ids and columns, `blocks` of their embeddings and token grids) into the
+    new segment file `final` (temp, fsync, rename); returns the extra columns it holds."""
     tmp = final.with_name(final.name + ".tmp")
     extras = sorted(c for c in table.columns if c not in COLUMNS)
     text = _text_bytes(table.image_id) + sum(_text_bytes(v) for k, v in table.columns.items() if k != "label")
     with _new_h5(tmp, _rows_bound(len(table), text, dim, dtype, token_shapes)) as f:
         _create_row_datasets(f, dim, dtype, token_shapes, extras, len(table))
-        _append_arrays(f, table.embeddings, tokens)
+        _append_blocks(f, blocks)
         _write_columns(f, table.image_id, table.columns)
         f.attrs["medembed_segment"] = 1
     _fsync(tmp)
@@ -1369,7 +1391,7 @@ class StoreWriter:
             raise
         self.fingerprint = dict(fingerprint)
         self._unfolded: list[dict] = []  # records in the log since the last fold, kept to fold without rereading
-        self._logged_rows = 0
+        self._logged_rows = self._logged_bytes = 0
         self._appended_rows = 0  # rows this writer appended (the consolidation choice weighs them)
         self._log_failed = False  # an append failed (disk full): the log is kept as it is and folded by the next run
 
@@ -1525,8 +1547,9 @@ class StoreWriter:
             self._failed.pop(image_id, None)
         self._failed.update(failed)
         self._logged_rows += len(ids)
+        self._logged_bytes += len(body)
         self._appended_rows += len(ids)
-        if self._logged_rows >= self.fold_every_rows:
+        if self._logged_rows >= self.fold_every_rows or self._logged_bytes >= _FOLD_BYTES:
             self.flush()
 
     def _failed_entries(self, failed: Mapping[str, str]) -> dict[str, str]:
@@ -1601,7 +1624,7 @@ class StoreWriter:
         self._log.close()
         self._fold(self._unfolded)
         self._log = _open_log(self.path)
-        self._unfolded, self._logged_rows = [], 0
+        self._unfolded, self._logged_rows, self._logged_bytes = [], 0, 0
 
     def _fold(self, records: Sequence[dict], consolidate: bool = False) -> None:
         """Apply log records to the store, then drop the log: as a new segment and a new index (the cost is
@@ -1611,15 +1634,19 @@ class StoreWriter:
             log.unlink(missing_ok=True)
             return
         kept = [(rec, mask) for rec, mask in _kept_pending(self._committed, records) if mask.any()]
-        table = _concat([_record_table(rec) if mask.all() else _record_table(rec).subset(mask) for rec, mask in kept]) if kept else None
-        tokens = {level: np.concatenate([rec["tokens"][level][mask] for rec, mask in kept]) for level in self.token_shapes} if kept else {}
+        table = _concat([_columns_only(rec, mask) for rec, mask in kept]) if kept else None
+        blocks = [
+            (rec["embeddings"] if mask.all() else rec["embeddings"][mask],
+             {level: rec["tokens"][level] if mask.all() else rec["tokens"][level][mask] for level in self.token_shapes})
+            for rec, mask in kept
+        ]
         updates = _pending_updates(records)
         failed = _failed_after(self.path, records)
         try:
             if consolidate:
-                self._consolidate(table, tokens, updates, failed)
+                self._consolidate(table, blocks, updates, failed)
             else:
-                self._add_segment(table, tokens, updates, failed)
+                self._add_segment(table, blocks, updates, failed)
         except BaseException as error:
             _tmp_path(self.path).unlink(missing_ok=True)
             if not isinstance(error, OSError):
@@ -1633,7 +1660,7 @@ class StoreWriter:
             self._committed.update(table.image_id)
         self._remove_orphans()
 
-    def _add_segment(self, table: EmbeddingTable | None, tokens: Mapping[str, np.ndarray],
+    def _add_segment(self, table: EmbeddingTable | None, blocks: Sequence[tuple[np.ndarray, Mapping[str, np.ndarray]]],
                      updates: Mapping[str, Mapping[str, object]], failed: Mapping[str, str]) -> None:
         """Seal the new rows into a segment, rewrite the segments whose columns `updates` change, and replace
         the index by one listing them. A plain store first becomes segment 0 (a hard link: no copy)."""
@@ -1656,7 +1683,7 @@ class StoreWriter:
                 serial += 1
         if table is not None:
             name = f"{folder.name}/seg-{serial:06d}.h5"
-            extras = _write_segment(self.path.parent / name, table, tokens, self.dim, self.dtype, self.token_shapes)
+            extras = _write_segment(self.path.parent / name, table, blocks, self.dim, self.dtype, self.token_shapes)
             segments.append(_Segment(name, len(table), extras))
             serial += 1
         if base is not None and base in segments:
@@ -1667,13 +1694,12 @@ class StoreWriter:
             if segment is not base:
                 (self.path.parent / segment.file).unlink(missing_ok=True)
 
-    def _consolidate(self, table: EmbeddingTable | None, tokens: Mapping[str, np.ndarray],
+    def _consolidate(self, table: EmbeddingTable | None, blocks: Sequence[tuple[np.ndarray, Mapping[str, np.ndarray]]],
                      updates: Mapping[str, Mapping[str, object]], failed: Mapping[str, str]) -> None:
         """Write the store (its row files, then the new rows, with `updates` applied) as one plain file in
         its place (temp, fsync, replace); the segments go after."""
         store = open_store(self.path)
         sources = store._sources()
-        new_rows = len(table) if table is not None else 0
         stored_text = sum(s.path.stat().st_size for s in sources if s.path.exists())
         new_text = (_text_bytes(table.image_id) + sum(_text_bytes(v) for k, v in table.columns.items() if k != "label")) if table is not None else 0
         columns = {"label": store._read_committed("label").astype(np.int8), **{c: store._read_committed(c) for c in STRING_COLUMNS}}
@@ -1681,7 +1707,7 @@ class StoreWriter:
             columns[name] = store._read_committed(_extra_dataset(name))
         merged = EmbeddingTable(np.zeros((store.committed_rows, 0), self.dtype), store._committed_ids(), columns)
         if table is not None:
-            merged = _concat([merged, EmbeddingTable(np.zeros((new_rows, 0), self.dtype), table.image_id, table.columns)])
+            merged = _concat([merged, table])
         _apply_updates(merged.image_id, merged.columns, updates)
         total = len(merged)
         extras = sorted(c for c in merged.columns if c not in COLUMNS)
@@ -1702,8 +1728,7 @@ class StoreWriter:
                             f, _read_dataset(source.path, s, "embeddings", part),
                             {level: _read_dataset(source.path, s, _tokens_dataset(level), part) for level in self.token_shapes},
                         )
-            if table is not None:
-                _append_arrays(f, table.embeddings, tokens)
+            _append_blocks(f, blocks)
             _write_columns(f, merged.image_id, merged.columns)
         _fsync(tmp)
         os.replace(tmp, self.path)
