@@ -50,3 +50,13 @@ def test_unknown_column_and_repeated_column_are_one_line_errors():
     with pytest.raises(MedembedError, match="twice"):
         parse_columns("site,site")
     assert parse_columns(" site , sex ") == ["site", "sex"] and parse_columns(None) == []
+
+
+def test_the_runs_own_evaluation_reports_subgroups(head_run):
+    from medembed.fit import evaluate_run
+    from medembed.transfer.options import TransferOptions
+
+    evaluate_run(head_run, n_resamples=20, transfer=TransferOptions(by="site,body_part"))
+    report = (head_run / "report.md").read_text()
+    assert "### By site" in report and "### By body_part" in report and "## Conformal prediction sets" in report
+    assert (head_run / "figures" / "subgroups.png").is_file()
