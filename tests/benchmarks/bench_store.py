@@ -11,6 +11,7 @@ fsync), so they come from the disk, not from memory.
 
 import argparse
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -20,6 +21,12 @@ import h5py
 import numpy as np
 
 from medembed.store import StoreWriter, make_fingerprint, open_store
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (what the store costs, whatever else the machine runs)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def drop_cache(folder: Path) -> None:
@@ -83,11 +90,14 @@ def main() -> None:
         # The fold is called here at each boundary (what fold_every_rows does inside append), to time it apart.
         # consolidate=False: the run's own close would consolidate (it wrote every row); timed separately below.
         writer = StoreWriter(path, dim=args.dim, fingerprint=fingerprint, fold_every_rows=args.rows + 1, consolidate=False)
+        cpu_before, batch_cpu = cpu_seconds(), 0.0
         for start in range(0, args.rows, args.batch):
             stop = min(start + args.batch, args.rows)
+            began_cpu = cpu_seconds()
             ids, columns = batch_columns(start, stop)
             offset = start % (len(pool) - args.batch)
             embeddings = pool[offset : offset + stop - start]
+            batch_cpu += cpu_seconds() - began_cpu  # making the batch is not the store's cost
             began = time.perf_counter()
             writer.append(ids, embeddings, columns)
             window += time.perf_counter() - began
@@ -107,6 +117,7 @@ def main() -> None:
         writer.close()
         per_segment[-1] += time.perf_counter() - began
         write_s = sum(per_segment)
+        write_cpu = cpu_seconds() - cpu_before - batch_cpu
         store = open_store(path)
         assert store.segmented and store.committed_rows == args.rows and len(store.segments) == len(per_segment)
 
@@ -120,10 +131,10 @@ def main() -> None:
         columns_s = time.perf_counter() - began
         assert len(columns_table) == args.rows
 
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), cpu_seconds()
         with StoreWriter(path, dim=args.dim, fingerprint=fingerprint, consolidate=True):
             pass
-        consolidate_s = time.perf_counter() - began
+        consolidate_s, consolidate_cpu = time.perf_counter() - began, cpu_seconds() - began_cpu
         assert not open_store(path).segmented
         size_mb = path.stat().st_size / 1e6
         drop_cache(Path(tmp))
@@ -146,9 +157,10 @@ def main() -> None:
     )
     rate = megabytes / write_s
     print(f"  write (append to the log + fold to segments, fsync'd): {write_s:7.2f} s  {rate:7.1f} MB/s   target >= 200 MB/s  [{'ok' if rate >= 200 else 'MISSED'}]")
+    print(f"  write CPU (user + system of this process, batch making excluded): {write_cpu:7.2f} s  {megabytes / write_cpu:7.1f} MB per CPU second; load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"  read embeddings through the index (plain h5py, {args.fold_every}-row blocks, from disk): {segmented_read_s:6.2f} s  {megabytes / segmented_read_s:7.1f} MB/s")
     print(f"  read ids + columns of every row (medembed read_columns, from disk): {columns_s:6.2f} s")
-    print(f"  consolidate {len(per_segment)} segments into one plain file (once, fsync'd): {consolidate_s:6.2f} s  {megabytes / consolidate_s:7.1f} MB/s")
+    print(f"  consolidate {len(per_segment)} segments into one plain file (once, fsync'd): {consolidate_s:6.2f} s  {megabytes / consolidate_s:7.1f} MB/s ({consolidate_cpu:.2f} CPU s)")
     print(f"  read embeddings of the plain file (from disk): {plain_read_s:6.2f} s  {megabytes / plain_read_s:7.1f} MB/s")
     print(f"  plain file size: {size_mb:.1f} MB")
 
