@@ -13,7 +13,7 @@ WORK ?= work
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install update-constraints test demo sweep bench-store bench-extract bench-fit clean
+.PHONY: help install update-constraints test demo sweep bench-store bench-extract bench-fit bench-transfer clean
 
 help: ## List the targets with one-line descriptions
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-19s %s\n", $$1, $$2}'
@@ -62,6 +62,11 @@ bench-extract: install ## Extraction throughput: EfficientNet-Lite0 over FracAtl
 bench-fit: install ## Head fitting (with val search) and bootstrap evaluation on a MURA-sized synthetic store
 	$(BIN)/python tests/benchmarks/bench_fit_heads.py --n-jobs 1
 	$(BIN)/python tests/benchmarks/bench_evaluate.py
+
+bench-transfer: install ## Site transfer on FracAtlas: corrupted test split as the target (recalibration, conformal coverage, OOD AUROC, drift p); needs work/fracatlas-effl0.h5
+	@test -f $(WORK)/fracatlas-effl0.h5 || { echo "$(WORK)/fracatlas-effl0.h5 missing: run make demo first"; exit 1; }
+	$(BIN)/python tests/benchmarks/bench_transfer.py extract --fracatlas $(FRACATLAS)
+	$(BIN)/python tests/benchmarks/bench_transfer.py measure --fracatlas $(FRACATLAS)
 
 clean: ## Remove the virtual environment and generated work files
 	rm -rf $(VENV) $(WORK) .pytest_cache

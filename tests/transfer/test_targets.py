@@ -49,3 +49,13 @@ def test_columns_from_a_manifest_join_by_image_id(head_run, target_store, tmp_pa
     view = dict(zip(rows.image_id, rows.extra["view"]))
     assert view["p0_img0"] == "lateral" and view["p1_img1"] == "frontal" and view["p2_img0"] == ""
     assert np.array_equal(np.unique(rows.extra["site"]), ["north", "south"])  # the store's own columns are kept
+
+
+def test_extraction_keeps_every_further_manifest_column_but_not_paths():
+    from medembed.extract import store_columns
+    from medembed.manifest import Manifest
+
+    manifest = Manifest({"image_id": ["a"], "path": ["x/a.png"], "label": ["1"], "split": ["test"], "frontal": ["1"], "site": ["north"]})
+    columns = store_columns(manifest)
+    assert columns["frontal"].tolist() == ["1"] and columns["site"].tolist() == ["north"]
+    assert "path" not in columns and "image_id" not in columns and columns["label"].tolist() == [1]
