@@ -300,6 +300,15 @@ def _strings(dataset: h5py.Dataset) -> np.ndarray:
     return np.asarray(dataset.asstr()[:], dtype=object).reshape(-1)
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(inode, modification time) of a file, which an atomic replace changes; None if it is gone."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def _attrs_of(f: h5py.File) -> dict[str, object]:
     return {k: (v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
 
@@ -402,6 +411,7 @@ class EmbeddingStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         with _open_h5(self.path) as f:
+            self._identity = _file_identity(self.path)
             _check_schema(self.path, f)
             self.attrs: dict[str, object] = _attrs_of(f)
             self.segments = _segments_in(self.attrs)
@@ -420,6 +430,17 @@ class EmbeddingStore:
         }
 
     # -- where the rows are
+
+    def _retrying(self, read):
+        """`read()`, once more after re-reading the index if it failed because a writer replaced the store file
+        meanwhile (a fold that rewrote segments, or a consolidation, removes segments this object listed)."""
+        try:
+            return read()
+        except StoreError:
+            if _file_identity(self.path) in (None, self._identity):
+                raise
+            self.__init__(self.path)
+            return read()
 
     @property
     def segmented(self) -> bool:
@@ -538,14 +559,14 @@ class EmbeddingStore:
     def read(self, split: str | None = None) -> EmbeddingTable:
         """All rows (or one split's), embeddings [N, D] in the stored dtype with aligned ids and columns
         (the standard ones and every extra column, "" where a row has no value)."""
-        table = self._table(with_embeddings=True)
+        table = self._retrying(lambda: self._table(with_embeddings=True))
         if split is not None:
             table = table.subset(table.columns["split"] == split)
         return table
 
     def read_columns(self) -> EmbeddingTable:
         """Every row's id and manifest columns without reading the embeddings (`embeddings` is [N, 0])."""
-        return self._table(with_embeddings=False)
+        return self._retrying(lambda: self._table(with_embeddings=False))
 
     def read_tokens(self, level: str, rows: np.ndarray | Sequence[int] | None = None) -> np.ndarray:
         """The token grids [n, T, C] (store dtype) of `level` for the rows `rows` of `read()`'s row order (an
@@ -555,6 +576,9 @@ class EmbeddingStore:
                 f"{self.path}: no token level {level!r}; the store has "
                 + (", ".join(repr(name) for name in self.token_shapes) if self.token_shapes else "no token grids")
             )
+        return self._retrying(lambda: self._read_tokens(level, rows))
+
+    def _read_tokens(self, level: str, rows: np.ndarray | Sequence[int] | None) -> np.ndarray:
         committed_ids = self._committed_ids()
         pending = [rec["tokens"][level][mask] for rec, mask in _kept_pending(set(committed_ids), self._pending()) if mask.any()]
         total = len(committed_ids) + sum(len(p) for p in pending)
@@ -577,7 +601,7 @@ class EmbeddingStore:
 
     def image_ids(self) -> set[str]:
         """Ids of every embedded row, committed or pending."""
-        ids = set(self._committed_ids())
+        ids = set(self._retrying(self._committed_ids))
         for rec in self._pending():
             if rec["kind"] == "rows":
                 ids.update(rec["ids"])

@@ -473,3 +473,14 @@ def test_info_shows_segments_tokens_and_extra_columns_and_merge_consolidates_thr
     assert merged.returncode == 0, merged.stderr
     assert merged.stdout.strip() == f"consolidated {tmp_path / 't.h5'} into one file (10 rows)"
     assert not open_store(tmp_path / "t.h5").segmented and not (tmp_path / "t.h5.segments").exists()
+
+
+def test_a_reader_opened_before_a_consolidation_still_reads(tmp_path):
+    path = tmp_path / "s.h5"
+    with StoreWriter(path, dim=DIM, fingerprint=FP, fold_every_rows=5, consolidate=False) as w:
+        w.append(*rows(0, 5))
+        w.append(*rows(5, 10))
+    reader = open_store(path)
+    assert reader.segmented
+    consolidate_store(path)  # the segments this reader listed are gone now
+    assert reader.read().image_id.tolist() == rows(0, 10)[0] and not reader.segmented
