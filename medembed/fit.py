@@ -48,6 +48,8 @@ class FitOptions(ProtocolOptions):
         check_positive("seeds", self.seeds)
         if not isinstance(self.head_params, dict):
             raise MedembedError(f"option head_params must be a mapping, got {self.head_params!r}")
+        if (self.study_pooling or self.ensemble) and self.level:
+            raise MedembedError(f"--level {self.level} is read by token heads; {'--study-pooling' if self.study_pooling else '--ensemble'} reads the pooled embeddings")
         if self.study_pooling:
             from medembed.study_pooling import make_study_pooling
 

@@ -25,6 +25,15 @@
     store = "work/fracatlas-effl0.h5"   # optional: an existing, complete store, used as is; otherwise
                                         # OUT/stores/<label>.h5 is extracted (or finished) with `options`
 
+    [[ensembles]]                       # optional: ensembles as cells beside the single heads (medembed.ensemble)
+    label = "stack3"                    # the results' head column
+    heads = ["logreg", "mlp", "xgboost"]
+    combine = "stack"                   # concat | mean | stack, as `medembed fit --ensemble`
+    encoders = ["effl0-224", "effl1"]   # optional: labels of [[encoders]] whose stores are joined by image id
+                                        # (encoder column "effl0-224+effl1"); default: each encoder on its own
+    params = { "mlp.max_epochs" = 20 }  # optional, as `medembed fit --param` (head.key for one head)
+    folds = 5                           # optional: stacking's out-of-fold folds
+
     [[baselines]]
     kind = "cnn"                        # fine-tuned EfficientNet-Lite0: one run per seed and budget
     options = { size = 128, epochs = 5 }
@@ -65,8 +74,9 @@ CNN = "cnn"
 BASELINE_KINDS = (CNN, AUTOENCODER)
 _TOP_KEYS = (
     "name", "manifest", "root", "out", "budgets", "seeds", "heads", "head_params", "threshold", "calibration",
-    "aggregation", "bootstrap", "extract", "encoders", "baselines",
+    "aggregation", "bootstrap", "extract", "encoders", "baselines", "ensembles",
 )
+_ENSEMBLE_KEYS = ("label", "heads", "combine", "encoders", "params", "folds")
 _ENCODER_KEYS = ("name", "label", "options", "store")
 _BASELINE_KEYS = {CNN: ("kind", "options", "budgets", "seeds"), AUTOENCODER: ("kind", "options")}
 # Baseline options the sweep sets itself: the CNN's seed is each sweep seed.
@@ -92,6 +102,31 @@ class EncoderSpec:
     label: str  # the results' encoder column; also the store's file name
     options: dict[str, Any]
     store: Path | None = None
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """An ensemble cell type: `heads` combined by `combine` on each encoder's store, or on the stores of
+    `encoders` joined by image id."""
+
+    label: str  # the results' head column
+    heads: tuple[str, ...]
+    combine: str
+    encoders: tuple[str, ...]  # labels of [[encoders]] joined into one source; () = each encoder on its own
+    params: dict[str, Any]
+    folds: int
+
+    def sources(self, encoders: tuple[EncoderSpec, ...]) -> list[tuple[EncoderSpec, ...]]:
+        """The member stores of each source the ensemble runs on (one tuple per results' encoder column)."""
+        if not self.encoders:
+            return [(spec,) for spec in encoders]
+        by_label = {spec.label: spec for spec in encoders}
+        return [tuple(by_label[label] for label in self.encoders)]
+
+
+def source_label(members: tuple[EncoderSpec, ...]) -> str:
+    """The results' encoder column of an ensemble's source: its members' labels joined by '+'."""
+    return "+".join(spec.label for spec in members)
 
 
 @dataclass(frozen=True)
@@ -125,6 +160,7 @@ class SweepConfig:
     encoders: tuple[EncoderSpec, ...]
     baselines: tuple[BaselineSpec, ...]
     source: Path
+    ensembles: tuple[EnsembleSpec, ...] = ()
 
     def baseline(self, kind: str) -> BaselineSpec | None:
         """The baseline of this kind, if the sweep has one."""
@@ -162,6 +198,10 @@ def parse_config(document: dict[str, Any], source: Path) -> SweepConfig:
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
         raise where.error("encoders", f"{', '.join(repeated)} appears twice; give each encoder a distinct `label` (baselines: one of each kind)")
+    ensembles = tuple(_ensemble(where, entry, i, encoders, heads) for i, entry in enumerate(where.tables(document, "ensembles")))
+    repeated = sorted({e.label for e in ensembles if [x.label for x in ensembles].count(e.label) > 1})
+    if repeated:
+        raise where.error("ensembles", f"{', '.join(repeated)} appears twice; give each ensemble a distinct `label`")
     extract_options = where.value(document, "extract", dict, {})
     where.known_keys(extract_options, _EXTRACT_KEYS, "[extract]")
     return SweepConfig(
@@ -181,6 +221,7 @@ def parse_config(document: dict[str, Any], source: Path) -> SweepConfig:
         encoders=encoders,
         baselines=baselines,
         source=source,
+        ensembles=ensembles,
     )
 
 
@@ -222,6 +263,33 @@ def _encoder(where: _Where, entry: dict, index: int) -> EncoderSpec:
         raise where.error(f"{key}.label", f"{label!r} must be letters, digits, '.', '_' or '-' and not a baseline's name ({', '.join(BASELINE_KINDS)})")
     options = dict(where.value(entry, "options", dict, {}, key=f"{key}.options"))
     return EncoderSpec(name, label, options, where.path(entry, "store", required=False, key=f"{key}.store"))
+
+
+def _ensemble(where: _Where, entry: dict, index: int, encoders: tuple[EncoderSpec, ...], heads: tuple[str, ...]) -> EnsembleSpec:
+    from medembed.ensemble import COMBINES, EnsembleScorer, split_head_params
+
+    key = f"ensembles[{index}]"
+    where.known_keys(entry, _ENSEMBLE_KEYS, key)
+    label = where.value(entry, "label", str, key=f"{key}.label")
+    if not _LABEL.match(label) or label in heads or label in HEAD_NAMES:
+        raise where.error(f"{key}.label", f"{label!r} must be letters, digits, '.', '_' or '-' and not a head's name")
+    members = tuple(where.items(entry, "heads", key=f"{key}.heads"))
+    for head in members:
+        if head not in HEAD_NAMES:
+            raise where.error(f"{key}.heads", f"unknown head {head!r}; choose from {', '.join(HEAD_NAMES)}")
+    combine = where.value(entry, "combine", str, "mean", key=f"{key}.combine")
+    if combine not in COMBINES:
+        raise where.error(f"{key}.combine", f"{combine!r} is not one of {', '.join(COMBINES)}")
+    joined = tuple(where.items(entry, "encoders", key=f"{key}.encoders")) if "encoders" in entry else ()
+    known = [spec.label for spec in encoders]
+    for label_ in joined:
+        if label_ not in known:
+            raise where.error(f"{key}.encoders", f"{label_!r} is not the label of an [[encoders]] entry ({', '.join(known) or 'none'})")
+    params = dict(where.value(entry, "params", dict, {}, key=f"{key}.params"))
+    folds = where.count(entry.get("folds", 5), f"{key}.folds")
+    head_params = where.check(lambda: split_head_params(members, params), f"{key}.params")
+    where.check(lambda: EnsembleScorer(heads=members, head_params=head_params, combine=combine, widths=(1,) * max(len(joined), 1), folds=folds), key)
+    return EnsembleSpec(label, members, combine, joined, params, folds)
 
 
 def _baseline(where: _Where, entry: dict, index: int, sweep_seeds: tuple[int, ...]) -> BaselineSpec:

@@ -41,7 +41,7 @@ from medembed.protocol import fit_and_evaluate
 from medembed.splits import Split, load_splits
 from medembed.store import open_store
 from medembed.sweep.budgets import MIN_PER_CLASS, budget_subset
-from medembed.sweep.config import AUTOENCODER, BASELINE_KINDS, CNN, EncoderSpec, SweepConfig
+from medembed.sweep.config import AUTOENCODER, BASELINE_KINDS, CNN, EncoderSpec, EnsembleSpec, SweepConfig, source_label
 from medembed.sweep.report import write_report
 from medembed.sweep.results import CellKey, ResultsLog, cell_row, read_results, row_key
 
@@ -81,7 +81,12 @@ def run_sweep(config: SweepConfig, *, baselines: bool = True, log: Callable[[str
             # Every parameter, defaults included: a changed medembed default changes the results too.
             results.check_source("heads", head, make_head(head, **config.head_params[head]).get_params())
         for spec in config.encoders:
-            sweep.run_heads(_cells_of(grid, spec.label), lambda spec=spec: sweep.encoder_store(spec))
+            single = [cell for cell in _cells_of(grid, spec.label) if cell.head in config.heads]  # ensembles run below
+            sweep.run_heads(single, lambda spec=spec: sweep.encoder_store(spec))
+        for ensemble in config.ensembles:
+            for members in ensemble.sources(config.encoders):
+                label = source_label(members)
+                sweep.run_ensemble([c for c in grid if (c.encoder, c.head) == (label, ensemble.label)], ensemble, members)
         autoencoder = config.baseline(AUTOENCODER)
         if baselines and autoencoder is not None:
             sweep.run_heads(_cells_of(grid, AUTOENCODER), lambda: sweep.autoencoder_store(autoencoder.options))
@@ -109,6 +114,11 @@ def grid_cells(config: SweepConfig) -> list[CellKey]:
     cells = [
         CellKey(source, head, budget, seed)
         for source in sources for seed in config.seeds for budget in config.budgets for head in config.heads
+    ]
+    cells += [
+        CellKey(source_label(members), ensemble.label, budget, seed)
+        for ensemble in config.ensembles for members in ensemble.sources(config.encoders)
+        for seed in config.seeds for budget in config.budgets
     ]
     cnn = config.baseline(CNN)
     if cnn is not None:
@@ -166,16 +176,55 @@ class _Sweep:
         for key, chosen in self._budgets(todo):
             self._record(self._fit_cell, key, splits, np.isin(train_ids, chosen))
 
-    def _fit_cell(self, key: CellKey, splits: dict[str, Split], mask: np.ndarray) -> dict:
+    def run_ensemble(self, cells: list[CellKey], spec: EnsembleSpec, members: tuple[EncoderSpec, ...]) -> None:
+        """An ensemble's cells on one source: the members' stores (joined by image id when several)."""
+        from medembed.ensemble import load_joined_splits, make_ensemble
+
+        todo = self._todo(cells)
+        if not todo:
+            return
+        paths = [self.encoder_store(member) for member in members]
+        options = self.fit_options()
+        if len(paths) > 1:
+            joined = load_joined_splits(paths, val_fraction=options.val_fraction, seed=options.seed)
+            splits, widths = joined.splits, joined.widths
+            self.results.check_source("sources", todo[0].encoder, {"fingerprint": joined.fingerprint, "notes": joined.notes})
+            self.notes += [f"{todo[0].encoder}: {note}" for note in joined.notes]
+        else:  # one store: the same rows (and sources record) as its single heads
+            splits, fingerprint, notes = load_splits(paths, val_fraction=options.val_fraction, seed=options.seed)
+            widths = (open_store(paths[0]).dim,)
+            self.results.check_source("sources", todo[0].encoder, {"fingerprint": fingerprint, "notes": notes})
+        _check_matches_manifest(splits, self.manifest, paths[0], self.config.manifest)
+
+        def new_scorer(seed: int):
+            return make_ensemble(",".join(spec.heads), spec.params, spec.combine, widths, spec.folds, seed)
+
+        # Its identity across sources: widths depend on the source, the seed on the cell. Member heads' parameters
+        # with every default, as for single heads.
+        members = new_scorer(0)
+        identity = {k: v for k, v in members.get_params().items() if k not in ("widths", "seed")}
+        identity["head_params"] = {head: make_head(head, **(members.head_params or {}).get(head, {})).get_params() for head in members.heads}
+        self.results.check_source("heads", spec.label, identity)
+        train_ids = splits["train"].image_id
+        for key, chosen in self._budgets(todo):
+            self._record(self._fit_cell, key, splits, np.isin(train_ids, chosen), new_scorer)
+
+    def _fit_cell(self, key: CellKey, splits: dict[str, Split], mask: np.ndarray, ensemble: Callable[[int], object] | None = None) -> dict:
+        """One cell: a head (or, with `ensemble(seed)`, an ensemble fitted with the train patients as its
+        stacking groups) on the budgeted train rows `mask`."""
         train, test = _rows(splits["train"], mask), splits["test"]
         counts = {"train_images": len(train), "train_abnormal": int(train.y.sum()), "test_images": len(test)}
         short = _short_of_classes(train.y)
         if short:
             return cell_row(key, None, note=short, **counts)
-        options = self.fit_options(key.head)
+        options = self.fit_options() if ensemble else self.fit_options(key.head)  # an ensemble's label is no head
         started = time.perf_counter()
-        head = make_head(options.head, seed=key.seed, **options.head_params)
-        fitted = fit_and_evaluate(head, {**splits, "train": train}, options, key.seed, bootstrap_seed=BOOTSTRAP_SEED)
+        scorer = ensemble(key.seed) if ensemble else make_head(options.head, seed=key.seed, **options.head_params)
+        fit_params = {"groups": train.patient_id} if ensemble else None
+        minority = int(min(train.y.sum(), len(train.y) - train.y.sum()))
+        if ensemble and scorer.combine == "stack" and minority < scorer.folds:
+            return cell_row(key, None, note=f"stacking's {scorer.folds} folds need {scorer.folds} train images of each class, the budget has {minority}", **counts)
+        fitted = fit_and_evaluate(scorer, {**splits, "train": train}, options, key.seed, bootstrap_seed=BOOTSTRAP_SEED, fit_params=fit_params)
         seconds = time.perf_counter() - started
         metrics = fitted.metrics
         thresholds = {"image_threshold": fitted.calibration.image_threshold, "study_threshold": fitted.calibration.study_threshold}
