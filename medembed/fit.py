@@ -28,6 +28,7 @@ from medembed.scorers import positive_scores
 from medembed.transfer.options import TransferOptions
 from medembed.transfer.reference import run_reference
 from medembed.transfer.sections import fit_extras, source_sections
+from medembed.transfer.subgroups import check_columns
 from medembed.transfer.targets import with_manifest_columns
 
 
@@ -217,10 +218,11 @@ def evaluate_run(
         options.n_resamples = n_resamples
     rows = run_rows(run, split, stores)
     p = run.probabilities(rows)
-    metrics = evaluate_split(p, rows, run.calibration, options, seed=options.seed)
     transfer = transfer or TransferOptions()
     if transfer.columns_from is not None:
         rows = with_manifest_columns(rows, transfer.columns_from)
+    check_columns(rows, transfer.columns)  # a wrong --by fails before the bootstrap
+    metrics = evaluate_split(p, rows, run.calibration, options, seed=options.seed)
     reference = run_reference(run)
     extras = lambda directory: source_sections(directory, reference, rows, p, run.calibration.image_threshold, transfer, options.n_resamples, options.seed)  # noqa: E731
     write_evaluation(Path(run_dir), run.record, Evaluation(p, rows, metrics), extras=extras)

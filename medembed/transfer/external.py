@@ -33,7 +33,7 @@ from medembed.transfer.sections import (
     COMPARED, comparison_markdown, conformal_markdown, conformal_summary, drift_markdown, ood_markdown, ood_scores,
     save_subgroup_figure, subgroups_markdown,
 )
-from medembed.transfer.subgroups import subgroup_metrics
+from medembed.transfer.subgroups import check_columns, subgroup_metrics
 from medembed.transfer.targets import ALL_ROWS, labelled, target_rows
 
 EXTERNAL_DIR = "external"
@@ -92,6 +92,7 @@ def evaluate_on(run_dir: Path, target: Path, *, root: Path | None = None, split:
     protocol: ProtocolOptions = run.record.protocol
     n_resamples = protocol.n_resamples if n_resamples is None else n_resamples
     rows, notes = target_rows(run, target, root, split, options.columns_from)
+    check_columns(rows, options.columns)
     reference = run_reference(run)
     p = run.probabilities(rows)
     result: dict[str, Any] = {

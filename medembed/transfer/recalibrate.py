@@ -10,9 +10,8 @@ new calibration, its conformal reference taken from the N images, the source's t
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from medembed.splits import Split
 from medembed.transfer.options import TransferOptions
 from medembed.transfer.reference import REFERENCE_DIR, run_reference
 from medembed.transfer.sections import source_sections
+from medembed.transfer.subgroups import check_columns
 from medembed.transfer.targets import ALL_ROWS, labelled, target_rows
 
 OPERATING = ("sensitivity", "specificity", "kappa", "ppv", "auroc")
@@ -161,6 +161,7 @@ def recalibrate(run_dir: Path, target: Path, out: Path, options: RecalibrateOpti
     rows = labelled(rows)
     if not len(rows):
         raise MedembedError(f"{target}: no labelled rows; recalibration needs labels on some target images")
+    check_columns(rows, transfer.columns)
     raw = positive_scores(run.scorer, rows.X, {"body_part": rows.body_part, "study_id": rows.study_id})
     sample = marked_rows(rows, options.labelled_column) if options.labelled_column else labelled_sample(rows, options.labelled, options.seed)
     fitted = refit(run, rows, raw, sample, options)

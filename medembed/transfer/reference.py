@@ -13,7 +13,6 @@ the run's own inputs (its store or manifest) and saves it beside the run.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -41,6 +41,12 @@ def row_column(rows: Split, name: str) -> np.ndarray:
     return np.asarray(extra[name]).astype(str)
 
 
+def check_columns(rows: Split, columns: list[str]) -> None:
+    """Fail (one line) on a --by column the rows do not have, before any metric is computed."""
+    for name in columns:
+        row_column(rows, name)
+
+
 def subgroup_metrics(p: np.ndarray, rows: Split, columns: list[str], threshold: float, n_resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
     """{column: {"groups": {value: {metric: {"value", "ci"}}}, "largest_gap": {metric: {"gap", "low", "high"}}}}."""
     y = rows.y

@@ -38,7 +38,8 @@ def check_target_store(run: Any, store_path: Path) -> list[str]:
     store = open_store(store_path)
     if store.being_written():
         raise MedembedError(store.partial_reason())
-    diff = fingerprint_mismatch(run.record.fingerprint, store.fingerprint)
+    members = run.record.details.get("members") or []  # an ensemble on one store records that store's fingerprint there
+    diff = fingerprint_mismatch(members[0]["fingerprint"] if members else run.record.fingerprint, store.fingerprint)
     if not diff:
         return []
     shift = simulated_shift(run.record.preprocess, str(store.attrs.get("preprocess", "")))
@@ -54,6 +55,10 @@ def target_rows(run: Any, target: Path, root: Path | None = None, split: str = A
     target = Path(target)
     if split != ALL_ROWS and split not in SPLITS:
         raise MedembedError(f"split must be {ALL_ROWS} or one of {', '.join(SPLITS)}; got {split!r}")
+    members = run.record.details.get("members") or []
+    if len(members) > 1:
+        raise MedembedError(f"{run.directory}: an ensemble of {len(members)} encoders' stores scores rows joined across stores; "
+                            "validate it at another site with medembed predict on that site's images")
     if run.record.consumes == "embeddings":
         if target.suffix.lower() == ".csv":
             raise MedembedError(f"{target}: a {run.record.kind} run scores embeddings; extract the manifest into a store first (medembed extract) and pass the store")
