@@ -13,7 +13,7 @@ WORK ?= work
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install update-constraints test demo sweep bench-store bench-extract bench-fit bench-transfer clean
+.PHONY: help install update-constraints test demo sweep bench-store bench-extract bench-fit bench-transfer bench-ensemble clean
 
 help: ## List the targets with one-line descriptions
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-19s %s\n", $$1, $$2}'
@@ -56,8 +56,8 @@ sweep: demo ## Benchmark sweep on FracAtlas: encoders x heads x label budgets x 
 bench-store: install ## Store: seconds per 50,000 rows over 40 segments (2M x 1152 float16), write/read MB/s, consolidation
 	$(BIN)/python tests/benchmarks/bench_store.py --rows 2000000 --dim 1152 --batch 500
 
-bench-extract: install ## Extraction throughput: EfficientNet-Lite0 over FracAtlas on CPU; MedSigLIP-448 on CUDA when present
-	$(BIN)/python tests/benchmarks/bench_extract.py --fracatlas $(FRACATLAS)
+bench-extract: install ## Extraction: data-path feed rate per core (old vs new), EfficientNet-Lite0 end to end on CPU; the GPU table on CUDA
+	$(BIN)/python tests/benchmarks/bench_extract.py --fracatlas $(FRACATLAS) --limit 1000 --skip-naive
 
 bench-fit: install ## Head fitting (with val search) and bootstrap evaluation on a MURA-sized synthetic store
 	$(BIN)/python tests/benchmarks/bench_fit_heads.py --n-jobs 1
@@ -67,6 +67,11 @@ bench-transfer: install ## Site transfer on FracAtlas: corrupted test split as t
 	@test -f $(WORK)/fracatlas-effl0.h5 || { echo "$(WORK)/fracatlas-effl0.h5 missing: run make demo first"; exit 1; }
 	$(BIN)/python tests/benchmarks/bench_transfer.py extract --fracatlas $(FRACATLAS)
 	$(BIN)/python tests/benchmarks/bench_transfer.py measure --fracatlas $(FRACATLAS)
+
+bench-ensemble: install ## Single heads vs ensembles on FracAtlas (3 seeds; EfficientNet-Lite0/1/2 stores; extracts Lite1/2 when missing)
+	test -f $(WORK)/ensemble/fracatlas-effl1.h5 || $(BIN)/medembed extract data_manifests/fracatlas.csv --root $(FRACATLAS) --encoder efficientnet-lite1 --out $(WORK)/ensemble/fracatlas-effl1.h5
+	test -f $(WORK)/ensemble/fracatlas-effl2.h5 || $(BIN)/medembed extract data_manifests/fracatlas.csv --root $(FRACATLAS) --encoder efficientnet-lite2 --out $(WORK)/ensemble/fracatlas-effl2.h5
+	$(BIN)/python tests/benchmarks/bench_ensemble.py --l0 $(STORE) --l1 $(WORK)/ensemble/fracatlas-effl1.h5 --l2 $(WORK)/ensemble/fracatlas-effl2.h5 --out $(WORK)/ensemble/bench
 
 clean: ## Remove the virtual environment and generated work files
 	rm -rf $(VENV) $(WORK) .pytest_cache

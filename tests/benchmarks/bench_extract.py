@@ -35,7 +35,7 @@ from medembed.encoders import get_encoder
 from medembed.encoders.medgemma import gemma3_spec
 from medembed.extract import ExtractOptions, collate_images, extract
 from medembed.images import ImageDecodeError, medsiglip_spec
-from medembed.manifest import read_manifest
+from medembed.manifest import Manifest, read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 # google/medsiglip-448 vision tower (SigLIP so400m, patch 14, 448 px).
@@ -211,14 +211,14 @@ def random_medgemma_vision(directory: Path, vision: dict) -> Path:
     return directory
 
 
-def model_alone(encoder, size: int, batch: int, device: torch.device) -> float:
+def model_alone(encoder, size: int, batch: int, device: torch.device, images: int = 1024) -> float:
     """images/s of the forward pass alone on device-resident input (bf16 autocast, as extract runs it)."""
     x = torch.randn(batch, 3, size, size, device=device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
         for _ in range(2):
             encoder.embed_with_tokens(x)
         torch.cuda.synchronize(device) if device.type == "cuda" else None
-        steps = max(3, 1024 // batch)
+        steps = max(2, images // batch)
         start = time.perf_counter()
         for _ in range(steps):
             encoder.embed_with_tokens(x)
@@ -250,6 +250,18 @@ def naive_notebook_loop(model_dir: Path, paths: list[Path], size: int, device: t
     return done / (time.perf_counter() - start)
 
 
+def cycled_fracatlas(root: Path, count: int) -> Manifest:
+    """`count` manifest rows over the FracAtlas files present under `root` (all of them, or the subset
+    gpu_check.sh carries to a GPU box), repeated under new ids where there are fewer: enough images for a
+    throughput figure from a few hundred files."""
+    manifest = read_manifest(REPO / "data_manifests" / "fracatlas.csv")
+    present = np.flatnonzero([path.exists() for path in manifest.resolve(root)])
+    rows = manifest.subset(np.resize(present, count))
+    copies = np.arange(count) // len(present)
+    ids = [f"{image_id}~{copy}" if copy else image_id for image_id, copy in zip(rows.image_id, copies)]
+    return Manifest({**rows.columns, "image_id": np.asarray(ids, dtype=object)})
+
+
 def bench_gpu(args: argparse.Namespace) -> None:
     smoke = args.smoke
     if not torch.cuda.is_available() and not smoke:
@@ -258,8 +270,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    manifest = read_manifest(REPO / "data_manifests" / "fracatlas.csv")
-    subset = manifest.subset(np.arange(min(len(manifest), args.gpu_images)))
+    subset = cycled_fracatlas(args.fracatlas, args.gpu_images)
     paths = subset.resolve(args.fracatlas)
     results = []
     models = {
@@ -280,7 +291,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
             print(f"  {label}: {flops / 1e9:.1f} GFLOP/image, attention {attention}"
                   + (f"; compute limit {peak / 1e12:.0f} TFLOP/s / {flops / 1e9:.1f} GFLOP = {limit:.0f} images/s" if limit else ""))
             for batch in args.gpu_batches:
-                rate = model_alone(encoder, size, batch, device)
+                rate = model_alone(encoder, size, batch, device, images=8 if smoke else 1024)
                 results.append({"model": label, "what": "model alone", "batch": batch, "images_per_second": rate})
                 print(f"    model alone, batch {batch:4d}: {rate:7.0f} images/s" + (f"  ({rate / limit:.0%} of limit)" if limit else ""))
             best = 0.0
