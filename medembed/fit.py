@@ -24,10 +24,9 @@ from medembed.protocol import ProtocolOptions, evaluate_split, fit_and_evaluate
 from medembed.runs import Evaluation, Run, RunRecord, load_run, write_evaluation, write_run
 from medembed.splits import Split, load_splits, manifest_splits, split_sizes
 from medembed.store import fingerprint_mismatch, open_store
-from medembed.scorers import positive_scores
 from medembed.transfer.options import TransferOptions
 from medembed.transfer.reference import run_reference
-from medembed.transfer.sections import fit_extras, source_sections
+from medembed.transfer.sections import fitted_extras, source_sections
 from medembed.transfer.subgroups import check_columns
 from medembed.transfer.targets import with_manifest_columns
 
@@ -167,9 +166,7 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any
             **({"level_selection": level_choice} if not options.ensemble and level_choice else {}),
         },
     )
-    val = splits["val"]
-    p_val = best.calibration.calibrator.transform(positive_scores(best.scorer, val.X, {"body_part": val.body_part, "study_id": val.study_id}))
-    extras = fit_extras(p_val, splits, best.p_test, best.calibration.image_threshold, options.seed, options.n_resamples)
+    extras = fitted_extras(best, splits, options.seed, options.n_resamples)
     write_run(out, record, best.scorer, Evaluation(best.p_test, splits["test"], metrics), extras=extras)
     return metrics
 

@@ -49,6 +49,7 @@ from medembed.extract import resolve_device
 from medembed.protocol import ProtocolOptions, fit_and_evaluate
 from medembed.report import write_metrics_json
 from medembed.runs import Evaluation, RunRecord, write_run
+from medembed.transfer.sections import fitted_extras
 from medembed.splits import load_splits, split_sizes
 from medembed.store import open_store
 
@@ -386,5 +387,6 @@ def zeroshot_run(
             "prompt_templates": prompts,
         },
     )
-    write_run(out, record, scorer, Evaluation(fitted.p_test, splits["test"], fitted.metrics))
+    extras = fitted_extras(fitted, splits, protocol.seed, protocol.n_resamples)  # val scores and a train sample for transfer checks
+    write_run(out, record, scorer, Evaluation(fitted.p_test, splits["test"], fitted.metrics), extras=extras)
     return fitted.metrics

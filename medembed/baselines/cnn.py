@@ -54,6 +54,7 @@ from medembed.images import PreprocessSpec
 from medembed.manifest import SPLITS, Manifest
 from medembed.protocol import ProtocolOptions, fit_and_evaluate
 from medembed.runs import Evaluation, RunRecord, write_run
+from medembed.transfer.sections import fitted_extras
 from medembed.splits import Split, manifest_splits, split_sizes
 from medembed.store import make_fingerprint
 
@@ -261,7 +262,8 @@ def run_cnn_baseline(
     )
     timer.done("evaluate")
     record.details["timing_seconds"] = timer.summary()
-    write_run(out, record, scorer, Evaluation(fitted.p_test, splits["test"], fitted.metrics))
+    extras = fitted_extras(fitted, splits, protocol.seed, protocol.n_resamples)  # val scores for conformal sets
+    write_run(out, record, scorer, Evaluation(fitted.p_test, splits["test"], fitted.metrics), extras=extras)
     return CNNRun(out, fitted.metrics, scorer.history_, failed, record.details["timing_seconds"])
 
 

@@ -43,6 +43,8 @@ def test_evaluate_on_a_shifted_store_writes_its_report(head_run, target_store):
 
 
 def test_the_cnn_is_validated_on_a_manifest_and_refuses_a_store(cnn_run, fracatlas_subset, fracatlas_root, target_store):
+    reference = json.loads((cnn_run / "reference" / "reference.json").read_text())  # written by the CNN's fit
+    assert reference["val_images"] == 16 and reference["train_sample"] == 0 and "no embedding space" in reference["unavailable"][0]
     with pytest.raises(MedembedError, match="scores images, not a store"):
         evaluate_on(cnn_run, target_store)
     result = evaluate_on(cnn_run, fracatlas_subset, root=fracatlas_root, split="test", n_resamples=20)
