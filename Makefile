@@ -13,7 +13,7 @@ WORK ?= work
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install update-constraints test demo sweep bench-store bench-extract bench-fit bench-transfer bench-ensemble clean
+.PHONY: help install update-constraints test demo sweep bench-store bench-extract bench-fit bench-transfer bench-ensemble bench-levels clean
 
 help: ## List the targets with one-line descriptions
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-19s %s\n", $$1, $$2}'
@@ -72,6 +72,10 @@ bench-ensemble: install ## Single heads vs ensembles on FracAtlas (3 seeds; Effi
 	test -f $(WORK)/ensemble/fracatlas-effl1.h5 || $(BIN)/medembed extract data_manifests/fracatlas.csv --root $(FRACATLAS) --encoder efficientnet-lite1 --out $(WORK)/ensemble/fracatlas-effl1.h5
 	test -f $(WORK)/ensemble/fracatlas-effl2.h5 || $(BIN)/medembed extract data_manifests/fracatlas.csv --root $(FRACATLAS) --encoder efficientnet-lite2 --out $(WORK)/ensemble/fracatlas-effl2.h5
 	$(BIN)/python tests/benchmarks/bench_ensemble.py --l0 $(STORE) --l1 $(WORK)/ensemble/fracatlas-effl1.h5 --l2 $(WORK)/ensemble/fracatlas-effl2.h5 --out $(WORK)/ensemble/bench
+
+bench-levels: install ## Pooled heads vs token heads on intermediate levels and the adapter, FracAtlas, 3 seeds (extracts the level store when missing)
+	test -f $(WORK)/tokens/fracatlas-effl0-levels.h5 || $(BIN)/medembed extract data_manifests/fracatlas.csv --root $(FRACATLAS) --encoder efficientnet-lite0 --levels block15,block14,block10@7x7,final@4x4 --tokens 2x2 --out $(WORK)/tokens/fracatlas-effl0-levels.h5
+	$(BIN)/python tests/benchmarks/bench_levels.py --store $(WORK)/tokens/fracatlas-effl0-levels.h5 --out $(WORK)/tokens/bench
 
 clean: ## Remove the virtual environment and generated work files
 	rm -rf $(VENV) $(WORK) .pytest_cache

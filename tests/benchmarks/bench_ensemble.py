@@ -30,11 +30,13 @@ class Row:
     head: str
     ensemble: str = ""
     folds: int = 5
+    study_pooling: str = ""
 
     def command(self, paths: dict[str, Path]) -> str:
         stores = " ".join(str(paths[s]) for s in self.stores)
         ensemble = f" --ensemble {self.ensemble}" + (f" --ensemble-folds {self.folds}" if self.ensemble == "stack" and self.folds != 5 else "") if self.ensemble else ""
-        return f"medembed fit {stores} --head {self.head}{ensemble} --seeds {SEEDS} --out runs/{self.name}"
+        scorer = f"--study-pooling {self.study_pooling}" if self.study_pooling else f"--head {self.head}{ensemble}"
+        return f"medembed fit {stores} {scorer} --seeds {SEEDS} --out runs/{self.name}"
 
 
 # The most informative rows first: a run stopped early still has the references and the cheap ensembles.
@@ -53,10 +55,12 @@ ROWS = (
     Row("l012-stack-logreg-mlp", ("l0", "l1", "l2"), "logreg,mlp", "stack", folds=3),
     Row("l012-concat-mlp", ("l0", "l1", "l2"), "mlp", "concat"),
     Row("l0-heads-stack", ("l0",), "logreg,mlp,xgboost", "stack", folds=3),
+    # FracAtlas has one image per study: attention pooling has one image to weigh, so this is an image-level figure.
+    Row("l0-study-attention", ("l0",), "logreg", study_pooling="attention"),
 )
 
 def measure(row: Row, paths: dict[str, Path], out: Path) -> dict:
-    options = FitOptions(head=row.head, ensemble=row.ensemble, ensemble_folds=row.folds, seeds=SEEDS)
+    options = FitOptions(head=row.head, ensemble=row.ensemble, ensemble_folds=row.folds, study_pooling=row.study_pooling, seeds=SEEDS)
     started = time.perf_counter()
     metrics = fit_run([paths[s] for s in row.stores], out / "runs" / row.name, options)
     seconds = time.perf_counter() - started
