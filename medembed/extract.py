@@ -569,7 +569,9 @@ class _Step:
         vanished = [str(self.paths[i]) for i, reason in zip(staged.bad, staged.reasons) if reason == MISSING]
         if staged.pixels is None:
             empty = torch.zeros((0, self.encoder.dim))
-            return WriteJob([], empty, {}, torch.zeros(0, dtype=torch.bool), failed, vanished)
+            # a batch of failed images still names every level the store holds, with no rows
+            no_tokens = {level: torch.zeros((0, *shape), dtype=self.token_dtype) for level, shape in self.encoder.token_shapes().items()}
+            return WriteJob([], empty, no_tokens, torch.zeros(0, dtype=torch.bool), failed, vanished)
         if self.cuda:
             return self._launch_cuda(staged, failed, vanished)
         clock = [time.perf_counter()]
