@@ -15,8 +15,8 @@ import numpy as np
 
 from medembed.errors import MedembedError
 from medembed.manifest import SPLITS, read_manifest
-from medembed.splits import Split
-from medembed.store import fingerprint_mismatch, open_store, read_stores
+from medembed.splits import Split, level_tokens
+from medembed.store import EmbeddingTable, fingerprint_mismatch, open_store, read_stores
 
 ALL_ROWS = "all"
 
@@ -64,6 +64,9 @@ def target_rows(run: Any, target: Path, root: Path | None = None, split: str = A
             raise MedembedError(f"{target}: a {run.record.kind} run scores embeddings; extract the manifest into a store first (medembed extract) and pass the store")
         notes = check_target_store(run, target)
         table, _ = read_stores([target])
+        level = str(run.record.options.get("level") or "")  # a token head reads a level's tokens [N, T, C], not the pooled rows
+        if level:
+            table = EmbeddingTable(level_tokens([target], level), table.image_id, table.columns)
         rows = Split.from_table(table)
         bad = ~np.isfinite(np.asarray(table.embeddings, dtype=np.float32)).all(axis=1)
         if bad.any():

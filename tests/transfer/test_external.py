@@ -51,3 +51,28 @@ def test_the_cnn_is_validated_on_a_manifest_and_refuses_a_store(cnn_run, fracatl
     assert result["images"] == 16 and "comparison" in result and "ood" not in result
     assert "no embedding space" in result["drift"]["unavailable"]
     assert result["conformal"]["0.1"]["marginal"]["n"] == 16
+
+
+def _token_store(path, n, splits, shift):
+    """Rows with a 2x2 token grid (and its mean as the pooled embedding); abnormal rows shifted along one direction."""
+    from medembed.store import StoreWriter
+    from tests.test_fit import FP
+
+    rng = np.random.default_rng(0)
+    direction = rng.standard_normal(8)
+    label = np.array([(p // len(splits)) % 3 == 0 for p in range(n)], dtype=int)
+    tokens = (rng.standard_normal((n, 4, 8)) + ((1.5 * label + shift)[:, None, None] * direction)).astype(np.float32)
+    ids = [f"p{p}" for p in range(n)]
+    columns = {"label": label.tolist(), "study_id": ids, "patient_id": ids, "body_part": ["hand"] * n, "split": [splits[p % len(splits)] for p in range(n)]}
+    with StoreWriter(path, dim=8, fingerprint=FP, tokens={"final@2x2": (4, 8)}) as writer:
+        writer.append(ids, tokens.mean(axis=1), columns, tokens={"final@2x2": tokens})
+    return path
+
+
+def test_a_token_head_run_reads_its_level_at_the_target(tmp_path):
+    from medembed.fit import FitOptions, fit_run
+
+    fit_run([_token_store(tmp_path / "s.h5", 60, ("train", "val", "test"), 0.0)], tmp_path / "run", FitOptions(n_resamples=0, head="concat", level="final@2x2"))
+    result = evaluate_on(tmp_path / "run", _token_store(tmp_path / "t.h5", 60, ("test",), 0.5), n_resamples=0)
+    assert result["metrics"]["image"]["overall"]["auroc"]["value"] > 0.8  # the head got its tokens, not pooled rows
+    assert "shift" in result["drift"] and result["ood"]["n"] == 60  # tokens averaged into one vector per image
