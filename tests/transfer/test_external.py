@@ -76,3 +76,21 @@ def test_a_token_head_run_reads_its_level_at_the_target(tmp_path):
     result = evaluate_on(tmp_path / "run", _token_store(tmp_path / "t.h5", 60, ("test",), 0.5), n_resamples=0)
     assert result["metrics"]["image"]["overall"]["auroc"]["value"] > 0.8  # the head got its tokens, not pooled rows
     assert "shift" in result["drift"] and result["ood"]["n"] == 60  # tokens averaged into one vector per image
+
+
+def test_an_unlabelled_target_gets_drift_ood_and_sets_without_metrics(head_run, tmp_path):
+    from tests.test_fit import write_store
+    from tests.transfer.conftest import SHIFT, add_site
+
+    def unlabelled(ids, emb, cols):
+        add_site(SHIFT)(ids, emb, cols)
+        cols["label"] = [-1] * len(ids)
+
+    store = write_store(tmp_path / "unlabelled.h5", n_patients=30, splits=("test",), corrupt=unlabelled)
+    result = evaluate_on(head_run, store, n_resamples=0)
+    assert "metrics" not in result and "comparison" not in result and "labelled target rows" in result["notes"][-1]
+    assert result["drift"]["prevalence"]["target_called_abnormal"] > result["drift"]["prevalence"]["source_called_abnormal"]
+    with open(head_run / "external" / "unlabelled" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 60 and all(r["label"] == "" and r["prediction_set"] for r in rows)
+    assert "## Drift" in (head_run / "external" / "unlabelled" / "report.md").read_text()
