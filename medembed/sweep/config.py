@@ -24,6 +24,10 @@
     options = { size = 224 }            # optional, as `medembed extract --option` (used when the sweep extracts)
     store = "work/fracatlas-effl0.h5"   # optional: an existing, complete store, used as is; otherwise
                                         # OUT/stores/<label>.h5 is extracted (or finished) with `options`
+    levels = ["block14", "final@2x2"]   # optional: a levels axis: token levels (extracted with the store, as
+                                        # `extract --levels`), each a source "<label>:<level>" (levels joined by +
+                                        # are concatenated) whose cells are the `token_heads`, as `fit --level`
+    token_heads = ["attention"]         # optional (default ["attention"]): attention | concat | adapter
 
     [[ensembles]]                       # optional: ensembles as cells beside the single heads (medembed.ensemble)
     label = "stack3"                    # the results' head column
@@ -67,7 +71,7 @@ from medembed.errors import MedembedError
 from medembed.evaluate import AGGREGATIONS
 from medembed.extract import ExtractOptions
 from medembed.fit import FitOptions
-from medembed.heads import HEAD_NAMES, make_head
+from medembed.heads import HEAD_NAMES, TOKEN_HEADS, make_head
 from medembed.sweep.budgets import check_fraction
 
 CNN = "cnn"
@@ -77,7 +81,7 @@ _TOP_KEYS = (
     "aggregation", "bootstrap", "extract", "encoders", "baselines", "ensembles",
 )
 _ENSEMBLE_KEYS = ("label", "heads", "combine", "encoders", "params", "folds")
-_ENCODER_KEYS = ("name", "label", "options", "store")
+_ENCODER_KEYS = ("name", "label", "options", "store", "levels", "token_heads")
 _BASELINE_KEYS = {CNN: ("kind", "options", "budgets", "seeds"), AUTOENCODER: ("kind", "options")}
 # Baseline options the sweep sets itself: the CNN's seed is each sweep seed.
 _BASELINE_OPTIONS = {
@@ -102,6 +106,12 @@ class EncoderSpec:
     label: str  # the results' encoder column; also the store's file name
     options: dict[str, Any]
     store: Path | None = None
+    levels: tuple[str, ...] = ()  # the levels axis: each a source "<label>:<level>" of the token heads
+    token_heads: tuple[str, ...] = ()
+
+    def level_sources(self) -> list[tuple[str, str]]:
+        """(results' encoder column, level) of each level on the axis."""
+        return [(f"{self.label}:{level}", level) for level in self.levels]
 
 
 @dataclass(frozen=True)
@@ -262,7 +272,15 @@ def _encoder(where: _Where, entry: dict, index: int) -> EncoderSpec:
     if not _LABEL.match(label) or label in BASELINE_KINDS:
         raise where.error(f"{key}.label", f"{label!r} must be letters, digits, '.', '_' or '-' and not a baseline's name ({', '.join(BASELINE_KINDS)})")
     options = dict(where.value(entry, "options", dict, {}, key=f"{key}.options"))
-    return EncoderSpec(name, label, options, where.path(entry, "store", required=False, key=f"{key}.store"))
+    levels = tuple(where.items(entry, "levels", [], key=f"{key}.levels")) if "levels" in entry else ()
+    token_heads = tuple(where.items(entry, "token_heads", ["attention"], key=f"{key}.token_heads")) if levels else ()
+    for head in token_heads:
+        if head not in TOKEN_HEADS:
+            raise where.error(f"{key}.token_heads", f"unknown token head {head!r}; choose from {', '.join(TOKEN_HEADS)}")
+    if levels and "levels" not in options:  # the sweep's own store is extracted with the levels on the axis
+        stored = [name for level in levels for name in level.split("+")]
+        options["levels"] = ",".join(dict.fromkeys(stored))
+    return EncoderSpec(name, label, options, where.path(entry, "store", required=False, key=f"{key}.store"), levels, token_heads)
 
 
 def _ensemble(where: _Where, entry: dict, index: int, encoders: tuple[EncoderSpec, ...], heads: tuple[str, ...]) -> EnsembleSpec:

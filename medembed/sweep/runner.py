@@ -34,7 +34,7 @@ from medembed.baselines.cnn import CNNOptions, run_cnn_baseline
 from medembed._files import read_json
 from medembed.errors import MedembedError
 from medembed.extract import build_encoder, extract
-from medembed.fit import FitOptions
+from medembed.fit import FitOptions, level_head_params
 from medembed.heads import make_head
 from medembed.manifest import Manifest, read_manifest
 from medembed.protocol import fit_and_evaluate
@@ -83,6 +83,8 @@ def run_sweep(config: SweepConfig, *, baselines: bool = True, log: Callable[[str
         for spec in config.encoders:
             single = [cell for cell in _cells_of(grid, spec.label) if cell.head in config.heads]  # ensembles run below
             sweep.run_heads(single, lambda spec=spec: sweep.encoder_store(spec))
+            for source, level in spec.level_sources():  # the levels axis: token heads on the same store
+                sweep.run_heads(_cells_of(grid, source), lambda spec=spec: sweep.encoder_store(spec), level=level)
         for ensemble in config.ensembles:
             for members in ensemble.sources(config.encoders):
                 label = source_label(members)
@@ -114,6 +116,11 @@ def grid_cells(config: SweepConfig) -> list[CellKey]:
     cells = [
         CellKey(source, head, budget, seed)
         for source in sources for seed in config.seeds for budget in config.budgets for head in config.heads
+    ]
+    cells += [
+        CellKey(source, head, budget, seed)
+        for spec in config.encoders for source, _ in spec.level_sources()
+        for seed in config.seeds for budget in config.budgets for head in spec.token_heads
     ]
     cells += [
         CellKey(source_label(members), ensemble.label, budget, seed)
@@ -150,25 +157,28 @@ class _Sweep:
         self.total = total  # cells this call is responsible for, done before or not
         self.cells_run = self.cells_already_done = 0
         self.notes: list[str] = []
+        self.level, self.level_store = "", None  # the token level run_heads is on ("" for pooled embeddings)
 
-    def fit_options(self, head: str = "logreg") -> FitOptions:
+    def fit_options(self, head: str = "logreg", level: str = "") -> FitOptions:
         """The protocol as FitOptions; seed 0 carves val identically for every cell where a store has none."""
         c = self.config
         return FitOptions(
             head=head, head_params=c.head_params.get(head, {}), threshold=c.threshold, calibration=c.calibration,
-            aggregation=c.aggregation, n_resamples=c.bootstrap, seed=BOOTSTRAP_SEED,
+            aggregation=c.aggregation, n_resamples=c.bootstrap, seed=BOOTSTRAP_SEED, level=level,
         )
 
     # -- cells of heads on a store -----------------------------------------------------------------------
 
-    def run_heads(self, cells: list[CellKey], store: Callable[[], Path]) -> None:
-        """Heads on one source's embeddings, the `cells` not done yet; `store()` makes the embeddings only when needed."""
+    def run_heads(self, cells: list[CellKey], store: Callable[[], Path], level: str = "") -> None:
+        """Heads on one source's embeddings (or token `level`), the `cells` not done yet; `store()` makes the
+        embeddings only when needed."""
         todo = self._todo(cells)
         if not todo:
             return
         label, path = todo[0].encoder, store()
         options = self.fit_options()
-        splits, fingerprint, notes = load_splits([path], val_fraction=options.val_fraction, seed=options.seed)
+        splits, fingerprint, notes = load_splits([path], val_fraction=options.val_fraction, seed=options.seed, level=level or None)
+        self.level, self.level_store = level, path
         self.results.check_source("sources", label, {"fingerprint": fingerprint, "notes": notes})
         self.notes += [f"{label}: {note}" for note in notes]
         _check_matches_manifest(splits, self.manifest, path, self.config.manifest)
@@ -217,9 +227,11 @@ class _Sweep:
         short = _short_of_classes(train.y)
         if short:
             return cell_row(key, None, note=short, **counts)
-        options = self.fit_options() if ensemble else self.fit_options(key.head)  # an ensemble's label is no head
+        level = "" if ensemble else self.level
+        options = self.fit_options() if ensemble else self.fit_options(key.head, level)  # an ensemble's label is no head
         started = time.perf_counter()
-        scorer = ensemble(key.seed) if ensemble else make_head(options.head, seed=key.seed, **options.head_params)
+        params = level_head_params(options.head, level, self.level_store, options.head_params) if level else options.head_params
+        scorer = ensemble(key.seed) if ensemble else make_head(options.head, seed=key.seed, **params)
         fit_params = {"groups": train.patient_id} if ensemble else None
         minority = int(min(train.y.sum(), len(train.y) - train.y.sum()))
         if ensemble and scorer.combine == "stack" and minority < scorer.folds:
