@@ -1793,7 +1793,20 @@ class StoreWriter:
             self._log.close()
             if not self._log_failed:  # after a failed append the log stays for the next run to fold
                 consolidate = self._should_consolidate() and (bool(self._unfolded) or open_store(self.path).segmented)
-                self._fold(self._unfolded, consolidate=consolidate)
+                try:
+                    self._fold(self._unfolded, consolidate=consolidate)
+                except StoreError:
+                    if not consolidate or self.consolidate is not None:
+                        raise
+                    # A consolidation it chose itself failed (no room for the copy): the run's rows may still
+                    # fit as a segment, which needs only what they add (if not, that is the one-line error).
+                    self._fold(self._unfolded)
+                    warnings.warn(
+                        f"{self.path}: left segmented, not consolidated into one file (no room for the copy under "
+                        f"{self.path.parent}); `medembed merge {self.path} --out {self.path}` consolidates it later",
+                        StoreWarning,
+                        stacklevel=2,
+                    )
                 self._remove_orphans()
         finally:
             self._lock.release()

@@ -3,6 +3,7 @@ they run everywhere; `test_faults.py` does the same through the CLI on a real fu
 
 - a log append that fails (ENOSPC) is a one-line StoreError, the log is cut back to the last whole record,
   close() does not fold, and the next writer recovers every acknowledged row;
+- no room for the end-of-run consolidation: the run's rows go to a segment instead, with a warning;
 - a fold that cannot reserve its space is a one-line StoreError with the .h5 and the log untouched (HDF5
   writing into a full disk crashed the process before);
 - `summary()` (what `medembed info` prints) of a store with a damaged label chunk says so instead of
@@ -140,3 +141,29 @@ def test_creating_a_store_on_a_full_disk_is_one_line(tmp_path):
         assert open_store(path).verify() == [] and len(open_store(path)) == 2
     finally:
         mount.close()
+
+
+def test_no_room_to_consolidate_at_the_end_leaves_the_store_segmented_with_every_row(tmp_path, monkeypatch):
+    """The end-of-run consolidation copies the store: without room for the copy, the rows go to a segment."""
+    path, dim = tmp_path / "s.h5", 256
+    fingerprint = dict(FP, dtype="float32")
+    data = np.random.default_rng(0).standard_normal((3100, dim)).astype(np.float32)
+    ids = [f"img{i:05d}" for i in range(3100)]
+    with StoreWriter(path, dim=dim, fingerprint=fingerprint, fold_every_rows=1000, consolidate=False) as writer:
+        writer.append(ids[:3000], data[:3000])
+    allocate = os.posix_fallocate
+
+    def room_for_a_segment_only(fd, offset, length):  # about 4 MB free: a segment fits, a copy of the store does not
+        if length > 4 << 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        allocate(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", room_for_a_segment_only)
+    writer = StoreWriter(path, dim=dim, fingerprint=fingerprint)
+    writer.append(ids[3000:], data[3000:])  # a small store: close() chooses to consolidate
+    with pytest.warns(store_module.StoreWarning, match="left segmented, not consolidated into one file"):
+        writer.close()
+    monkeypatch.undo()
+    store = open_store(path)
+    assert store.segmented and store.verify() == [] and store.pending_rows == 0 and not os.path.exists(f"{path}.tmp")
+    np.testing.assert_array_equal(store.read().embeddings, data)
