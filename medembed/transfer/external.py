@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from medembed._files import atomic_write_text
 from medembed.errors import MedembedError
-from medembed.evaluate import aggregate_studies, resampled_metrics
+from medembed.evaluate import aggregate_studies, binary_metrics, resampled_metrics
 from medembed.protocol import Calibration, ProtocolOptions, evaluate_split
 from medembed.report import markdown_report, plot_figures, write_metrics_json
 from medembed.runs import Run, load_run, report_context
@@ -51,8 +51,6 @@ def level_samples(p: np.ndarray, rows: Split, calibration: Calibration, how: str
 
 def compare_metrics(source: dict[str, tuple], target: dict[str, tuple], n_resamples: int, seed: int) -> dict[str, Any]:
     """{level: {metric: {"source", "target", "difference", "difference_ci"}}} over the levels both have."""
-    from medembed.evaluate import binary_metrics
-
     result: dict[str, Any] = {}
     for level in source.keys() & target.keys():
         (ys, ps, ts, gs), (yt, pt, tt, gt) = source[level], target[level]
@@ -144,8 +142,6 @@ def evaluate_on(run_dir: Path, target: Path, *, root: Path | None = None, split:
 
 
 def _with_resamples(protocol: ProtocolOptions, n_resamples: int) -> ProtocolOptions:
-    from dataclasses import replace
-
     return replace(protocol, n_resamples=n_resamples)
 
 

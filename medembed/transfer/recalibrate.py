@@ -243,11 +243,16 @@ def recalibration_curve(run: Run, rows: Split, raw: np.ndarray, sizes: list[int]
     summary = {}
     for n in sorted({d["n"] for d in draws}):
         ok = [d for d in draws if d["n"] == n and "after" in d]
-        summary[str(n)] = {
-            which: {m: {"mean": float(np.nanmean([d[which][m] for d in ok])), "sd": float(np.nanstd([d[which][m] for d in ok], ddof=1)) if len(ok) > 1 else float("nan")}
-                    for m in OPERATING} for which in ("before", "after")
-        } | {"draws": len(ok), "failed": sum(1 for d in draws if d["n"] == n and "error" in d)} if ok else {"draws": 0}
+        summary[str(n)] = {"draws": len(ok), "failed": sum(1 for d in draws if d["n"] == n and "error" in d)}
+        if ok:
+            summary[str(n)] |= {which: {m: _mean_sd([d[which][m] for d in ok]) for m in OPERATING} for which in ("before", "after")}
     return {"sizes": sizes, "seeds": seeds, "draws": draws, "summary": summary}
+
+
+def _mean_sd(values: list[float]) -> dict[str, float]:
+    """Mean and sample sd (NaN for one value), undefined values left out."""
+    array = np.asarray(values, dtype=float)
+    return {"mean": float(np.nanmean(array)), "sd": float(np.nanstd(array, ddof=1)) if len(array) > 1 else math.nan}
 
 
 def write_curve(directory: Path, curve: dict[str, Any]) -> None:

@@ -148,23 +148,16 @@ def fitted_extras(fitted: Any, splits: dict[str, Split], seed: int, n_resamples:
     scores; a train-embedding sample for embedding scorers) and the report sections of the test split. Returned
     as the `extras` callable `medembed.runs.write_run` takes."""
     from medembed.scorers import positive_scores
+    from medembed.transfer.reference import REFERENCE_DIR, build_reference
 
     val = splits["val"]
     p_val = fitted.calibration.calibrator.transform(positive_scores(fitted.scorer, val.X, {"body_part": val.body_part, "study_id": val.study_id}))
     train = splits["train"] if getattr(fitted.scorer, "consumes", "embeddings") == "embeddings" else None  # pixels are no embedding space
-    return fit_extras(p_val, splits, fitted.p_test, fitted.calibration.image_threshold, seed, n_resamples, options, train=train)
-
-
-def fit_extras(p_val: np.ndarray, splits: dict[str, Split], p_test: np.ndarray, threshold: float, seed: int,
-               n_resamples: int, options: TransferOptions | None = None, *, train: Split | None | str = "train") -> Any:
-    """The `extras` of a fit from val's calibrated probabilities p_val [n] (see `fitted_extras`); `train` None
-    keeps no embedding sample."""
-    from medembed.transfer.reference import REFERENCE_DIR, build_reference
-
-    reference = build_reference(p_val, splits["val"], splits["train"] if train == "train" else train, seed=seed)
+    reference = build_reference(p_val, val, train, seed=seed)
 
     def extras(directory: Path) -> list[str]:
         reference.save(Path(directory) / REFERENCE_DIR)
-        return source_sections(directory, reference, splits["test"], p_test, threshold, options or TransferOptions(), n_resamples, seed)
+        return source_sections(directory, reference, splits["test"], fitted.p_test, fitted.calibration.image_threshold,
+                               options or TransferOptions(), n_resamples, seed)
 
     return extras
