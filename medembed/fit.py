@@ -220,7 +220,11 @@ def evaluate_run(
         rows = with_manifest_columns(rows, transfer.columns_from)
     check_columns(rows, transfer.columns)  # a wrong --by fails before the bootstrap
     metrics = evaluate_split(p, rows, run.calibration, options, seed=options.seed)
-    reference = run_reference(run)
-    extras = lambda directory: source_sections(directory, reference, rows, p, run.calibration.image_threshold, transfer, options.n_resamples, options.seed)  # noqa: E731
+    try:
+        reference, unavailable = run_reference(run), ""
+    except MedembedError as error:  # e.g. --store given and the run's own store gone: the metrics still come
+        reference, unavailable = None, str(error)
+    extras = lambda directory: source_sections(  # noqa: E731
+        directory, reference, rows, p, run.calibration.image_threshold, transfer, options.n_resamples, options.seed, unavailable)
     write_evaluation(Path(run_dir), run.record, Evaluation(p, rows, metrics), extras=extras)
     return metrics

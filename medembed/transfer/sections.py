@@ -42,21 +42,27 @@ def ood_scores(reference: SiteReference, X: Any, false_alarm: float) -> tuple[np
     return reference.ood_model().score(matrix), ood_threshold(reference.val_ood, false_alarm)
 
 
-def source_sections(directory: Path, reference: SiteReference, rows: Split, p: np.ndarray, threshold: float,
-                    options: TransferOptions, n_resamples: int, seed: int) -> list[str]:
+def source_sections(directory: Path, reference: SiteReference | None, rows: Split, p: np.ndarray, threshold: float,
+                    options: TransferOptions, n_resamples: int, seed: int, unavailable: str = "") -> list[str]:
     """The run's own evaluated split: conformal coverage, OOD false alarms, subgroups (with --by). Writes
-    transfer.json and figures/subgroups.png into `directory`; returns the report sections."""
-    result: dict[str, Any] = {"conformal": conformal_summary(reference, p, rows.y, options.alphas)}
-    scored = ood_scores(reference, rows.X, options.false_alarm)
-    if scored is not None:
-        scores, cut = scored
-        result["ood"] = {"false_alarm": options.false_alarm, "threshold": cut, "flagged": float((scores > cut).mean()), "n": len(scores)}
+    transfer.json and figures/subgroups.png into `directory`; returns the report sections. Without a reference
+    (its inputs unreadable: `unavailable` says why) only the subgroups are computed."""
+    result: dict[str, Any] = {}
+    if reference is not None:
+        result["conformal"] = conformal_summary(reference, p, rows.y, options.alphas)
+        scored = ood_scores(reference, rows.X, options.false_alarm)
+        if scored is not None:
+            scores, cut = scored
+            result["ood"] = {"false_alarm": options.false_alarm, "threshold": cut, "flagged": float((scores > cut).mean()), "n": len(scores)}
     if options.columns:
         result["subgroups"] = subgroup_metrics(p, rows, options.columns, threshold, n_resamples, seed)
         save_subgroup_figure(directory, result["subgroups"])
     write_metrics_json(result, Path(directory) / "transfer.json")
-    sections = [conformal_markdown(result["conformal"], where="this split")]
-    sections.append(ood_markdown(result.get("ood"), where="this split (in distribution: the flagged share is the false-alarm rate)"))
+    if reference is None:
+        sections = [f"## Conformal prediction sets and OOD score\n\nUnavailable: {unavailable}"]
+    else:
+        sections = [conformal_markdown(result["conformal"], where="this split")]
+        sections.append(ood_markdown(result.get("ood"), where="this split (in distribution: the flagged share is the false-alarm rate)"))
     if "subgroups" in result:
         sections.append(subgroups_markdown(result["subgroups"]))
     return sections

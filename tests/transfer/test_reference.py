@@ -35,3 +35,19 @@ def test_damaged_reference_is_one_line(head_run, tmp_path):
     (copy / REFERENCE_DIR / "reference.npz").write_bytes(b"not an npz file")
     with pytest.raises(MedembedError, match="reference.npz: cannot be read"):
         run_reference(load_run(copy))
+
+
+def test_evaluate_on_other_stores_still_works_when_the_reference_cannot_be_built(head_run, tmp_path):
+    import json
+
+    from medembed.fit import evaluate_run
+
+    copy = tmp_path / "moved"
+    shutil.copytree(head_run, copy)
+    shutil.rmtree(copy / REFERENCE_DIR)
+    record = json.loads((copy / "run.json").read_text())
+    record["inputs"]["stores"] = [str(tmp_path / "gone.h5")]
+    (copy / "run.json").write_text(json.dumps(record))
+    metrics = evaluate_run(copy, stores=[head_run.parent / "source.h5"], n_resamples=0)
+    assert metrics["image"]["overall"]["auroc"]["value"] > 0.9
+    assert "Unavailable:" in (copy / "report.md").read_text() and "gone.h5" in (copy / "report.md").read_text()
