@@ -129,19 +129,21 @@ class DurableWriter:
 
     def close(self, raise_error: bool = True) -> None:
         """Write every queued job (unless the thread failed), stop the thread, and raise its error if it had
-        one and `raise_error` (False while another exception is on its way out)."""
-        interrupted = False
+        one and `raise_error` (False while another exception is on its way out). A Ctrl-C while waiting
+        drops the jobs still queued (they were never acknowledged) and stops after the append in progress."""
+        interrupted, stop_sent = False, False
         while self._thread.is_alive():
             try:
-                if self._error is None and not self._abandon.is_set():
+                if not stop_sent:
                     self._jobs.put(None, timeout=0.1)
-                self._thread.join()
+                    stop_sent = True
+                self._thread.join(timeout=0.1)
             except queue.Full:
                 continue
             except KeyboardInterrupt:
-                interrupted = True
+                interrupted, stop_sent = True, False
                 self._abandon.set()
-                self._jobs = _drained(self._jobs)
+                _drained(self._jobs)
         if interrupted:
             raise KeyboardInterrupt
         if raise_error:

@@ -765,14 +765,7 @@ class PreprocessSpec:
 
     def decode(self, path: Path | str) -> np.ndarray:
         """`decode_image(path)` with this spec's decoding settings (leniency, JPEG draft, limits)."""
-        return decode_image(
-            path,
-            lenient=self.lenient_decoding,
-            draft_size=self.size if self.jpeg_draft else None,
-            max_pixels=self.max_pixels,
-            min_side=self.min_side,
-            max_aspect_ratio=self.max_aspect_ratio,
-        )
+        return decode_image(path, **self._decoding())
 
     def load(self, path: Path | str) -> np.ndarray:
         """Decode `path` (`decode`) and preprocess it: `[channels, size, size]` float32."""
@@ -781,14 +774,17 @@ class PreprocessSpec:
     def decode_compact(self, path: Path | str) -> CompactPixels:
         """`decode_compact(path)` with this spec's decoding settings: what a worker sends when the pad, resize
         and normalisation run on the model's device (`medembed.device_preprocess`)."""
-        return decode_compact(
-            path,
-            lenient=self.lenient_decoding,
-            draft_size=self.size if self.jpeg_draft else None,
-            max_pixels=self.max_pixels,
-            min_side=self.min_side,
-            max_aspect_ratio=self.max_aspect_ratio,
-        )
+        return decode_compact(path, **self._decoding())
+
+    def _decoding(self) -> dict[str, Any]:
+        """The decoding settings of this spec, as `decode_image` and `decode_compact` take them."""
+        return {
+            "lenient": self.lenient_decoding,
+            "draft_size": self.size if self.jpeg_draft else None,
+            "max_pixels": self.max_pixels,
+            "min_side": self.min_side,
+            "max_aspect_ratio": self.max_aspect_ratio,
+        }
 
 
 def _pad_to_square(tensor: torch.Tensor) -> torch.Tensor:

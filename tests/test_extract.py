@@ -107,15 +107,20 @@ def test_bad_manifest_path_gives_clear_cli_error(tmp_path, fracatlas_root):
     assert done.returncode == 2 and "missing.csv" in done.stderr and "Traceback" not in done.stderr
 
 
+def torchrun_extract(out, manifest_path, root, *options: str, port: int) -> subprocess.CompletedProcess:
+    """`medembed extract` (EfficientNet-Lite0 at 64 px) under torchrun with two processes."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+         "-m", "cli.main", "extract", str(manifest_path), "--root", str(root), "--encoder",
+         "efficientnet-lite0", "--option", "size=64", "--out", str(out), *options],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
 def test_torchrun_two_processes_match_a_single_process_run(tmp_path, small_manifest, fracatlas_root):
     out = tmp_path / "dist.h5"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-         "-m", "cli.main", "extract", str(small_manifest), "--root", str(fracatlas_root), "--encoder",
-         "efficientnet-lite0", "--option", "size=64", "--out", str(out), "--workers", "0", "--device", "cpu"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
+    done = torchrun_extract(out, small_manifest, fracatlas_root, "--workers", "0", "--device", "cpu", port=29517)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not list(tmp_path.glob("dist.rank*")), "shard stores are merged and removed"
     merged = open_store(out)

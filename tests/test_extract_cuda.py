@@ -2,10 +2,6 @@
 buffers, --batch-size auto's real search, --compile with CUDA graphs. Skipped without CUDA; run on a GPU box by
 tests/benchmarks/gpu_check.sh."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -15,8 +11,7 @@ from medembed.extract import ExtractOptions, build_encoder, resolve_batch_size
 from medembed.store import open_store
 
 from tests.test_device_preprocess import SPECS, TOLERANCE, cpu_path, fracatlas_paths, generated  # noqa: F401 (fixtures)
-from tests.conftest import REPO
-from tests.test_extract import ENCODER, assert_same_embeddings, run_extract
+from tests.test_extract import ENCODER, assert_same_embeddings, run_extract, torchrun_extract
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (tests/benchmarks/gpu_check.sh runs these)")
 CUDA = torch.device("cuda")
@@ -66,13 +61,7 @@ def test_auto_batch_size_searches_real_forward_passes_once_then_reads_the_cache(
 
 def test_torchrun_two_processes_on_one_gpu_match_a_single_process_run(tmp_path, small_manifest, fracatlas_root):
     out = tmp_path / "dist.h5"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
-         "-m", "cli.main", "extract", str(small_manifest), "--root", str(fracatlas_root), "--encoder",
-         "efficientnet-lite0", "--option", "size=64", "--out", str(out), "--workers", "2", "--precision", "fp32"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
+    done = torchrun_extract(out, small_manifest, fracatlas_root, "--workers", "2", "--precision", "fp32", port=29519)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not list(tmp_path.glob("dist.rank*")), "shard stores are merged and removed"
     run_extract(small_manifest, fracatlas_root, tmp_path / "single.h5", ExtractOptions(batch_size=8, num_workers=0, precision="fp32"))

@@ -54,6 +54,8 @@ def test_a_store_error_on_the_writer_thread_stops_the_run_and_keeps_what_was_dur
             for rows in ([4], [5], [6], [7], [4], [5]):  # the error surfaces on a later submit ...
                 durable.submit(job(rows))
             durable.close()  # ... or at the latest when the loop closes the writer
+        durable.close(raise_error=False)  # what the loop does on its way out: returns, the thread stopped
+        assert not durable._thread.is_alive()
         assert [a.done for a in durable.acks()] == [2]
     assert open_store(tmp_path / "s.h5").read().image_id.tolist() == ["img0", "img1"]
 
