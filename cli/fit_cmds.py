@@ -27,7 +27,7 @@ def print_headline(metrics: dict) -> None:
 
 
 def fit(
-    stores: list[Path] = typer.Argument(..., help="One or more embedding stores with the same fingerprint."),
+    stores: list[Path] = typer.Argument(..., help="One or more embedding stores with the same fingerprint (with --ensemble: one store per encoder, joined by image id)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (an earlier run there is replaced only once the new one is complete)."),
     options: FitOptions = None,
 ) -> None:
@@ -40,6 +40,12 @@ def fit(
       medembed fit mura.h5 --head logreg --threshold kappa --calibration platt --seeds 5 --out runs/mura-logreg
 
       medembed fit mura.h5 --head sklearn:sklearn.svm.SVC -p probability=true --out runs/mura-svc
+
+      medembed fit effl0.h5 effl1.h5 effl2.h5 --ensemble mean --head mlp --out runs/frac-ensemble
+
+      medembed fit effl0.h5 --ensemble stack --head logreg,mlp,xgboost --out runs/frac-stack
+
+      medembed fit mura.h5 --study-pooling attention --out runs/mura-attention
     """
     from medembed.fit import fit_run
 
