@@ -1,4 +1,5 @@
-"""--batch-size auto: option checking, the search, its cache (the CUDA forward passes run in gpu_check.sh)."""
+"""--batch-size auto: option checking, the search, its cache (auto on a CPU: tests/test_extract.py through the CLI;
+the CUDA forward passes: tests/test_extract_cuda.py, run by gpu_check.sh)."""
 
 import json
 
@@ -6,7 +7,7 @@ import pytest
 
 from medembed.batch_size import cached, check_batch_size, largest_batch, rounded
 from medembed.errors import MedembedError
-from medembed.extract import CPU_BATCH, ExtractOptions
+from medembed.extract import ExtractOptions
 
 
 @pytest.mark.parametrize("value", [None, "auto", 1, 512])
@@ -52,9 +53,3 @@ def test_the_answer_is_cached_per_key_and_a_damaged_cache_is_searched_again(tmp_
     path.write_text("{not json")
     assert cached("gpu|model|448px", search, path) == 96 and len(calls) == 2
 
-
-def test_auto_on_a_cpu_is_the_cpu_default(tmp_path, small_manifest, fracatlas_root):
-    from tests.test_extract import run_extract
-
-    summary = run_extract(small_manifest, fracatlas_root, tmp_path / "s.h5", ExtractOptions(batch_size="auto", num_workers=0, limit=6))
-    assert summary.batch_size == CPU_BATCH and summary.done + summary.failed == 6

@@ -155,11 +155,9 @@ def test_token_grids_are_stored_beside_each_embedding(tmp_path, small_manifest, 
 
 
 def test_cli_batch_size_auto_and_profile_through_the_entry_point(tmp_path, small_manifest, fracatlas_root):
+    # auto on a CPU is the CPU default batch (4); refused values are tested in tests/test_batch_size.py
     medembed = [str(Path(sys.executable).parent / "medembed"), "extract", str(small_manifest), "--root", str(fracatlas_root),
                 "--encoder", "efficientnet-lite0", "--option", "size=64", "--out", str(tmp_path / "c.h5"), "--workers", "0"]
     done = subprocess.run([*medembed, "--batch-size", "auto", "--profile", "--limit", "6"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "batch 4, preprocessing on the decoding workers" in done.stdout and "bound by" in done.stdout and "ms/batch" in done.stdout
-    refused = subprocess.run([*medembed, "--batch-size", "huge"], capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "batch_size must be a positive integer or 'auto'; got 'huge'" in refused.stderr
-    assert "Traceback" not in refused.stderr
