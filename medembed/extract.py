@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medembed._files import atomic_write_json
-from medembed.batch_size import AUTO, check_batch_size, cached, cuda_fits, largest_batch, rounded
+from medembed.batch_size import check_batch_size, cached, cuda_fits, largest_batch, rounded
 from medembed.device_preprocess import PackedBatch, pack, preprocess_packed
 from medembed.encoders import Encoder, get_encoder
 from medembed.errors import MedembedError

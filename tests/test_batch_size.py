@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from medembed.batch_size import cached, check_batch_size, largest_batch, rounded
+from medembed.batch_size import cached, largest_batch, rounded
 from medembed.errors import MedembedError
 from medembed.extract import ExtractOptions
 

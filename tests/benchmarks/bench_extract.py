@@ -311,7 +311,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
                       f"{best:.0f} images/s = {best / naive:.2f}x [target >= 3x: {'ok' if best >= 3 * naive else 'MISSED'}]")
             if limit:
                 print(f"    best end to end {best / limit:.0%} of the compute limit [target >= 70%: {'ok' if best >= 0.7 * limit else 'MISSED'}]")
-            encoder.load(torch.device("cpu"))  # frees the GPU copy before the next model
+            del encoder  # frees the GPU copy before the next model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if args.json:

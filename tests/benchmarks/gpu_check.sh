@@ -7,14 +7,15 @@
 #                (wheels of the packages its image may lack, and a FracAtlas subset, into work/extract/gpu: ~40 MB)
 #   on the GPU:  bash tests/benchmarks/gpu_check.sh run      (with work/extract/gpu carried beside the checkout)
 # `run` also works on a box with the project's own venv: PYTHON=.venv/bin/python bash ... run
-# Budget: about 6-8 minutes on one H100/H200 (GPU_IMAGES=2048). Files in $OUT: env.txt, cuda_tests.txt,
+# Budget: each step has its own timeout (240 + 300 + 50 s: under the device tool's 10-minute command limit);
+# `run tests`, `run bench` or `run feed` reruns one step only. Files in $OUT: env.txt, cuda_tests.txt,
 # gpu_bench.txt, gpu_bench.json, feed.txt.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CARRY=work/extract/gpu
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$CARRY/out}
-GPU_IMAGES=${GPU_IMAGES:-2048}
+GPU_IMAGES=${GPU_IMAGES:-1536}
 SUBSET_ROWS=${SUBSET_ROWS:-300}
 
 prepare() {
@@ -48,6 +49,7 @@ PY
 }
 
 run() {
+    local step=${1:-all}
     mkdir -p "$OUT"
     export PYTHONUNBUFFERED=1 MEDEMBED_FRACATLAS="$PWD/$CARRY/fracatlas" XDG_CACHE_HOME=/tmp/medembed-cache
     if ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
@@ -61,20 +63,26 @@ run() {
         date -u; nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
         nproc; "$PYTHON" -c "import torch, transformers, h5py; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'h5py', h5py.__version__)"
     } > "$OUT/env.txt" 2>&1
+    if [[ $step == all || $step == tests ]]; then
     # 1. The CUDA tests (device preprocessing vs the CPU path, the overlapped loop, bf16 + tokens, compile
     #    with CUDA graphs, --batch-size auto, torchrun 2 processes on one GPU), then the CPU equality tests.
     timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_extract_cuda.py tests/test_device_preprocess.py \
         tests/test_extract_loop.py 2>&1 | tee "$OUT/cuda_tests.txt"
+    fi
+    if [[ $step == all || $step == bench ]]; then
     # 2. The GPU table: MedSigLIP-448 and the MedGemma-4B tower at 896 px (random weights), batch 32-512.
-    timeout 420 "$PYTHON" tests/benchmarks/bench_extract.py --part gpu --fracatlas "$MEDEMBED_FRACATLAS" \
+    timeout 300 "$PYTHON" tests/benchmarks/bench_extract.py --part gpu --fracatlas "$MEDEMBED_FRACATLAS" \
         --gpu-images "$GPU_IMAGES" --json "$OUT/gpu_bench.json" 2>&1 | grep -v -e "not sharded" -e "Loading weights" -e "Writing model" | tee "$OUT/gpu_bench.txt"
+    fi
+    if [[ $step == all || $step == feed ]]; then
     # 3. The feed rate per worker core on this box's CPUs (the figure the GPU must be fed at).
-    timeout 120 "$PYTHON" tests/benchmarks/bench_extract.py --part feed --fracatlas "$MEDEMBED_FRACATLAS" --feed-images 48 \
+    timeout 50 "$PYTHON" tests/benchmarks/bench_extract.py --part feed --fracatlas "$MEDEMBED_FRACATLAS" --feed-images 24 \
         2>&1 | tee "$OUT/feed.txt"
+    fi
 }
 
 case "${1:-}" in
     prepare) prepare ;;
-    run) run ;;
-    *) echo "usage: $0 prepare | run   (see the comments at the top)" >&2; exit 2 ;;
+    run) run "${2:-all}" ;;
+    *) echo "usage: $0 prepare | run [all|tests|bench|feed]   (see the comments at the top)" >&2; exit 2 ;;
 esac
