@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.special import expit
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from medembed.errors import MedembedError
 from medembed.heads._checks import check_float, check_int
-from medembed.heads.base import Head, selection_record
-from medembed.heads.mlp import _logits, _torch_threads, _train_epoch
-from medembed.heads.tokens import TokenHeadMixin, read_safetensors
+from medembed.heads.base import Head
+from medembed.heads.mlp import _logits, _torch_threads
+from medembed.heads.tokens import TokenHeadMixin, read_safetensors, train_early_stopped
 
 WEIGHTS_FILE = "adapter.safetensors"
 
@@ -124,9 +123,6 @@ class AdapterHead(TokenHeadMixin, Head):
         _check_square(X, "X")
         inputs, val_inputs = torch.from_numpy(X), torch.from_numpy(X_val)
         targets = torch.from_numpy(y.astype(np.float32))
-        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(self._positive_class_weight(y)))
-        val_auroc: list[float] = []
-        train_loss: list[float] = []
         with torch.random.fork_rng(devices=[]), _torch_threads(self.n_jobs):
             torch.manual_seed(self.seed)
             network = self._network(pretrained=True)
@@ -135,20 +131,9 @@ class AdapterHead(TokenHeadMixin, Head):
                 {"params": network.classifier.parameters(), "lr": self.head_lr},
             ]
             optimizer = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
-            shuffle = torch.Generator().manual_seed(self.seed)
-            best = 0
-            for epoch in range(self.max_epochs):
-                train_loss.append(_train_epoch(network, optimizer, loss_fn, inputs, targets, self.batch_size, shuffle))
-                val_auroc.append(float(roc_auc_score(y_val, _logits(network, val_inputs))))
-                if epoch == 0 or val_auroc[epoch] > val_auroc[best]:
-                    best = epoch
-                    best_state = {key: tensor.clone() for key, tensor in network.state_dict().items()}
-                elif epoch - best >= self.patience:
-                    break
-        network.load_state_dict(best_state)
-        self.network_ = network.eval()
+            self.network_, selection = train_early_stopped(self, network, optimizer, inputs, targets, val_inputs, y_val)
         self.token_shape_ = list(X.shape[1:])
-        return selection_record("epochs", list(range(1, len(val_auroc) + 1)), val_auroc, best, train_loss=train_loss)
+        return selection
 
     def _positive_proba(self, X: np.ndarray) -> np.ndarray:
         if list(X.shape[1:]) != self.token_shape_:

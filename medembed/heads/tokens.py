@@ -147,26 +147,12 @@ class AttentionTokenHead(TokenHeadMixin, Head):
         inputs = torch.from_numpy(self._standardized(X))
         val_inputs = torch.from_numpy(self._standardized(X_val))
         targets = torch.from_numpy(y.astype(np.float32))
-        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(self._positive_class_weight(y)))
-        val_auroc: list[float] = []
-        train_loss: list[float] = []
         with torch.random.fork_rng(devices=[]), _torch_threads(self.n_jobs):
             torch.manual_seed(self.seed)
             network = self._build_network()
             optimizer = torch.optim.AdamW(network.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            shuffle = torch.Generator().manual_seed(self.seed)
-            best = 0
-            for epoch in range(self.max_epochs):
-                train_loss.append(_train_epoch(network, optimizer, loss_fn, inputs, targets, self.batch_size, shuffle))
-                val_auroc.append(float(roc_auc_score(y_val, _logits(network, val_inputs))))
-                if epoch == 0 or val_auroc[epoch] > val_auroc[best]:
-                    best = epoch
-                    best_state = {key: tensor.clone() for key, tensor in network.state_dict().items()}
-                elif epoch - best >= self.patience:
-                    break
-        network.load_state_dict(best_state)
-        self.network_ = network.eval()
-        return selection_record("epochs", list(range(1, len(val_auroc) + 1)), val_auroc, best, train_loss=train_loss)
+            self.network_, selection = train_early_stopped(self, network, optimizer, inputs, targets, val_inputs, y_val)
+        return selection
 
     def _positive_proba(self, X: np.ndarray) -> np.ndarray:
         self._check_channels(X)
@@ -213,6 +199,31 @@ class AttentionTokenHead(TokenHeadMixin, Head):
         network.load_state_dict({key.removeprefix("network."): tensors[key] for key in expected if key.startswith("network.")})
         self.network_ = network.eval()
         self.standardizer_ = TokenStandardizer(mean=tensors["standardizer.mean"].numpy(), std=tensors["standardizer.std"].numpy())
+
+
+def train_early_stopped(
+    head: Head, network: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
+    val_inputs: torch.Tensor, y_val: np.ndarray,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train `network` in shuffled mini-batches (`head`'s batch_size, seed, class weight) for at most `head.max_epochs`,
+    stopping after `head.patience` epochs without a better val AUROC; returns it at its best epoch (eval mode) and
+    the selection record."""
+    positive_weight = head._positive_class_weight(targets.numpy().astype(np.int64))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(positive_weight))
+    shuffle = torch.Generator().manual_seed(head.seed)
+    val_auroc: list[float] = []
+    train_loss: list[float] = []
+    best = 0
+    for epoch in range(head.max_epochs):
+        train_loss.append(_train_epoch(network, optimizer, loss_fn, inputs, targets, head.batch_size, shuffle))
+        val_auroc.append(float(roc_auc_score(y_val, _logits(network, val_inputs))))
+        if epoch == 0 or val_auroc[epoch] > val_auroc[best]:
+            best = epoch
+            best_state = {key: tensor.clone() for key, tensor in network.state_dict().items()}
+        elif epoch - best >= head.patience:
+            break
+    network.load_state_dict(best_state)
+    return network.eval(), selection_record("epochs", list(range(1, len(val_auroc) + 1)), val_auroc, best, train_loss=train_loss)
 
 
 def read_safetensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
