@@ -10,7 +10,6 @@ images (exchangeable with val) is flagged, in expectation.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.covariance import LedoitWolf
 
 from medembed.errors import MedembedError
 from medembed.transfer.conformal import conformal_quantile
@@ -29,15 +28,30 @@ def embedding_matrix(X: object) -> np.ndarray | None:
 
 
 class MahalanobisOOD:
-    """Mahalanobis distance to a fitted Gaussian; `fit(X [N, D])`, `score(X [M, D]) -> [M] float64`."""
+    """Mahalanobis distance to a fitted Gaussian; `fit(X [N, D])`, `score(X [M, D]) -> [M] float64`.
+
+    With fewer reference rows than dimensions (1,024 rows of a 3,840-d ensemble), the shrunk covariance
+    b I + a Xc^T Xc is inverted in sample space (Woodbury: an N x N solve, O(N^2 D)) instead of as a D x D
+    matrix (O(D^3)); both forms give the same distances (tests/transfer/test_ood.py)."""
 
     def fit(self, X: np.ndarray) -> MahalanobisOOD:
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or len(X) < 2:
             raise MedembedError(f"the OOD score needs at least 2 reference embeddings; got shape {X.shape}")
         self.mean_ = X.mean(axis=0)
-        covariance = LedoitWolf(assume_centered=False).fit(X).covariance_
-        self.precision_ = np.linalg.pinv(covariance, hermitian=True)
+        centred = X - self.mean_
+        n, d = centred.shape
+        shrinkage, mu = ledoit_wolf_shrinkage(centred)
+        self.dual_ = n < d and shrinkage > 0
+        if self.dual_:
+            # Sigma = b I + a U^T U  =>  d^2(c) = (|c|^2 - (U c)^T (b/a I + U U^T)^-1 (U c)) / b
+            a, b = (1 - shrinkage) / n, shrinkage * mu
+            self.basis_, self.ridge_ = centred, b
+            gram = centred @ centred.T
+            self.inner_ = np.linalg.inv(gram + (b / a) * np.eye(n)) if a > 0 else np.zeros((n, n))
+        else:
+            covariance = (1 - shrinkage) * (centred.T @ centred) / n + shrinkage * mu * np.eye(d)
+            self.precision_ = np.linalg.pinv(covariance, hermitian=True)
         return self
 
     def score(self, X: np.ndarray) -> np.ndarray:
@@ -45,7 +59,28 @@ class MahalanobisOOD:
         if X.ndim != 2 or X.shape[1] != len(self.mean_):
             raise MedembedError(f"OOD score: embeddings of dimension {len(self.mean_)} expected, got shape {X.shape}")
         centred = X - self.mean_
-        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", centred, self.precision_, centred), 0.0))
+        if self.dual_:
+            projected = centred @ self.basis_.T
+            squared = ((centred * centred).sum(axis=1) - ((projected @ self.inner_) * projected).sum(axis=1)) / self.ridge_
+        else:
+            # (c P) . c row by row: one BLAS product, not einsum's loop over three operands
+            squared = ((centred @ self.precision_) * centred).sum(axis=1)
+        return np.sqrt(np.maximum(squared, 0.0))
+
+
+def ledoit_wolf_shrinkage(centred: np.ndarray) -> tuple[float, float]:
+    """Ledoit-Wolf's shrinkage intensity and target scale mu (trace / D) for centred rows [N, D], from the
+    N x N Gram matrix: the same figures as scikit-learn's `ledoit_wolf_shrinkage`, without a D x D matrix."""
+    n, d = centred.shape
+    gram = centred @ centred.T
+    norms = np.diag(gram)  # |x_k|^2
+    mu = norms.sum() / n / d
+    delta_ = (gram * gram).sum() / n**2  # |S|_F^2, as |X X^T|_F = |X^T X|_F
+    beta_ = (norms * norms).sum()
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - 2 * mu * norms.sum() / n + d * mu**2) / d
+    beta = min(beta, delta)
+    return (0.0 if beta == 0 else float(beta / delta)), float(mu)
 
 
 def ood_threshold(val_scores: np.ndarray, false_alarm: float) -> float:

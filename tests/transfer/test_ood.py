@@ -39,3 +39,19 @@ def test_embedding_matrix_pools_token_grids_and_refuses_non_numeric_inputs():
     assert embedding_matrix(np.array(["a", "b"])) is None
     with pytest.raises(MedembedError, match="dimension 2"):
         MahalanobisOOD().fit(np.zeros((3, 2)) + np.eye(3, 2)).score(np.zeros((1, 3)))
+
+
+@pytest.mark.parametrize("rows, dim", [(40, 120), (120, 30)])
+def test_sample_space_and_feature_space_forms_agree_with_scikit_learn(rows, dim):
+    # Wider than tall takes the Woodbury form; both must equal the D x D Ledoit-Wolf precision's distances.
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(rows, dim)) * rng.uniform(0.5, 2.0, size=dim)
+    Y = rng.normal(size=(25, dim))
+    model = MahalanobisOOD().fit(X)
+    assert model.dual_ == (rows < dim)
+    precision = np.linalg.pinv(LedoitWolf().fit(X).covariance_, hermitian=True)
+    centred = Y - X.mean(axis=0)
+    expected = np.sqrt(np.einsum("ij,jk,ik->i", centred, precision, centred))
+    np.testing.assert_allclose(model.score(Y), expected, rtol=1e-9)
