@@ -37,3 +37,23 @@ def small_manifest(tmp_path_factory, fracatlas_root) -> Path:
     path = tmp_path_factory.mktemp("manifest") / "small.csv"
     write_manifest(manifest.subset(np.asarray(picks)), path)
     return path
+
+
+def kill_after_batches(proc, store: Path, batches: int = 3, timeout: float = 120.0) -> None:
+    """SIGKILL an extraction once its store's write-ahead log holds about `batches` appended batches.
+
+    Polling the log's size every few milliseconds (not opening the store, which takes longer than a batch of
+    tiny images) is what makes the kill land mid-run rather than after the last batch."""
+    import signal
+    import time
+
+    log = store.with_name(store.name + ".wal")
+    deadline, first = time.time() + timeout, 0
+    while time.time() < deadline and proc.poll() is None:
+        size = log.stat().st_size if log.exists() else 0
+        first = first or size
+        if first and size >= batches * first:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -5,9 +5,7 @@ and reproduces the stored probabilities for the same images."""
 import csv
 import json
 import os
-import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ from medembed.manifest import read_manifest
 from medembed.runs import load_run
 from medembed.store import open_store
 from tests.cli.test_entry_point import MEDEMBED, run_cli
+from tests.conftest import kill_after_batches
 
 ENCODER = ["--encoder", "efficientnet-lite0", "--option", "size=64", "--levels", "block14,block10@2x2", "--tokens", "1x1"]
 LEVELS = {"block14": (5, 192), "block10@2x2": (5, 112), "final@1x1": (2, 1280)}
@@ -31,11 +30,7 @@ def killed_then_resumed(tmp_path_factory, small_manifest, fracatlas_root):
     out = tmp_path_factory.mktemp("levels") / "levels.h5"
     args = [MEDEMBED, "extract", str(small_manifest), "--root", str(fracatlas_root), *ENCODER, "--out", str(out), "--batch-size", "2", "--workers", "0"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out.exists() and len(open_store(out)) >= 6):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_batches(proc, out)
     partial = len(open_store(out))
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -44,7 +39,7 @@ def killed_then_resumed(tmp_path_factory, small_manifest, fracatlas_root):
 
 def test_level_store_survives_sigkill_and_resumes_to_the_uninterrupted_tokens(killed_then_resumed, tmp_path, small_manifest, fracatlas_root):
     out, partial = killed_then_resumed
-    assert 6 <= partial < 24, "the kill did not land mid-run"
+    assert 0 < partial < 24, "the kill did not land mid-run"
     store = open_store(out)
     assert store.token_shapes == LEVELS and store.fingerprint["levels"] == "block14,block10@2x2,final@1x1"
     table = store.read()
