@@ -94,3 +94,18 @@ def check_sequence(name: str, values: Any) -> list[Any]:
     if not items:
         raise MedembedError(f"head parameter {name!r} must not be empty")
     return items
+
+
+def set_training_params(head: Any, *, lr: Any, weight_decay: Any, batch_size: Any, max_epochs: Any, patience: Any, n_jobs: Any) -> None:
+    """Validate the optimiser and early-stopping hyperparameters every torch-trained head has, and keep them on
+    `head` as given (scikit-learn's contract: parameters stored unmodified under their own names)."""
+    check_float("lr", lr, 0.0, 10.0, low_inclusive=False)
+    check_float("weight_decay", weight_decay, 0.0, 10.0)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("max_epochs", max_epochs, minimum=1)
+    check_int("patience", patience, minimum=1)
+    if n_jobs is not None:
+        check_int("n_jobs", n_jobs, minimum=1)
+    head.lr, head.weight_decay, head.batch_size, head.max_epochs, head.patience, head.n_jobs = (
+        lr, weight_decay, batch_size, max_epochs, patience, n_jobs
+    )

@@ -25,7 +25,7 @@ from scipy.special import expit
 from torch import nn
 
 from medembed.errors import MedembedError
-from medembed.heads._checks import check_float, check_int
+from medembed.heads._checks import check_float, set_training_params
 from medembed.heads.base import Head
 from medembed.heads.mlp import _logits, _torch_threads
 from medembed.heads.tokens import TokenHeadMixin, read_safetensors, train_early_stopped
@@ -87,23 +87,11 @@ class AdapterHead(TokenHeadMixin, Head):
         self.encoder = encoder
         self.encoder_options = encoder_options
         self.level = level
-        check_float("lr", lr, 0.0, 10.0, low_inclusive=False)
-        self.lr = lr
         check_float("head_lr", head_lr, 0.0, 10.0, low_inclusive=False)
         self.head_lr = head_lr
-        check_float("weight_decay", weight_decay, 0.0, 10.0)
-        self.weight_decay = weight_decay
         check_float("dropout", dropout, 0.0, 0.95)
         self.dropout = dropout
-        check_int("batch_size", batch_size, minimum=1)
-        self.batch_size = batch_size
-        check_int("max_epochs", max_epochs, minimum=1)
-        self.max_epochs = max_epochs
-        check_int("patience", patience, minimum=1)
-        self.patience = patience
-        if n_jobs is not None:
-            check_int("n_jobs", n_jobs, minimum=1)
-        self.n_jobs = n_jobs
+        set_training_params(self, lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=max_epochs, patience=patience, n_jobs=n_jobs)
 
     def _network(self, pretrained: bool) -> AdapterNetwork:
         """The encoder's tail after `level` (its pretrained weights, or only its architecture) and a classifier."""

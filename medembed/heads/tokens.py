@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from medembed.errors import MedembedError
-from medembed.heads._checks import check_float, check_int
+from medembed.heads._checks import check_float, check_int, set_training_params
 from medembed.heads._features import Standardizer, l2_normalize_rows
 from medembed.heads._json import HeadLoadError, require
 from medembed.heads.base import HEAD_FILE, Head, selection_record
@@ -125,19 +125,7 @@ class AttentionTokenHead(TokenHeadMixin, Head):
         self.attention = attention
         check_float("dropout", dropout, 0.0, 0.95)
         self.dropout = dropout
-        check_float("lr", lr, 0.0, 10.0, low_inclusive=False)
-        self.lr = lr
-        check_float("weight_decay", weight_decay, 0.0, 10.0)
-        self.weight_decay = weight_decay
-        check_int("batch_size", batch_size, minimum=1)
-        self.batch_size = batch_size
-        check_int("max_epochs", max_epochs, minimum=1)
-        self.max_epochs = max_epochs
-        check_int("patience", patience, minimum=1)
-        self.patience = patience
-        if n_jobs is not None:
-            check_int("n_jobs", n_jobs, minimum=1)
-        self.n_jobs = n_jobs
+        set_training_params(self, lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=max_epochs, patience=patience, n_jobs=n_jobs)
 
     def _fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> dict[str, Any]:
         if X_val.shape[2] != X.shape[2]:
