@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from medembed.fit import FitOptions, fit_run
+from _fit_rows import metric_cells, timed_fit
+
+from medembed.fit import FitOptions
 
 SEEDS = 3
 
@@ -61,18 +62,10 @@ ROWS = (
 
 def measure(row: Row, paths: dict[str, Path], out: Path) -> dict:
     options = FitOptions(head=row.head, ensemble=row.ensemble, ensemble_folds=row.folds, study_pooling=row.study_pooling, seeds=SEEDS)
-    started = time.perf_counter()
-    metrics = fit_run([paths[s] for s in row.stores], out / "runs" / row.name, options)
-    seconds = time.perf_counter() - started
-    study, spread = metrics["study"]["overall"], metrics["over_seeds"]["study"]["overall"]
     return {
         "name": row.name, "command": row.command(paths), "single": not row.ensemble,
-        "fit_seconds_per_seed": seconds / SEEDS,
         "store_mb": sum(paths[s].stat().st_size for s in row.stores) / 1e6,
-        **{f"{m}_seed0": study[m]["value"] for m in ("auroc", "kappa")},
-        **{f"{m}_ci": study[m]["ci"] for m in ("auroc", "kappa")},
-        **{f"{m}_mean": spread[m]["mean"] for m in ("auroc", "kappa")},
-        **{f"{m}_sd": spread[m]["sd"] for m in ("auroc", "kappa")},
+        **timed_fit([paths[s] for s in row.stores], out / "runs" / row.name, options),
     }
 
 
@@ -90,9 +83,7 @@ def table(results: list[dict]) -> str:
             gap = r["auroc_mean"] - best["auroc_mean"]
             verdict = f"{'yes' if gap > max(r['auroc_sd'], best['auroc_sd']) else 'no'} ({gap:+.3f})"
         lines.append(
-            f"| {r['name']} | {r['auroc_mean']:.3f} ± {r['auroc_sd']:.3f} | {r['auroc_seed0']:.3f} [{r['auroc_ci'][0]:.3f}, {r['auroc_ci'][1]:.3f}] "
-            f"| {r['kappa_mean']:.3f} ± {r['kappa_sd']:.3f} | {r['kappa_seed0']:.3f} [{r['kappa_ci'][0]:.3f}, {r['kappa_ci'][1]:.3f}] "
-            f"| {r['fit_seconds_per_seed']:.1f} | {r['store_mb']:.1f} | {verdict} | `{r['command']}` |"
+            f"| {r['name']} | {metric_cells(r)} | {r['fit_seconds_per_seed']:.1f} | {r['store_mb']:.1f} | {verdict} | `{r['command']}` |"
         )
     return "\n".join(lines)
 

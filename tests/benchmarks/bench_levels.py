@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from medembed.fit import FitOptions, fit_run
+from _fit_rows import metric_cells, timed_fit
+
+from medembed.fit import FitOptions
 from medembed.store import open_store
 
 SEEDS = 3
@@ -66,17 +67,9 @@ def bytes_per_image(store: Path, level: str) -> int:
 
 def measure(row: Row, store: Path, out: Path) -> dict:
     options = FitOptions(head=row.head, level=row.level, head_params=dict(row.params), seeds=SEEDS)
-    started = time.perf_counter()
-    metrics = fit_run([store], out / "runs" / row.name, options)
-    seconds = time.perf_counter() - started
-    study, spread = metrics["study"]["overall"], metrics["over_seeds"]["study"]["overall"]
     return {
-        "name": row.name, "command": row.command(store), "fit_seconds_per_seed": seconds / SEEDS,
-        "bytes_per_image": bytes_per_image(store, row.level),
-        **{f"{m}_seed0": study[m]["value"] for m in ("auroc", "kappa")},
-        **{f"{m}_ci": study[m]["ci"] for m in ("auroc", "kappa")},
-        **{f"{m}_mean": spread[m]["mean"] for m in ("auroc", "kappa")},
-        **{f"{m}_sd": spread[m]["sd"] for m in ("auroc", "kappa")},
+        "name": row.name, "command": row.command(store), "bytes_per_image": bytes_per_image(store, row.level),
+        **timed_fit([store], out / "runs" / row.name, options),
     }
 
 
@@ -87,9 +80,7 @@ def table(results: list[dict]) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r['name']} | {r['auroc_mean']:.3f} ± {r['auroc_sd']:.3f} | {r['auroc_seed0']:.3f} [{r['auroc_ci'][0]:.3f}, {r['auroc_ci'][1]:.3f}] "
-            f"| {r['kappa_mean']:.3f} ± {r['kappa_sd']:.3f} | {r['kappa_seed0']:.3f} [{r['kappa_ci'][0]:.3f}, {r['kappa_ci'][1]:.3f}] "
-            f"| {r['fit_seconds_per_seed']:.1f} | {r['bytes_per_image']:,} | `{r['command']}` |"
+            f"| {r['name']} | {metric_cells(r)} | {r['fit_seconds_per_seed']:.1f} | {r['bytes_per_image']:,} | `{r['command']}` |"
         )
     return "\n".join(lines)
 
