@@ -4,13 +4,14 @@ The estimator is named by its import path and built from JSON-able keyword param
 exactly. Saving needs no pickle: the fitted attributes (those ending in ``_``) are numbers, strings, lists or
 numeric arrays for most estimators (linear models, LDA/QDA, naive Bayes, SVMs' support vectors); arrays go to
 safetensors, the rest to head.json. An estimator whose state holds other objects (trees, nested estimators)
-cannot be saved that way and is refused at save time with a clear error. Loading imports the named class and
-refuses anything that is not a scikit-learn classifier, so a tampered head.json cannot call arbitrary code.
+cannot be saved that way and is refused at save time with a clear error. A name is looked up in scikit-learn's own
+registry of classifiers (`all_estimators`), never imported: a tampered head.json naming another module (one with
+top-level effects, say) is refused before anything of it runs.
 """
 
 from __future__ import annotations
 
-import importlib
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +33,27 @@ ARRAYS_FILE = "estimator.safetensors"
 _SCALARS = (bool, int, float, str, type(None))
 
 
+@functools.cache
+def _classifiers() -> dict[str, type]:
+    """scikit-learn's public classifiers by class name (its own registry; imports only sklearn's modules)."""
+    from sklearn.utils import all_estimators
+
+    return dict(all_estimators(type_filter="classifier"))
+
+
 def estimator_class(path: str) -> type:
-    """The classifier class at import path `path` ("sklearn.svm.SVC"); MedembedError unless it is one."""
+    """The classifier class named `path` ("sklearn.svm.SVC"), found in scikit-learn's registry of classifiers;
+    MedembedError for anything else. Nothing is imported by the name given: the module part must be a
+    `sklearn.` package that the registered class lives in."""
     module_name, _, class_name = str(path).rpartition(".")
     if not module_name or not class_name:
         raise MedembedError(f"sklearn head: {path!r} is not an import path like sklearn.svm.SVC")
-    try:
-        candidate = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise MedembedError(f"sklearn head: cannot import {path!r} ({error})") from None
+    candidate = _classifiers().get(class_name) if module_name.split(".")[0] == "sklearn" else None
+    if candidate is None or not (candidate.__module__ + ".").startswith(module_name + "."):
+        raise MedembedError(
+            f"sklearn head: {path!r} is not a scikit-learn classifier (a name like sklearn.svm.SVC; "
+            "scikit-learn's classifiers are listed by sklearn.utils.all_estimators(type_filter='classifier'))"
+        )
     if not (isinstance(candidate, type) and issubclass(candidate, BaseEstimator) and issubclass(candidate, ClassifierMixin)):
         raise MedembedError(f"sklearn head: {path!r} is not a scikit-learn classifier")
     return candidate

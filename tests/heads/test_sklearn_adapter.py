@@ -1,5 +1,7 @@
 """Any scikit-learn classifier as a head, and the scikit-learn contract of every head (clone, get/set_params)."""
 
+import sys
+
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -51,7 +53,18 @@ def test_a_model_whose_state_is_objects_is_refused_at_save(separable, tmp_path):
         head.save(tmp_path / "head")
 
 
-@pytest.mark.parametrize("path, message", [("os.system", "not a scikit-learn classifier"), ("sklearn.linear_model.Ridge", "not a scikit-learn classifier"), ("nosuch.Model", "cannot import")])
-def test_only_scikit_learn_classifiers_are_built(path, message):
-    with pytest.raises(MedembedError, match=message):
+@pytest.mark.parametrize(
+    "path",
+    ["os.system", "sklearn.linear_model.Ridge", "nosuch.Model", "venv.__main__.X", "this.X", "sklearn.svm.LogisticRegression", "sklearn_fake.svm.SVC"],
+)
+def test_only_scikit_learn_classifiers_are_built(path):
+    with pytest.raises(MedembedError, match="not a scikit-learn classifier"):
         make_head(f"sklearn:{path}")
+
+
+def test_a_name_outside_sklearn_is_never_imported():
+    """The estimator name is looked up in scikit-learn's registry; the module it names is never imported."""
+    before = set(sys.modules)
+    with pytest.raises(MedembedError):
+        make_head("sklearn:this.X")
+    assert "this" not in set(sys.modules) - before
