@@ -23,9 +23,11 @@ from medembed.options import FLAG, HELP, HIDDEN, parse_key_values, parse_value
 _SIMPLE = (bool, int, float, str, Path)
 
 
-def _flags(field: dataclasses.Field) -> list[str]:
+def _flags(field: dataclasses.Field, kind: Any = None) -> list[str]:
     declared = (field.metadata.get(FLAG) or "").split()
     long = [flag for flag in declared if flag.startswith("--")] or ["--" + field.name.replace("_", "-")]
+    if kind is bool:  # every switch can be turned both ways, whatever its default: --augment/--no-augment
+        long = [f"{flag}/--no-{flag.removeprefix('--')}" for flag in long]
     return long + [flag for flag in declared if not flag.startswith("--")]
 
 
@@ -54,7 +56,7 @@ def option_parameters(cls: type, skip: tuple[str, ...] = ()) -> tuple[list[inspe
             continue
         kind, convert = _cli_type(hints[field.name])
         default = None if field.default is dataclasses.MISSING else field.default
-        info = typer.Option(default, *_flags(field), help=field.metadata.get(HELP, ""), show_default=field.default is not dataclasses.MISSING)
+        info = typer.Option(default, *_flags(field, kind), help=field.metadata.get(HELP, ""), show_default=field.default is not dataclasses.MISSING)
         parameters.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind))
         converters[field.name] = convert
     return parameters, converters

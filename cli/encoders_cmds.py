@@ -25,7 +25,7 @@ def list_encoders() -> None:
 
 def check(
     choice: EncoderChoice = None,
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = typer.Option(False, "--json/--no-json", help="Print the result as JSON."),
     options: CheckOptions = None,
 ) -> None:
     """Check an encoder's preprocessing against its checkpoint's processor, or its embeddings against golden ones.

@@ -16,7 +16,7 @@ def extract(
     root: Path = typer.Option(..., "--root", help="Folder the manifest's paths are relative to."),
     out: Path = typer.Option(..., "--out", "-o", help="HDF5 store to write or resume."),
     choice: EncoderChoice = None,
-    lenient: bool = typer.Option(False, "--lenient", help="Decode truncated images (grey fill) instead of listing them as failed; recorded in the store's fingerprint."),
+    lenient: bool = typer.Option(False, "--lenient/--no-lenient", help="Decode truncated images (grey fill) instead of listing them as failed; recorded in the store's fingerprint."),
     options: ExtractOptions = None,
 ) -> None:
     """Embed every image of a manifest into an HDF5 store; rerun the same command to resume.

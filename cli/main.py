@@ -1,7 +1,8 @@
-"""`medembed` entry point: the command tree. Each command parses options and calls one library function.
+"""`medembed` entry point: runs the command tree of `cli.app` and turns every failure into an exit code and one line.
 
 Usage errors print click's usage message and exit 2; library errors (MedembedError) print one line and exit 2;
-Ctrl-C exits 130; no traceback reaches a user unless MEDEMBED_DEBUG=1.
+Ctrl-C exits 130, from the first instruction on (the handler is in place before typer or any command module is
+imported); no traceback reaches a user unless MEDEMBED_DEBUG=1. This module imports only the standard library.
 """
 
 from __future__ import annotations
@@ -9,31 +10,14 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import Any
 
-import typer
-
-from cli import baseline_cmds, encoders_cmds, extract_cmds, fit_cmds, manifest_cmds, store_cmds, sweep_cmds, transfer_cmds, zeroshot_cmds
-from medembed.errors import MedembedError
-
-app = typer.Typer(
-    help="Detect abnormalities in musculoskeletal radiographs with frozen foundation-model embeddings.\n\n"
-    "Typical flow: manifest -> extract (GPU box) -> fit -> evaluate / predict (laptop).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-app.add_typer(manifest_cmds.app, name="manifest")
-for module in (extract_cmds, fit_cmds, zeroshot_cmds, baseline_cmds, sweep_cmds, store_cmds, encoders_cmds, transfer_cmds):
-    module.register(app)
+INTERRUPTED = "interrupted: work already written is kept; rerun the same command to resume"
 
 
 def _fail(message: str, code: int) -> None:
-    typer.secho(message, fg=typer.colors.RED, err=True)
+    sys.stderr.write(f"\033[31m{message}\033[0m\n" if sys.stderr.isatty() else f"{message}\n")
     sys.exit(code)
-
-
-INTERRUPTED = "interrupted: work already written is kept; rerun the same command to resume"
 
 
 def _warning_line(message: Warning | str, category: type[Warning], *_: object, **__: object) -> str:
@@ -46,12 +30,27 @@ def main(argv: list[str] | None = None) -> None:
     if not debug:
         warnings.formatwarning = _warning_line
     try:
-        code = app(args=argv, prog_name="medembed", standalone_mode=False)
+        code = _run(argv, debug)
+    except KeyboardInterrupt:
+        _fail(INTERRUPTED, 130)
+    if code == 130:  # typer turns Ctrl-C inside a command into Exit(130), which comes back as the code
+        _fail(INTERRUPTED, 130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _run(argv: list[str] | None, debug: bool) -> Any:
+    import typer
+
+    from cli.app import app
+    from medembed.errors import MedembedError
+
+    try:
+        return app(args=argv, prog_name="medembed", standalone_mode=False)
     except MedembedError as error:
         if debug:
             raise
         _fail(f"error: {error}", 2)
-    except (KeyboardInterrupt, typer.Abort):
+    except typer.Abort:
         _fail(INTERRUPTED, 130)
     except typer.Exit as done:
         sys.exit(done.exit_code)
@@ -62,9 +61,15 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(f"error: unexpected {type(error).__name__}: {error} (rerun with MEDEMBED_DEBUG=1 for the traceback)", 1)
-    if code == 130:  # typer turns Ctrl-C inside a command into Exit(130), which comes back as the code
-        _fail(INTERRUPTED, 130)
-    sys.exit(code if isinstance(code, int) else 0)
+
+
+def __getattr__(name: str) -> Any:
+    """`cli.main.app`, the command tree, built on first use (tests and in-process runners take it from here)."""
+    if name == "app":
+        from cli.app import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

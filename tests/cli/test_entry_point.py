@@ -156,8 +156,9 @@ def test_help_shows_the_option_dataclass_defaults(command, classes):
             expected = field.default
             documented = shown[flag]
             if isinstance(expected, bool):
-                assert documented.split("/")[0].strip() in (f"--{field.name.replace('_', '-')}", "True", "False", f"--no-{field.name.replace('_', '-')}")
-                assert (documented in ("True", f"--{field.name.replace('_', '-')}")) == expected or "/" in documented
+                name = field.name.replace("_", "-")  # a --x/--no-x pair shows its default as x or no-x
+                assert documented.split("/")[0].strip().removeprefix("--") in (name, "True", "False", f"no-{name}")
+                assert (documented.removeprefix("--") in ("True", name)) == expected or "/" in documented
             else:
                 assert type(expected)(documented) == expected, (flag, documented, expected)
             checked += 1
@@ -207,3 +208,32 @@ def test_a_head_run_round_trips(work, tmp_path, fracatlas_root):
     fit_run([tmp_path / "s.h5"], tmp_path / "run", FitOptions(n_resamples=0))
     test = small.subset(small.split == "test")
     assert_round_trip(tmp_path / "run", test.resolve(fracatlas_root)[:3], tmp_path)
+
+
+@pytest.mark.parametrize("delay", [0.3, 0.8, 1.6])  # from when the interpreter runs medembed code, not site.py
+def test_ctrl_c_at_any_point_of_start_up_is_one_line_and_exit_130(delay):
+    """SIGINT while the interpreter, typer or the command's libraries are still importing: the handler is first."""
+    import signal
+    import time
+
+    env = {key: value for key, value in os.environ.items() if key != "MEDEMBED_DEBUG"}
+    process = subprocess.Popen([MEDEMBED, "encoders", "check", "-e", "efficientnet-lite0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (out, err)
+    assert err.strip().splitlines() == ["interrupted: work already written is kept; rerun the same command to resume"]
+    assert "Traceback" not in out + err
+
+
+def test_every_switch_can_be_turned_off():
+    """A boolean option whose default is true is useless without its --no- form (baseline cnn --augment)."""
+    from medembed.baselines.cnn import CNNOptions as cnn_options
+
+    switches = {("baseline", "cnn"): cnn_options, ("extract",): ExtractOptions, ("fit",): FitOptions}
+    for command, cls in switches.items():
+        shown = run_cli(*command, "--help").stdout
+        names = [f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.type in (bool, "bool") and f.metadata.get("cli", True)]
+        assert names, command
+        for name in names:
+            assert re.search(rf"--{name}\s+--no-{name}\b", shown), (command, name)
