@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -42,6 +43,10 @@ _INTEGER_METRICS = ("n", "n_pos")
 _PLURAL = {"study": "studies"}
 _FIGURE_SIZE = (5.0, 4.5)  # inches
 _DPI = 120
+
+
+class FigureWarning(UserWarning):
+    """A figure that could not be drawn; the run is written without it."""
 
 
 def write_metrics_json(result: dict, path: Path) -> None:
@@ -123,9 +128,11 @@ def plot_figures(
 
     roc_<level>.png and pr_<level>.png with the operating point marked, reliability_<level>.png (15 bins, with
     counts), thresholds_<level>.png (sensitivity, specificity, F1, kappa against the threshold, the chosen one
-    marked) and, when per-body-part numbers exist, body_parts_<level>.png: AUROC per body part, with interval
-    error bars from result's "by_body_part" tables (or ± sd for a seed summary) else point values from body_parts.
+    marked) and, when per-body-part numbers exist, body_parts_<level>.png: AUROC per body part, with its interval
+    from result's "by_body_part" tables (or ± sd for a seed summary) else point values from body_parts.
     result: an evaluate_predictions result (or summarize_seeds summary), whole or just this level's entry.
+    Wrong arguments raise MedembedError; a figure that fails to draw or save is left out with one FigureWarning,
+    so a figure never fails the run that asked for it.
     """
     if level not in LEVELS:
         raise MedembedError(f"unknown level {level!r}; expected one of {', '.join(LEVELS)}")
@@ -136,18 +143,24 @@ def plot_figures(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     operating = binary_metrics(y, p, threshold)
-    figures = {
-        f"roc_{level}.png": _roc_figure(sweep, operating),
-        f"pr_{level}.png": _pr_figure(sweep, operating),
-        f"reliability_{level}.png": _reliability_figure(y, p, operating),
-        f"thresholds_{level}.png": _threshold_figure(sweep, threshold),
-    }
     parts = _body_part_auroc(y, p, threshold, body_parts, result, level)
+    figures: dict[str, Callable[[], Figure]] = {
+        f"roc_{level}.png": lambda: _roc_figure(sweep, operating),
+        f"pr_{level}.png": lambda: _pr_figure(sweep, operating),
+        f"reliability_{level}.png": lambda: _reliability_figure(y, p, operating),
+        f"thresholds_{level}.png": lambda: _threshold_figure(sweep, threshold),
+    }
     if parts:
-        figures[f"body_parts_{level}.png"] = _body_part_figure(parts, level)
+        figures[f"body_parts_{level}.png"] = lambda: _body_part_figure(parts, level)
     paths = []
-    for name, figure in figures.items():
-        figure.savefig(out_dir / name, dpi=_DPI)
+    for name, draw in figures.items():
+        try:
+            draw().savefig(out_dir / name, dpi=_DPI)
+        except Exception as error:  # noqa: BLE001 - a figure is a by-product: the run is written without it
+            if (out_dir / name).is_file():
+                (out_dir / name).unlink()  # a half-written PNG
+            warnings.warn(f"{out_dir / name}: figure not drawn ({type(error).__name__}: {error})", FigureWarning, stacklevel=2)
+            continue
         paths.append(out_dir / name)
     return paths
 
@@ -311,7 +324,8 @@ def _threshold_figure(sweep: Any, threshold: float) -> Figure:
 def _body_part_auroc(
     y: np.ndarray, p: np.ndarray, threshold: float, body_parts: np.ndarray | None, result: dict | None, level: str
 ) -> dict[str, tuple[float, float, float]]:
-    """{part: (auroc, lower error, upper error)} from the result's tables, else computed per part without errors."""
+    """{part: (auroc, low, high)}: the value and its interval (mean ± sd for a seed summary) from the result's
+    tables, else the value computed per part with no interval (NaN bounds). Undefined numbers are NaN."""
     level_result = (result or {}).get(level, result or {})  # a whole result or just this level's entry
     tables = level_result.get("by_body_part") or {}
     if tables:
@@ -321,10 +335,10 @@ def _body_part_auroc(
             # dtype=float turns the None of a reloaded metrics.json into NaN.
             if "mean" in leaf:
                 center, spread = np.array([leaf["mean"], leaf["sd"]], dtype=float)
-                parts[part] = (center, spread, spread)
+                parts[part] = (center, center - spread, center + spread)
             else:
-                center, low, high = np.array([leaf["value"], *(leaf["ci"] or (None, None))], dtype=float)
-                parts[part] = (center, center - low, high - center)
+                center, low, high = np.array([leaf["value"], *(leaf.get("ci") or (None, None))], dtype=float)
+                parts[part] = (center, low, high)
         return parts
     if body_parts is None:
         return {}
@@ -332,17 +346,26 @@ def _body_part_auroc(
     if body_parts.shape != y.shape:
         raise MedembedError(f"body_parts must have one entry per row ({len(y)}); got shape {body_parts.shape}")
     return {
-        str(part): (binary_metrics(y[body_parts == part], p[body_parts == part], threshold)["auroc"], 0.0, 0.0)
+        str(part): (binary_metrics(y[body_parts == part], p[body_parts == part], threshold)["auroc"], math.nan, math.nan)
         for part in np.unique(body_parts)
     }
 
 
 def _body_part_figure(parts: dict[str, tuple[float, float, float]], level: str) -> Figure:
+    """Bars at the point estimates; each interval drawn from its low to its high bound.
+
+    A percentile bootstrap interval need not contain its point estimate (a skewed metric with few resamples), so
+    the interval is drawn on its own, not as distances from the bar's top (which would be negative there)."""
     figure, axes = _new_axes(f"AUROC per body part ({level} level)", "", "AUROC")
     names = list(parts)
-    values = np.array([parts[name][0] for name in names], dtype=np.float64)
-    errors = np.nan_to_num(np.array([[parts[name][1] for name in names], [parts[name][2] for name in names]]))
-    axes.bar(names, np.nan_to_num(values), yerr=errors, capsize=4, color="steelblue")
+    values, low, high = np.array([parts[name] for name in names], dtype=np.float64).reshape(-1, 3).T
+    axes.bar(names, np.nan_to_num(values), color="steelblue")
+    drawn = np.isfinite(low) & np.isfinite(high)
+    if drawn.any():
+        low, high = np.minimum(low, high)[drawn], np.maximum(low, high)[drawn]
+        x = np.arange(len(names))[drawn]
+        # Centred on the interval's midpoint with half its width: the bar spans exactly [low, high].
+        axes.errorbar(x, (low + high) / 2, yerr=(high - low) / 2, fmt="none", ecolor="black", capsize=4)
     axes.axhline(0.5, linestyle=":", color="grey")
     axes.set(ylim=(0, 1.05))
     axes.tick_params(axis="x", labelrotation=45)

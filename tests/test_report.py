@@ -141,3 +141,53 @@ def test_reports_accept_a_result_reloaded_from_metrics_json(tmp_path):
     for result_or_level in (reloaded, reloaded["image"]):  # a whole result or just the level's entry
         paths = plot_figures(y, p, 0.5, tmp_path / "figures", level="image", result=result_or_level)
         assert (tmp_path / "figures" / "body_parts_image.png") in paths
+
+
+def test_body_part_figure_draws_an_interval_that_excludes_its_point_estimate(tmp_path):
+    # A percentile bootstrap interval can lie wholly above (or below) its point estimate: few resamples of a
+    # skewed metric. Drawn as distances from the bar's top these were negative and matplotlib refused them.
+    from medembed.report import _body_part_figure
+
+    result = _result()
+    parts = result["image"]["by_body_part"]
+    parts["XR_HAND"]["auroc"] = _leaf(0.62, 0.70, 0.85)  # interval above the point
+    parts["XR_WRIST"] = {**parts["XR_HAND"], "auroc": _leaf(0.80, 0.55, 0.71)}  # interval below the point
+    parts["XR_ELBOW"] = {**parts["XR_HAND"], "auroc": _leaf(None, None, None)}  # undefined: a bar of 0, no interval
+    y, p, _ = _scores()
+    paths = plot_figures(y, p, 0.5, tmp_path, level="image", result=result)
+    assert tmp_path / "body_parts_image.png" in paths
+    figure = _body_part_figure({"XR_HAND": (0.62, 0.70, 0.85), "XR_WRIST": (0.80, 0.55, 0.71)}, "image")
+    (bars,) = figure.axes[0].containers[1:]  # the bars, then the interval lines
+    segments = bars.lines[2][0].get_segments()
+    assert np.allclose([seg[:, 1] for seg in segments], [[0.70, 0.85], [0.55, 0.71]])
+
+
+def test_a_figure_that_cannot_be_written_is_a_warning_and_the_others_are_written(tmp_path):
+    from medembed.report import FigureWarning
+
+    y, p, parts = _scores()
+    (tmp_path / "roc_image.png").mkdir()  # savefig cannot write over a folder
+    with pytest.warns(FigureWarning, match="roc_image.png: figure not drawn"):
+        paths = plot_figures(y, p, 0.5, tmp_path, level="image", body_parts=parts)
+    assert [path.name for path in paths] == ["pr_image.png", "reliability_image.png", "thresholds_image.png", "body_parts_image.png"]
+
+
+def test_fit_with_intervals_that_exclude_their_point_writes_every_figure(tmp_path):
+    # Issue 18: `fit --head sklearn:sklearn.svm.SVC --bootstrap 10` failed in the body-part figure. This store's
+    # wrist AUROC (0.94) lies below its 10-resample interval; the premise is checked below.
+    import subprocess
+
+    from tests.cli.test_entry_point import run_cli
+    from tests.test_fit import write_store
+
+    def weak_signal(ids, emb, cols):
+        emb[:] = np.random.default_rng(39).standard_normal(emb.shape) + 0.5 * np.asarray(cols["label"])[:, None]
+
+    store = write_store(tmp_path / "s.h5", corrupt=weak_signal)
+    done: subprocess.CompletedProcess = run_cli("fit", store, "--head", "sklearn:sklearn.svm.SVC", "--bootstrap", "10", "--out", tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr and "Traceback" not in done.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    leaves = [table["auroc"] for level in ("image", "study") for table in metrics[level]["by_body_part"].values()]
+    assert any(not leaf["ci"][0] <= leaf["value"] <= leaf["ci"][1] for leaf in leaves), "premise: an interval excludes its point"
+    assert {path.name for path in (tmp_path / "run" / "figures").glob("body_parts_*.png")} == {"body_parts_image.png", "body_parts_study.png"}
