@@ -10,6 +10,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from medembed.errors import MedembedError
 
@@ -53,18 +56,50 @@ def _finite_float(token: str) -> float:
     return value
 
 
+MAX_JSON_BYTES = 64 * 1024 * 1024  # every JSON file medembed writes is far smaller; a bigger one is refused unread
+MAX_JSON_DEPTH = 64  # medembed's own files nest < 10 deep; deeper ones are refused before any code walks them
+
+
 def read_json(path: Path, what: str = "JSON file") -> Any:
-    """Parse `path` as strict JSON (no NaN/Infinity); a missing, unreadable or invalid file is a MedembedError."""
+    """Parse `path` as strict JSON (no NaN/Infinity, at most MAX_JSON_BYTES and MAX_JSON_DEPTH deep); a missing,
+    unreadable, oversized, too deeply nested or invalid file is a MedembedError."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise MedembedError(f"{path}: {size} bytes is too large for a {what} (at most {MAX_JSON_BYTES})")
         text = path.read_bytes().decode("utf-8")
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except FileNotFoundError:
         raise MedembedError(f"{path}: file not found (no such {what})") from None
     except IsADirectoryError:
         raise MedembedError(f"{path}: is a directory, not a {what}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise MedembedError(f"{path}: not a valid {what} ({error})") from None
+    return loads_json(text, f"{path}", what)
+
+
+def loads_json(text: str, where: str, what: str = "JSON document") -> Any:
+    """`text` parsed as strict JSON (see read_json); errors are one MedembedError starting with `where`."""
+    if _nesting_depth(text) > MAX_JSON_DEPTH:
+        raise MedembedError(f"{where}: not a valid {what} (nested deeper than {MAX_JSON_DEPTH} levels)")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as error:
+        raise MedembedError(f"{where}: not a valid {what} ({error})") from None
+
+
+def _nesting_depth(text: str) -> int:
+    """The deepest bracket nesting of JSON `text` outside its strings (an upper bound for invalid text)."""
+    brackets = _STRING.sub("", text)
+    if "[" not in brackets and "{" not in brackets:
+        return 0
+    codes = np.frombuffer(brackets.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    steps = np.isin(codes, _OPEN).astype(np.int64) - np.isin(codes, _CLOSE)
+    return int(np.cumsum(steps).max())
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_OPEN, _CLOSE = np.frombuffer(b"[{", dtype=np.uint8), np.frombuffer(b"]}", dtype=np.uint8)
 
 
 @contextmanager

@@ -234,7 +234,9 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
     def _check_params(self) -> None:
         if self.combine not in COMBINES:
             raise MedembedError(f"option ensemble must be one of {', '.join(COMBINES)}; got {self.combine!r}")
-        if isinstance(self.heads, str) or not self.heads or len(set(self.heads)) != len(self.heads):
+        if isinstance(self.heads, str) or not isinstance(self.heads, (list, tuple)) or not self.heads or not all(
+            isinstance(head, str) for head in self.heads
+        ) or len(set(self.heads)) != len(self.heads):
             raise MedembedError(f"an ensemble needs a list of distinct heads, got {self.heads!r}")
         widths = tuple(self.widths) if isinstance(self.widths, (list, tuple)) else ()
         if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
@@ -246,6 +248,8 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
             )
         if self.combine == "concat" and len(widths) < 2:
             raise MedembedError("--ensemble concat joins the features of several stores (one per encoder); for several heads on one store use mean or stack")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise MedembedError(f"an ensemble's seed must be a non-negative integer; got {self.seed!r}")
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
             raise MedembedError(f"option ensemble_folds must be an integer >= 2; got {self.folds!r}")
         if self.head_params is not None and (not isinstance(self.head_params, dict) or not all(isinstance(v, dict) for v in self.head_params.values())):

@@ -21,13 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from medembed._csv import text_cell
 from medembed._files import atomic_write_text
 from medembed.encoders import Encoder
 from medembed.errors import MedembedError
 from medembed.evaluate import aggregate_studies
 from medembed.extract import ExtractOptions, ExtractSummary, build_encoder, extract, store_fingerprint
 from medembed.manifest import IMAGE_SUFFIXES, Manifest, read_manifest
-from medembed.runs import Run, load_run
+from medembed.runs import STORE_DTYPES, Run, load_run
 from medembed.splits import Split, level_tokens
 from medembed.store import fingerprint_mismatch, open_store
 from medembed.transfer.annotate import COLUMNS as ANNOTATIONS, annotate
@@ -57,8 +58,20 @@ def run_encoder(run: Run) -> Encoder:
 
 
 def rebuild_encoder(fingerprint: dict[str, str], encoder_options: dict[str, Any], run_dir: Path) -> Encoder:
-    """The encoder that made embeddings of `fingerprint` (with `encoder_options`), refused unless it reproduces it."""
-    encoder = build_encoder(fingerprint["encoder"], encoder_options)
+    """The encoder that made embeddings of `fingerprint` (with `encoder_options`), refused unless it reproduces it.
+
+    Both come from a run's files: the encoder is looked up in medembed's registry (`get_encoder`), its options
+    are that encoder's own constructor arguments, and any value they refuse is one line naming the run."""
+    where = Path(run_dir) / "run.json"
+    name, dtype = fingerprint.get("encoder"), fingerprint.get("dtype")
+    if not isinstance(name, str) or not name or dtype not in STORE_DTYPES:
+        raise MedembedError(f"{where}: the fingerprint must name the encoder and a store dtype ({', '.join(STORE_DTYPES)}), got {name!r:.40} and {dtype!r:.40}")
+    if not isinstance(encoder_options, dict):
+        raise MedembedError(f"{where}: encoder_options must be an object")
+    try:
+        encoder = build_encoder(name, dict(encoder_options))
+    except (TypeError, ValueError, KeyError, AttributeError) as error:  # an option value of the wrong type or range
+        raise MedembedError(f"{where}: encoder_options do not build encoder {name!r} ({str(error).splitlines()[0][:200]})") from None
     expected = store_fingerprint(encoder, fingerprint["dtype"], fingerprint.get("precision") or "fp32")
     diff = fingerprint_mismatch(fingerprint, expected)
     if diff:
@@ -173,8 +186,9 @@ def predict(run_dir: Path, inputs: list[Path], out_csv: Path | None, options: Ex
     threshold = run.calibration.image_threshold
     annotations, notes = annotate(run, rows, p, transfer)
     table = [
-        [i, path, study, f"{by_id[i]:.6f}" if i in by_id else "", int(by_id[i] >= threshold) if i in by_id else "",
-         failed.get(i, "" if i in by_id else "not processed"), *annotations.get(i, ["", "", ""])]
+        [text_cell(i), text_cell(path), text_cell(study), f"{by_id[i]:.6f}" if i in by_id else "",
+         int(by_id[i] >= threshold) if i in by_id else "", text_cell(failed.get(i, "" if i in by_id else "not processed")),
+         *annotations.get(i, ["", "", ""])]
         for i, path, study in zip(manifest.image_id, manifest.path, manifest.study_id)
     ]
     _write_rows(out_csv, ["image_id", "path", "study_id", "probability", "abnormal", "error", *ANNOTATIONS], table)
@@ -185,7 +199,7 @@ def predict(run_dir: Path, inputs: list[Path], out_csv: Path | None, options: Ex
         _write_rows(
             studies_csv,
             ["study_id", "probability", "abnormal"],
-            [[s, f"{prob:.6f}", int(prob >= run.calibration.study_threshold)] for s, prob in zip(studies.study_ids, studies.p)],
+            [[text_cell(s), f"{prob:.6f}", int(prob >= run.calibration.study_threshold)] for s, prob in zip(studies.study_ids, studies.p)],
         )
     abnormal = int(sum(prob >= threshold for prob in by_id.values()))
     flags = [cells[2] for cells in annotations.values() if cells[2] != ""]

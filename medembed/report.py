@@ -56,13 +56,51 @@ def write_metrics_json(result: dict, path: Path) -> None:
 
 
 def read_metrics_json(path: Path) -> dict:
-    """A result written by write_metrics_json (undefined values come back as None, which the tables show as n/a)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MedembedError(f"{path}: no such metrics file; is this a run directory written by `medembed fit`?") from None
-    except json.JSONDecodeError as error:
-        raise MedembedError(f"{path}: not valid JSON ({error})") from None
+    """A result written by write_metrics_json (undefined values come back as None, which the tables show as n/a),
+    checked to have the shape the tables read: a tampered or foreign file is one MedembedError naming the field."""
+    from medembed._files import read_json
+
+    if not Path(path).exists():
+        raise MedembedError(f"{path}: no such metrics file; is this a run directory written by `medembed fit`?")
+    result = read_json(path, "metrics file")
+    if not isinstance(result, dict) or not isinstance(result.get("image"), dict):
+        raise MedembedError(f"{path}: a metrics file is an object with at least the image level")
+    for level in LEVELS:
+        if level in result:
+            _check_metrics_level(result[level], f"{path}: {level}")
+    return result
+
+
+def _check_metrics_level(node: Any, where: str) -> None:
+    """One level of a metrics file: `overall` maps metrics to {value, ci} (or {mean, sd, n_seeds}) leaves of
+    numbers or null, and `bootstrap` (optional) holds unit, alpha and n_resamples."""
+    if not isinstance(node, dict) or not isinstance(node.get("overall"), dict) or not node["overall"]:
+        raise MedembedError(f"{where}: must be an object with a non-empty overall table")
+    for metric, leaf in node["overall"].items():
+        _check_metric_leaf(leaf, f"{where}.overall.{metric}")
+    bootstrap = node.get("bootstrap")
+    if bootstrap is not None and not (isinstance(bootstrap, dict) and (not bootstrap.get("n_resamples") or (
+        isinstance(bootstrap.get("unit"), str) and all(_is_number(bootstrap.get(key)) for key in ("alpha", "n_resamples"))
+    ))):
+        raise MedembedError(f"{where}.bootstrap: must hold unit (a string), alpha and n_resamples (numbers)")
+
+
+def _check_metric_leaf(leaf: Any, where: str) -> None:
+    if not isinstance(leaf, dict):
+        raise MedembedError(f"{where}: must be an object with value and ci (or mean and sd)")
+    if "mean" in leaf:
+        if not all(_is_number(leaf.get(key)) or leaf.get(key) is None for key in ("mean", "sd")) or not _is_number(leaf.get("n_seeds")):
+            raise MedembedError(f"{where}: a seed summary holds numbers mean, sd and n_seeds")
+        return
+    if "value" not in leaf or not (leaf["value"] is None or _is_number(leaf["value"])):
+        raise MedembedError(f"{where}: value must be a number or null")
+    ci = leaf.get("ci")
+    if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(bound is None or _is_number(bound) for bound in ci)):
+        raise MedembedError(f"{where}: ci must be null or two numbers")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def markdown_report(result: dict, *, title: str, context: dict, sections: list[str] | tuple[str, ...] = ()) -> str:
@@ -105,6 +143,8 @@ COMPARE_METRICS = ("auroc", "kappa", "sensitivity", "specificity", "f1")
 
 def compare_table(results: dict[str, dict], level: str = "study", metrics: tuple[str, ...] = COMPARE_METRICS) -> str:
     """Markdown table of several runs side by side: one row per run name, one column per metric at `level`."""
+    if not results:
+        raise MedembedError("compare needs at least one run")
     rows = []
     for name, result in results.items():
         node = result.get(level) or result["image"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +24,8 @@ from typing import Any, Callable
 import numpy as np
 
 from medembed import __version__
-from medembed._files import atomic_write_json, atomic_write_text, read_json, replaced_directory
+from medembed._csv import text_cell
+from medembed._files import atomic_write_json, atomic_write_text, loads_json, read_json, replaced_directory
 from medembed.calibrate import Calibrator
 from medembed.errors import MedembedError
 from medembed.evaluate import aggregate_studies
@@ -35,6 +37,7 @@ from medembed.splits import Split
 from medembed.store import describe_preprocess
 
 RUN_FILE = "run.json"
+STORE_DTYPES = ("float16", "float32")  # what `extract --dtype` writes
 SCORER_DIR = "scorer"
 FORMAT_VERSION = 2
 
@@ -112,10 +115,76 @@ def validate_record(document: Any, path: Path) -> RunRecord:
     except (MedembedError, KeyError, TypeError, ValueError) as error:
         raise MedembedError(f"{path}: calibration: {error}") from None
     from_dict(ProtocolOptions, {k: v for k, v in record.options.items() if k in ProtocolOptions.__dataclass_fields__}, f"{path}: options")
-    wanted = "stores" if record.consumes == "embeddings" else "manifest"
-    if wanted not in record.inputs:
-        raise MedembedError(f"{path}: inputs must name the {wanted} the run was fitted on")
+    for check in (_check_inputs, _check_fingerprint, _check_level, _check_split_sizes, _check_notes, _check_preprocess):
+        check(record, path)
     return record
+
+
+def _check_inputs(record: RunRecord, path: Path) -> None:
+    """inputs: the stores (a non-empty list of paths) or the manifest and image root the run was fitted on."""
+    wanted = ("stores",) if record.consumes == "embeddings" else ("manifest", "image_root")
+    for key in wanted:
+        if key not in record.inputs:
+            raise MedembedError(f"{path}: inputs must name the {key} the run was fitted on")
+    if record.consumes == "embeddings":
+        stores = record.inputs["stores"]
+        if not isinstance(stores, list) or not stores or not all(isinstance(s, str) and s for s in stores):
+            raise MedembedError(f"{path}: inputs.stores must be a non-empty list of store paths, got {stores!r:.60}")
+    else:
+        for key in wanted:
+            if not isinstance(record.inputs[key], str) or not record.inputs[key]:
+                raise MedembedError(f"{path}: inputs.{key} must be a path, got {record.inputs[key]!r:.60}")
+
+
+def _check_fingerprint(record: RunRecord, path: Path) -> None:
+    """fingerprint: strings only; an embedding run's names an encoder and a store dtype medembed has."""
+    for key, value in record.fingerprint.items():
+        if not isinstance(value, str):
+            raise MedembedError(f"{path}: fingerprint.{key} must be a string, got {value!r:.60}")
+    if record.consumes == "embeddings" and record.kind != "ensemble":
+        for key in ("encoder", "dtype"):
+            if not record.fingerprint.get(key):
+                raise MedembedError(f"{path}: fingerprint.{key} is missing; an embedding run records the store it was fitted on")
+    dtype = record.fingerprint.get("dtype")
+    if dtype and record.kind != "ensemble" and dtype not in STORE_DTYPES:
+        raise MedembedError(f"{path}: fingerprint.dtype {dtype!r:.40} is not a store dtype ({', '.join(STORE_DTYPES)})")
+
+
+def _check_level(record: RunRecord, path: Path) -> None:
+    """options.level: "" or token level names (each looked up in the store's own levels when read)."""
+    level = record.options.get("level", "")
+    if not isinstance(level, str):
+        raise MedembedError(f"{path}: options.level must be a string of level names, got {level!r:.60}")
+    if not level:
+        return
+    from medembed.levels import parse_level  # imports torch: only for runs on token levels
+
+    for name in (part.strip() for part in level.split("+")):
+        if name and name != "auto":
+            try:
+                parse_level(name)
+            except MedembedError as error:
+                raise MedembedError(f"{path}: options.level: {error}") from None
+
+
+def _check_split_sizes(record: RunRecord, path: Path) -> None:
+    """split_sizes: {split: {"images": n, "abnormal": n}} with non-negative integers (the report lists them)."""
+    for split, sizes in record.split_sizes.items():
+        if not isinstance(sizes, dict) or not all(
+            isinstance(sizes.get(key), int) and not isinstance(sizes.get(key), bool) and sizes[key] >= 0 for key in ("images", "abnormal")
+        ):
+            raise MedembedError(f"{path}: split_sizes.{split} must hold non-negative integers images and abnormal")
+
+
+def _check_notes(record: RunRecord, path: Path) -> None:
+    if not all(isinstance(note, str) for note in record.notes):
+        raise MedembedError(f"{path}: notes must be a list of strings")
+
+
+def _check_preprocess(record: RunRecord, path: Path) -> None:
+    """preprocess: "" or the PreprocessSpec as a JSON object (strict, bounded nesting)."""
+    if record.preprocess and not isinstance(loads_json(record.preprocess, f"{path}: preprocess", "preprocessing spec"), dict):
+        raise MedembedError(f"{path}: preprocess must be a JSON object (the preprocessing spec)")
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:
@@ -155,10 +224,22 @@ def read_record(run_dir: Path) -> RunRecord:
 def load_run(run_dir: Path) -> Run:
     """A run directory's record and fitted scorer."""
     record = read_record(run_dir)
+    check_contained(Path(run_dir))
     scorer = load_scorer(record.kind, Path(run_dir) / SCORER_DIR)
     if scorer.consumes != record.consumes:
         raise MedembedError(f"{run_dir}: run.json says the scorer consumes {record.consumes}, the saved scorer {scorer.consumes}")
     return Run(Path(run_dir), record, scorer)
+
+
+def check_contained(run_dir: Path) -> None:
+    """Refuse a run directory holding a link that leads outside it: every file a scorer reads (its weights,
+    members, reference) is then the run's own, never a file elsewhere on this machine that a shared run points at."""
+    root = Path(run_dir).resolve()
+    for folder, names, files in os.walk(root):  # links are not followed: each one is checked instead
+        for name in names + files:
+            entry = Path(folder) / name
+            if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+                raise MedembedError(f"{entry}: links outside the run directory {run_dir} (to {os.readlink(entry)}); a run's files must be its own")
 
 
 @dataclass
@@ -203,7 +284,7 @@ def write_evaluation(directory: Path, record: RunRecord, evaluation: Evaluation,
     writer = csv.writer(buffer)
     writer.writerow(["image_id", "study_id", "label", "probability", "abnormal"])
     for image_id, study_id, label, prob in zip(rows.image_id, rows.study_id, rows.y, p):
-        writer.writerow([image_id, study_id, int(label), f"{prob:.6f}", int(prob >= calibration.image_threshold)])
+        writer.writerow([text_cell(image_id), text_cell(study_id), int(label), f"{prob:.6f}", int(prob >= calibration.image_threshold)])
     atomic_write_text(directory / "predictions.csv", buffer.getvalue())
 
 

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import safetensors
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import roc_auc_score
 from torch import nn
@@ -31,6 +30,8 @@ from medembed._files import atomic_write_json, read_json
 from medembed.errors import MedembedError
 from medembed.heads._checks import check_embeddings, check_float, check_int, check_labels
 from medembed.heads._features import Standardizer
+from medembed.heads._json import checked_standardizer
+from medembed.heads._weights import expected_shapes, read_checked
 
 KIND = "study-pooling"
 POOLINGS = ("attention",)
@@ -152,26 +153,23 @@ class AttentionStudyPooling(ClassifierMixin, BaseEstimator):
         if not isinstance(document, dict) or document.get("format_version") != FORMAT_VERSION or document.get("pooling") != "attention":
             raise MedembedError(f"{path}: not a study pooling of format {FORMAT_VERSION}")
         params, n_features = document.get("params"), document.get("n_features")
-        if not isinstance(params, dict) or set(params) != set(cls.param_names()) or not isinstance(n_features, int) or n_features < 1:
+        if not isinstance(params, dict) or set(params) != set(cls.param_names()) or isinstance(n_features, bool) or not isinstance(n_features, int) or n_features < 1:
             raise MedembedError(f"{path}: params must be {sorted(cls.param_names())} and n_features a positive integer")
         try:
             scorer = cls(**params)
-        except MedembedError as error:
+        except (MedembedError, TypeError) as error:
             raise MedembedError(f"{path}: {error}") from None
         weights = Path(directory) / WEIGHTS_FILE
-        try:
-            tensors = load_file(str(weights))
-        except (safetensors.SafetensorError, OSError, ValueError) as error:
-            raise MedembedError(f"{weights}: not a readable safetensors file ({error})") from None
-        scorer.model_ = GatedAttentionPool(n_features, scorer.hidden, scorer.attention, scorer.dropout)
-        try:
-            scorer.model_.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-            scorer.standardizer_ = Standardizer(mean=tensors["mean"].numpy(), std=tensors["std"].numpy())
-        except (RuntimeError, KeyError) as error:
-            raise MedembedError(f"{weights}: does not match {path} ({str(error).splitlines()[0]})") from None
-        if scorer.standardizer_.mean.shape != (n_features,):
-            raise MedembedError(f"{weights}: standardisation has {scorer.standardizer_.mean.shape} features, {path} says {n_features}")
-        scorer.n_features_in_, scorer.selection_, scorer.classes_ = n_features, document.get("selection", {}), np.array([0, 1])
+        build = lambda: GatedAttentionPool(n_features, scorer.hidden, scorer.attention, scorer.dropout)  # noqa: E731
+        expected = {f"model.{key}": shape for key, shape in expected_shapes(build).items()}
+        tensors = read_checked(weights, expected | {"mean": (n_features,), "std": (n_features,)})
+        scorer.standardizer_ = checked_standardizer(tensors["mean"], tensors["std"], n_features, weights)
+        scorer.model_ = build()
+        scorer.model_.load_state_dict({key.removeprefix("model."): tensors[key] for key in expected})
+        selection = document.get("selection", {})
+        if not isinstance(selection, dict):
+            raise MedembedError(f"{path}: selection must be an object")
+        scorer.n_features_in_, scorer.selection_, scorer.classes_ = n_features, selection, np.array([0, 1])
         return scorer
 
     # -- training --------------------------------------------------------------------------------------------

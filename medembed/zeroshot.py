@@ -44,7 +44,9 @@ from sklearn.base import BaseEstimator
 from medembed.options import option
 from medembed.encoders import get_encoder
 from medembed.encoders._hf import SAFETENSORS_SINGLE, HFCheckpoint
+from medembed._files import read_json
 from medembed.errors import MedembedError
+from medembed.heads._weights import load_finite, tensor_header
 from medembed.extract import resolve_device
 from medembed.protocol import ProtocolOptions, fit_and_evaluate
 from medembed.report import write_metrics_json
@@ -272,15 +274,43 @@ class PromptClassifier:
         path = Path(directory) / TEXT_EMBEDDINGS_FILE
         if not path.is_file():
             raise ZeroShotError(f"{directory}: no {TEXT_EMBEDDINGS_FILE} (not a zero-shot run)")
+        header = tensor_header(path)
+        _check_text_header(header, path)
+        tensors = load_finite(path)
         vectors: dict[str, dict[str, np.ndarray]] = {}
-        with safe_open(path, framework="pt") as handle:
-            for key in handle.keys():
-                if key not in _SCALARS:
-                    phrase, name = key.rsplit("/", 1)
-                    vectors.setdefault(phrase, {})[name] = handle.get_tensor(key).numpy()
-            scale, bias = (float(handle.get_tensor(name)[0]) for name in _SCALARS)
-        prompts = json.loads((Path(directory) / PROMPTS_FILE).read_text(encoding="utf-8"))["prompts"]
+        for key, tensor in tensors.items():
+            if key not in _SCALARS:
+                phrase, name = key.rsplit("/", 1)
+                vectors.setdefault(phrase, {})[name] = tensor.numpy()
+        scale, bias = (float(tensors[name][0]) for name in _SCALARS)
+        prompts_file = Path(directory) / PROMPTS_FILE
+        document = read_json(prompts_file, "zero-shot prompts file")
+        prompts = document.get("prompts") if isinstance(document, dict) else None
+        if not isinstance(prompts, dict):
+            raise ZeroShotError(f"{prompts_file}: must be an object whose prompts map body parts to each class's prompts")
         return cls(vectors, scale, bias, prompts)
+
+
+MAX_PROMPTS = 4096  # text embeddings per body part and class; a saved run holds a handful
+
+
+def _check_text_header(header: dict[str, tuple[str, tuple[int, ...]]], path: Path) -> None:
+    """A zero-shot run's text embeddings file, from its header only: logit_scale and logit_bias [1], then
+    "<phrase>/<class>" [P, D] float32 tensors of both classes for every phrase, one width D throughout."""
+    widths = set()
+    classes: dict[str, set[str]] = {}
+    for key, (dtype, shape) in header.items():
+        if key in _SCALARS:
+            if dtype != "F32" or shape != (1,):
+                raise ZeroShotError(f"{path}: {key} must be one float32 number, is {dtype} {shape}")
+            continue
+        phrase, _, name = key.rpartition("/")
+        if not phrase or name not in CLASSES or dtype != "F32" or len(shape) != 2 or not (0 < shape[0] <= MAX_PROMPTS) or not 0 < shape[1] <= 65536:
+            raise ZeroShotError(f"{path}: tensor {key!r} ({dtype} {shape}) is not a body part's prompt embeddings for one of {', '.join(CLASSES)}")
+        widths.add(shape[1])
+        classes.setdefault(phrase, set()).add(name)
+    if any(name not in header for name in _SCALARS) or len(widths) != 1 or any(found != set(CLASSES) for found in classes.values()):
+        raise ZeroShotError(f"{path}: needs logit_scale, logit_bias and, for every body part, both classes' embeddings of one width")
 
 
 def check_store_matches(store_fingerprint: dict[str, str], checkpoint_fingerprint: dict[str, str], store: Path) -> list[str]:

@@ -16,15 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from medembed.options import option
 from medembed.baselines._data import unit_pixels
 from medembed.encoders.base import file_sha256
+from medembed._files import read_json
 from medembed.errors import MedembedError
+from medembed.heads._weights import check_header, load_finite, tensor_header
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
@@ -208,12 +209,9 @@ def save_model(directory: Path, network: nn.Module, config: dict[str, Any]) -> s
 def read_config(directory: Path, kind: str) -> dict[str, Any]:
     """The model.json of a saved baseline of `kind` ("cnn-efficientnet-lite0", "autoencoder")."""
     path = Path(directory) / CONFIG_FILE
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MedembedError(f"{directory}: not a saved medembed baseline (no {CONFIG_FILE})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MedembedError(f"{path}: not valid JSON ({error})") from None
+    if not path.is_file():
+        raise MedembedError(f"{directory}: not a saved medembed baseline (no {CONFIG_FILE})")
+    config = read_json(path, CONFIG_FILE)
     if not isinstance(config, dict) or config.get("kind") != kind:
         found = config.get("kind") if isinstance(config, dict) else None
         raise MedembedError(f"{path}: a saved {found!r} model, not a {kind!r} one")
@@ -223,10 +221,8 @@ def read_config(directory: Path, kind: str) -> dict[str, Any]:
 def load_weights(directory: Path, network: nn.Module) -> None:
     """Load `directory`'s model.safetensors into `network`; every tensor must match by name and shape."""
     path = Path(directory) / WEIGHTS_FILE
-    try:
-        tensors = load_file(str(path))
-    except (safetensors.SafetensorError, OSError, ValueError) as error:
-        raise MedembedError(f"{path}: not a readable safetensors file ({error})") from None
+    check_header(path, tensor_header(path), {key: tuple(t.shape) for key, t in network.state_dict().items()}, dtype=None, what=CONFIG_FILE)
+    tensors = load_finite(path)
     try:
         network.load_state_dict(tensors, strict=True)
     except RuntimeError as error:

@@ -125,7 +125,10 @@ def pretrained_classifier(size: int) -> tuple[EfficientNetClassifier, EfficientN
 def load_cnn(directory: Path) -> tuple[EfficientNetClassifier, PreprocessSpec]:
     """A fine-tuned classifier saved in a run's model/ directory (eval mode, CPU), and its preprocessing spec."""
     config = read_config(directory, KIND)
-    spec = PreprocessSpec.from_dict(config["preprocess"])
+    try:
+        spec = PreprocessSpec.from_dict(config["preprocess"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise MedembedError(f"{Path(directory) / 'model.json'}: preprocess is not a preprocessing spec ({error})") from None
     network, _ = pretrained_classifier(spec.size)
     load_weights(directory, network)
     return network.eval(), spec

@@ -13,6 +13,7 @@ import numpy as np
 from medembed._files import atomic_write_text
 from medembed._files import read_json as read_strict_json
 from medembed.errors import MedembedError
+from medembed.heads._features import Standardizer
 
 
 class HeadLoadError(MedembedError):
@@ -53,3 +54,22 @@ def float_vector(document: dict[str, Any], key: str, length: int, dtype: type, p
     if not np.isfinite(vector).all():  # finite in JSON but overflowing float32
         raise HeadLoadError(f"{path}: key {key!r} has values out of {np.dtype(dtype).name} range")
     return vector
+
+
+def checked_standardizer(mean: Any, std: Any, length: int, path: Path, names: tuple[str, str] = ("mean", "std")) -> Standardizer:
+    """A Standardizer from saved `mean` and `std` (lists or arrays, saved under `names`) of `length` finite numbers
+    each, std > 0 (an all-zero std would turn every prediction into NaN)."""
+    stats = {names[0]: _as_list(mean), names[1]: _as_list(std)}
+    if not all(isinstance(value, list) for value in stats.values()):
+        raise HeadLoadError(f"{path}: {names[0]!r} and {names[1]!r} must be vectors of {length} numbers")
+    mean, std = (float_vector(stats, name, length, np.float32, path) for name in names)
+    if not (std > 0).all():
+        raise HeadLoadError(f"{path}: {names[1]!r} must be positive")
+    return Standardizer(mean=mean, std=std)
+
+
+def _as_list(value: Any) -> Any:
+    """A saved array (numpy, or a torch tensor) as the list `float_vector` checks; anything else as it is."""
+    if hasattr(value, "numpy") and not isinstance(value, np.ndarray):
+        value = value.numpy()
+    return value.tolist() if isinstance(value, np.ndarray) else value

@@ -28,7 +28,8 @@ from medembed.errors import MedembedError
 from medembed.heads._checks import check_float, set_training_params
 from medembed.heads.base import Head
 from medembed.heads.mlp import _logits, _torch_threads
-from medembed.heads.tokens import TokenHeadMixin, read_safetensors, train_early_stopped
+from medembed.heads._weights import read_checked
+from medembed.heads.tokens import TokenHeadMixin, train_early_stopped
 
 WEIGHTS_FILE = "adapter.safetensors"
 
@@ -84,6 +85,11 @@ class AdapterHead(TokenHeadMixin, Head):
         super().__init__(class_weight=class_weight, l2_normalize=l2_normalize, seed=seed)
         if l2_normalize:
             raise MedembedError("the adapter feeds the encoder's own activations to its layers; l2_normalize must be false")
+        for name, value in (("encoder", encoder), ("level", level)):
+            if not isinstance(value, str):
+                raise MedembedError(f"head parameter {name!r} must be a string, got {value!r:.60}")
+        if encoder_options is not None and not isinstance(encoder_options, dict):
+            raise MedembedError(f"head parameter 'encoder_options' must be an object, got {encoder_options!r:.60}")
         self.encoder = encoder
         self.encoder_options = encoder_options
         self.level = level
@@ -146,11 +152,10 @@ class AdapterHead(TokenHeadMixin, Head):
         self.token_shape_ = shape
         try:
             network = self._network(pretrained=False)
-        except MedembedError as error:
+        except (MedembedError, TypeError, ValueError, KeyError) as error:  # encoder options are the encoder's own
             raise HeadLoadError(f"{directory}: cannot rebuild the adapter's network ({error})") from None
-        state_dict = network.state_dict()
-        expected = {key: tensor for key, tensor in state_dict.items() if tensor.is_floating_point()}
-        tensors = read_safetensors(directory / WEIGHTS_FILE, expected)
+        expected = {key: tuple(tensor.shape) for key, tensor in network.state_dict().items() if tensor.is_floating_point()}
+        tensors = read_checked(directory / WEIGHTS_FILE, expected)
         network.load_state_dict(tensors, strict=False)
         self.network_ = network.eval()
 

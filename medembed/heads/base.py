@@ -147,7 +147,7 @@ class Head(ClassifierMixin, BaseEstimator, abc.ABC):
         try:
             # JSON has no tuples: sequence hyperparameters (hidden, c_grid) come back as the tuples they were.
             head = cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in params.items()})
-        except MedembedError as error:
+        except (MedembedError, TypeError, ValueError) as error:  # TypeError: e.g. a list where a number belongs
             raise HeadLoadError(f"{path}: {error}") from None
         head.n_features_in_ = document["n_features"]
         head.classes_ = np.array([0, 1])

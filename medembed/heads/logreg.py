@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from medembed.errors import MedembedError
 from medembed.heads._checks import check_float, check_int, check_sequence
 from medembed.heads._features import Standardizer
-from medembed.heads._json import HeadLoadError, float_vector, require
+from medembed.heads._json import checked_standardizer, float_vector, require
 from medembed.heads.base import HEAD_FILE, Head, selection_record
 
 DEFAULT_C_GRID: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 13))
@@ -94,10 +94,7 @@ class LogisticRegressionHead(Head):
     def _load_state(self, directory: Path, state: dict[str, Any]) -> None:
         path = directory / HEAD_FILE
         n_features = self.n_features_in_
-        std = float_vector(state, "std", n_features, np.float32, path)
-        if not (std > 0).all():
-            raise HeadLoadError(f"{path}: 'std' must be positive")
-        self.standardizer_ = Standardizer(mean=float_vector(state, "mean", n_features, np.float32, path), std=std)
+        self.standardizer_ = checked_standardizer(require(state, "mean", list, path), require(state, "std", list, path), n_features, path)
         self.coef_ = float_vector(state, "coef", n_features, np.float32, path)
         self.intercept_ = float(require(state, "intercept", (int, float), path))
 

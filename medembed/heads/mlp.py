@@ -11,16 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from medembed.errors import MedembedError
 from medembed.heads._checks import check_float, check_int, check_sequence, set_training_params
 from medembed.heads._features import Standardizer
-from medembed.heads._json import HeadLoadError
+from medembed.heads._json import checked_standardizer
+from medembed.heads._weights import expected_shapes, read_checked
 from medembed.heads.base import Head, selection_record
 
 WEIGHTS_FILE = "mlp.safetensors"
@@ -28,6 +29,7 @@ _PREDICT_CHUNK = 8192  # rows per forward pass at prediction time; bounds activa
 
 
 MAX_WIDTH = 65536  # a hidden layer wider than this is a typo (1e9 would allocate terabytes)
+MAX_LAYERS = 64  # deeper is a typo too (and a tampered head.json naming a million layers would take minutes to build)
 
 
 class MLPHead(Head):
@@ -54,7 +56,10 @@ class MLPHead(Head):
         AUROC, or at `max_epochs`. `n_jobs`: torch threads while fitting and predicting (restored afterwards; None
         keeps torch's setting). `class_weight="balanced"` sets BCE's pos_weight to n_normal / n_abnormal."""
         super().__init__(class_weight=class_weight, l2_normalize=l2_normalize, seed=seed)
-        for width in check_sequence("hidden", hidden):
+        widths = check_sequence("hidden", hidden)
+        if len(widths) > MAX_LAYERS:
+            raise MedembedError(f"head parameter 'hidden' names {len(widths)} layers; at most {MAX_LAYERS}")
+        for width in widths:
             check_int("hidden", width, minimum=1, maximum=MAX_WIDTH)
         self.hidden = hidden
         check_float("dropout", dropout, 0.0, 0.95)
@@ -103,31 +108,13 @@ class MLPHead(Head):
 
     def _load_state(self, directory: Path, state: dict[str, Any]) -> None:
         path = directory / WEIGHTS_FILE
-        try:
-            tensors = load_file(str(path))
-        except (safetensors.SafetensorError, OSError, ValueError) as error:
-            raise HeadLoadError(f"{path}: not a readable safetensors file ({error})") from None
+        n = self.n_features_in_
+        expected = {f"network.{key}": shape for key, shape in expected_shapes(self._build_network).items()}
+        tensors = read_checked(path, expected | {"standardizer.mean": (n,), "standardizer.std": (n,)})
+        self.standardizer_ = checked_standardizer(tensors["standardizer.mean"], tensors["standardizer.std"], n, path, ("standardizer.mean", "standardizer.std"))
         network = self._build_network()
-        expected_network = {f"network.{key}": tensor for key, tensor in network.state_dict().items()}
-        feature_vector = torch.empty(self.n_features_in_)
-        expected = expected_network | {"standardizer.mean": feature_vector, "standardizer.std": feature_vector}
-        if set(tensors) != set(expected):
-            raise HeadLoadError(f"{path}: tensors {sorted(tensors)} do not match the config's {sorted(expected)}")
-        for key, tensor in tensors.items():
-            if tensor.shape != expected[key].shape or tensor.dtype != torch.float32:
-                raise HeadLoadError(
-                    f"{path}: tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}, "
-                    f"head.json implies float32 {tuple(expected[key].shape)}"
-                )
-            if not torch.isfinite(tensor).all():
-                raise HeadLoadError(f"{path}: tensor {key!r} holds NaN or infinite values")
-        if not (tensors["standardizer.std"] > 0).all():
-            raise HeadLoadError(f"{path}: tensor 'standardizer.std' must be positive")
-        network.load_state_dict({key.removeprefix("network."): tensors[key] for key in expected_network})
+        network.load_state_dict({key.removeprefix("network."): tensors[key] for key in expected})
         self.network_ = network.eval()
-        self.standardizer_ = Standardizer(
-            mean=tensors["standardizer.mean"].numpy(), std=tensors["standardizer.std"].numpy()
-        )
 
     def _build_network(self) -> nn.Sequential:
         """The untrained network for `n_features_in_` inputs (initialised from the global torch generator)."""

@@ -12,12 +12,12 @@ top-level effects, say) is refused before anything of it runs.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import roc_auc_score
@@ -25,7 +25,8 @@ from sklearn.metrics import roc_auc_score
 from medembed.errors import MedembedError
 from medembed.heads._checks import check_bool
 from medembed.heads._features import Standardizer
-from medembed.heads._json import HeadLoadError, float_vector, require
+from medembed.heads._json import HeadLoadError, checked_standardizer, require
+from medembed.heads._weights import load_finite, tensor_header
 from medembed.heads.base import HEAD_FILE, Head, selection_record
 
 PREFIX = "sklearn:"
@@ -136,30 +137,94 @@ class SklearnHead(Head):
                     "cannot be saved without pickle; choose a model whose state is arrays and numbers"
                 )
         if self.standardizer_ is not None:
-            arrays["_standardizer_mean"], arrays["_standardizer_std"] = self.standardizer_.mean, self.standardizer_.std
+            arrays[_STANDARDIZER[0]], arrays[_STANDARDIZER[1]] = self.standardizer_.mean, self.standardizer_.std
         save_file(arrays, str(directory / ARRAYS_FILE))
         return {"attributes": values, "arrays": sorted(arrays)}
 
     def _load_state(self, directory: Path, state: dict[str, Any]) -> None:
-        path = directory / ARRAYS_FILE
-        attributes = require(state, "attributes", dict, directory / HEAD_FILE)
-        try:
-            arrays = load_file(str(path))
-        except (safetensors.SafetensorError, OSError, ValueError) as error:
-            raise HeadLoadError(f"{path}: not a readable safetensors file ({error})") from None
-        mean, std = arrays.pop("_standardizer_mean", None), arrays.pop("_standardizer_std", None)
-        if self.standardize:
-            if mean is None or std is None:
-                raise HeadLoadError(f"{path}: no standardisation statistics although the head standardises")
-            stats = {"mean": mean.tolist(), "std": std.tolist()}
-            self.standardizer_ = Standardizer(*(float_vector(stats, k, self.n_features_in_, np.float32, path) for k in ("mean", "std")))
-        else:
-            self.standardizer_ = None
+        head_json, path = directory / HEAD_FILE, directory / ARRAYS_FILE
+        n_features = self.n_features_in_
+        attributes = require(state, "attributes", dict, head_json)
+        check_attribute_values(attributes, n_features, head_json)
+        check_array_shapes(tensor_header(path), n_features, self.standardize, path)
+        arrays = load_finite(path, framework="numpy")  # the header fits: what it allocates is what the file holds
+        mean, std = arrays.pop(_STANDARDIZER[0], None), arrays.pop(_STANDARDIZER[1], None)
+        self.standardizer_ = checked_standardizer(mean, std, n_features, path, _STANDARDIZER) if self.standardize else None
         model = self._build()
         for key, value in {**attributes, **arrays}.items():
-            if not key.endswith("_") or key.startswith("_"):
-                raise HeadLoadError(f"{path}: {key!r} is not a fitted attribute")
-            setattr(model, key, value)
-        if list(getattr(model, "classes_", [])) != [0, 1]:
+            set_fitted(model, key, value, path)
+        if list(np.asarray(getattr(model, "classes_", [])).tolist()) != [0, 1]:
             raise HeadLoadError(f"{path}: the saved estimator's classes are not [0, 1]")
         self.model_ = model
+        self._check_scores_a_row(path)
+
+    def _check_scores_a_row(self, path: Path) -> None:
+        """Score one row of zeros: saved state the estimator cannot use (inconsistent shapes or types of its
+        attributes) is refused at load time, naming the file, instead of failing later in scikit-learn."""
+        try:
+            with np.errstate(all="ignore"):
+                p = self._positive_proba(np.zeros((1, self.n_features_in_), dtype=np.float32))
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+            raise HeadLoadError(f"{path}: the saved {self.estimator} cannot score with this state ({str(error).splitlines()[0][:200]})") from None
+        if p.shape != (1,) or not np.isfinite(p).all():
+            raise HeadLoadError(f"{path}: the saved {self.estimator} gives no finite probability with this state")
+
+
+_STANDARDIZER = ("_standardizer_mean", "_standardizer_std")
+_ARRAY_DTYPES = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64", "F16", "F32", "F64")
+MAX_ROWS = 1 << 20  # an array dimension other than n_features (support vectors, iterations) is at most this
+# Attributes whose shape a binary classifier on n_features inputs fixes (others, e.g. support vectors, vary).
+_FIXED_SHAPES: dict[str, Callable[[int], tuple[tuple[int, ...], ...]]] = {
+    "coef_": lambda n: ((1, n), (n,)),
+    "intercept_": lambda n: ((1,), ()),
+    "classes_": lambda n: ((2,),),
+    "n_features_in_": lambda n: ((),),
+}
+
+
+def check_attribute_values(attributes: dict[str, Any], n_features: int, path: Path) -> None:
+    """head.json's fitted attributes: numbers, strings, null or flat lists of them, as `_save_state` writes;
+    `n_features_in_` must be head.json's n_features."""
+    for key, value in attributes.items():
+        flat = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, _SCALARS) for v in flat):
+            raise HeadLoadError(f"{path}: state.attributes.{key} must be a number, string, null or a flat list of them")
+    if "n_features_in_" in attributes:
+        value = attributes["n_features_in_"]
+        if isinstance(value, bool) or not isinstance(value, int) or value != n_features:
+            raise HeadLoadError(f"{path}: state.attributes.n_features_in_ is {value!r:.40}, head.json's n_features is {n_features}")
+    if "classes_" in attributes and attributes["classes_"] != [0, 1]:
+        raise HeadLoadError(f"{path}: state.attributes.classes_ must be [0, 1]")
+
+
+def check_array_shapes(header: dict[str, tuple[str, tuple[int, ...]]], n_features: int, standardize: bool, path: Path) -> None:
+    """The arrays file's header against head.json, before any array is read: fitted-attribute names only, the
+    standardisation vectors exactly when the head standardises, and shapes a binary classifier on `n_features`
+    inputs can have (coef_ [1, n_features], a few classes, no dimension beyond n_features or MAX_ROWS)."""
+    for key in _STANDARDIZER:
+        if (key in header) != standardize:
+            raise HeadLoadError(f"{path}: standardisation statistics {'missing' if standardize else 'present'} although the head "
+                                f"{'standardises' if standardize else 'does not standardise'}")
+    for key, (dtype, shape) in header.items():
+        if key in _STANDARDIZER:
+            allowed: tuple[tuple[int, ...], ...] = ((n_features,),)
+        elif not key.endswith("_") or key.startswith("_"):
+            raise HeadLoadError(f"{path}: {key!r} is not a fitted attribute")
+        else:
+            allowed = _FIXED_SHAPES[key](n_features) if key in _FIXED_SHAPES else ()
+        if dtype not in _ARRAY_DTYPES:
+            raise HeadLoadError(f"{path}: array {key!r} has dtype {dtype}, not a number type")
+        if allowed and shape not in allowed:
+            raise HeadLoadError(f"{path}: array {key!r} has shape {shape}; head.json's n_features {n_features} allows {list(allowed)}")
+        if len(shape) > 3 or any(size > max(n_features, MAX_ROWS) for size in shape):
+            raise HeadLoadError(f"{path}: array {key!r} has shape {shape}, too large for a head on {n_features} features")
+
+
+def set_fitted(model: Any, key: str, value: Any, path: Path) -> None:
+    """Set one saved fitted attribute (a name ending in "_", not private) on the rebuilt estimator."""
+    if not key.endswith("_") or key.startswith("_"):
+        raise HeadLoadError(f"{path}: {key!r} is not a fitted attribute")
+    try:
+        setattr(model, key, value)
+    except (AttributeError, TypeError, ValueError) as error:
+        raise HeadLoadError(f"{path}: the estimator's attribute {key!r} cannot be set ({error})") from None

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 from torch import nn
@@ -28,7 +27,8 @@ from torch import nn
 from medembed.errors import MedembedError
 from medembed.heads._checks import check_float, check_int, set_training_params
 from medembed.heads._features import Standardizer, l2_normalize_rows
-from medembed.heads._json import HeadLoadError, require
+from medembed.heads._json import HeadLoadError, checked_standardizer, require
+from medembed.heads._weights import expected_shapes, read_checked
 from medembed.heads.base import HEAD_FILE, Head, selection_record
 from medembed.heads.logreg import DEFAULT_C_GRID, LogisticRegressionHead
 from medembed.heads.mlp import MAX_WIDTH, _logits, _torch_threads, _train_epoch
@@ -178,15 +178,14 @@ class AttentionTokenHead(TokenHeadMixin, Head):
         if channels < 1:
             raise HeadLoadError(f"{directory / HEAD_FILE}: n_channels must be positive")
         self.n_channels_ = channels
+        path = directory / WEIGHTS_FILE
+        expected = {f"network.{key}": shape for key, shape in expected_shapes(self._build_network).items()}
+        tensors = read_checked(path, expected | {"standardizer.mean": (channels,), "standardizer.std": (channels,)})
+        flat = checked_standardizer(tensors["standardizer.mean"], tensors["standardizer.std"], channels, path, ("standardizer.mean", "standardizer.std"))
         network = self._build_network()
-        expected = {f"network.{key}": tensor for key, tensor in network.state_dict().items()}
-        expected |= {"standardizer.mean": torch.empty(channels), "standardizer.std": torch.empty(channels)}
-        tensors = read_safetensors(directory / WEIGHTS_FILE, expected)
-        if not (tensors["standardizer.std"] > 0).all():
-            raise HeadLoadError(f"{directory / WEIGHTS_FILE}: tensor 'standardizer.std' must be positive")
-        network.load_state_dict({key.removeprefix("network."): tensors[key] for key in expected if key.startswith("network.")})
+        network.load_state_dict({key.removeprefix("network."): tensors[key] for key in expected})
         self.network_ = network.eval()
-        self.standardizer_ = TokenStandardizer(mean=tensors["standardizer.mean"].numpy(), std=tensors["standardizer.std"].numpy())
+        self.standardizer_ = TokenStandardizer(mean=flat.mean, std=flat.std)
 
 
 def train_early_stopped(
@@ -212,23 +211,6 @@ def train_early_stopped(
             break
     network.load_state_dict(best_state)
     return network.eval(), selection_record("epochs", list(range(1, len(val_auroc) + 1)), val_auroc, best, train_loss=train_loss)
-
-
-def read_safetensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The float32 tensors of `path`, refused (HeadLoadError) unless names and shapes are exactly `expected`'s
-    and every value is finite."""
-    try:
-        tensors = load_file(str(path))
-    except (safetensors.SafetensorError, OSError, ValueError) as error:
-        raise HeadLoadError(f"{path}: not a readable safetensors file ({error})") from None
-    if set(tensors) != set(expected):
-        raise HeadLoadError(f"{path}: tensors {sorted(tensors)[:6]}... do not match the config's {sorted(expected)[:6]}...")
-    for key, tensor in tensors.items():
-        if tensor.shape != expected[key].shape or tensor.dtype != torch.float32:
-            raise HeadLoadError(f"{path}: tensor {key!r} is {tensor.dtype} {tuple(tensor.shape)}, head.json implies float32 {tuple(expected[key].shape)}")
-        if not torch.isfinite(tensor).all():
-            raise HeadLoadError(f"{path}: tensor {key!r} holds NaN or infinite values")
-    return tensors
 
 
 class ConcatTokenHead(LogisticRegressionHead):

@@ -117,7 +117,7 @@ def _rewrite_tensors(directory, change) -> None:
     "change, message",
     [
         (lambda t: t.update({"network.0.weight": torch.zeros(16, 48)}), r"'network.0.weight' .*\(16, 48\).*\(32, 48\)"),
-        (lambda t: t.update({"network.3.bias": torch.zeros(1, dtype=torch.float64)}), "torch.float64"),
+        (lambda t: t.update({"network.3.bias": torch.zeros(1, dtype=torch.float64)}), "'network.3.bias' is F64"),
         (lambda t: t["network.3.weight"].__setitem__((0, 0), float("nan")), "'network.3.weight' holds NaN"),
         (lambda t: t["standardizer.std"].__setitem__(0, 0.0), "'standardizer.std' must be positive"),
         (lambda t: t.pop("standardizer.mean"), "do not match the config"),
