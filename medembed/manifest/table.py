@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medembed._csv import csv_lines, read_text_cell, text_cell
 from medembed.errors import MedembedError
 
 MANIFEST_COLUMNS = ("image_id", "path", "label", "study_id", "patient_id", "body_part", "split")
@@ -229,7 +230,9 @@ def not_text(values: Sequence[str]) -> np.ndarray:
 def read_csv_table(path: Path, strip_columns: Collection[str] = ()) -> tuple[list[str], dict[str, np.ndarray]]:
     """Read a headed CSV into (header, column name -> [N] object array of str).
 
-    Header names are stripped of spaces; values are kept exactly as written except in ``strip_columns``.
+    Header names are stripped of spaces; values are kept exactly as written except in ``strip_columns``, and
+    except that the single quote write_manifest puts before a leading ``= + - @``, tab or CR is removed
+    (``medembed._csv.read_text_cell``), so a manifest read back holds the values written.
     Raises ManifestError for a missing or empty file, text that is not UTF-8 (naming the line), unnamed or
     repeated columns, and ragged rows (naming the 1-based data row and its line). Blank lines are skipped.
     """
@@ -251,7 +254,7 @@ def read_csv_table(path: Path, strip_columns: Collection[str] = ()) -> tuple[lis
         header = next(reader, None)
         if header is None:
             raise ManifestError(f"{path}: the file is empty (expected a header row)")
-        header = [name.strip() for name in header]
+        header = [read_text_cell(name.strip()) for name in header]
         unnamed = [i + 1 for i, name in enumerate(header) if not name]
         if unnamed:
             raise ManifestError(f"{path}: header column(s) {unnamed} have no name")
@@ -268,6 +271,7 @@ def read_csv_table(path: Path, strip_columns: Collection[str] = ()) -> tuple[lis
                     f"{path}: row {len(rows) + 1} (line {reader.line_num}) has {len(row)} fields, "
                     f"the header has {len(header)}"
                 )
+            row = [read_text_cell(value) for value in row]  # the quote write_manifest puts before "=+-@" (medembed._csv)
             for i in stripped:
                 row[i] = row[i].strip()
             rows.append(row)
@@ -295,6 +299,9 @@ def read_manifest(path: Path) -> Manifest:
 def write_manifest(manifest: Manifest, path: Path) -> None:
     """Write ``manifest`` as CSV atomically (temp file + rename), columns in the manifest's order.
 
+    A value a spreadsheet would run as a formula (starting with ``= + - @``, tab or CR, not a plain number) is
+    written with a single quote before it (``medembed._csv.text_cell``); read_manifest removes it again.
+
     Raises ManifestError naming the rows where a value is not valid Unicode text (lone surrogates, as a file
     name in another encoding decodes to), which UTF-8 cannot hold.
     """
@@ -311,9 +318,9 @@ def write_manifest(manifest: Manifest, path: Path) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with temporary.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(manifest.columns)
-            writer.writerows(zip(*manifest.columns.values()))
+            # Every cell is user text (ids, paths, extra columns): quoted where a spreadsheet would run it (medembed._csv).
+            header = [text_cell(name) for name in manifest.columns]
+            handle.writelines(csv_lines([header, *([text_cell(value) for value in row] for row in zip(*manifest.columns.values()))]))
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medembed._csv import csv_lines, read_text_cell, text_cell
 from medembed.errors import MedembedError
 
 LEVELS = ("image", "study")
@@ -33,6 +34,7 @@ METRIC_COLUMNS = tuple(
     f"{level}_{metric}{suffix}" for level in LEVELS for metric in RESULT_METRICS for suffix in ("", "_low", "_high")
 )
 COLUMNS = KEY_COLUMNS + INFO_COLUMNS + METRIC_COLUMNS + ("note",)
+TEXT_COLUMNS = ("encoder", "head", "note")  # written through text_cell (see medembed._csv), read back with read_text_cell
 _SECTION_FIELDS = {"heads": "head", "sources": "encoder"}  # sweep.json section -> the CellKey field naming its rows
 
 
@@ -81,9 +83,9 @@ def read_results(path: Path) -> list[dict[str, Any]]:
 
 def _typed(row: dict[str, str], path: Path, line: int) -> dict[str, Any]:
     try:
-        typed: dict[str, Any] = {
-            "encoder": row["encoder"], "head": row["head"], "budget": float(row["budget"]), "seed": int(row["seed"]), "note": row["note"]
-        }
+        budget, seed = float(row["budget"]), int(row["seed"])  # a short row fails here
+        text = {name: read_text_cell(row[name] or "") for name in TEXT_COLUMNS}
+        typed: dict[str, Any] = {"encoder": text["encoder"], "head": text["head"], "budget": budget, "seed": seed, "note": text["note"]}
         for name in INFO_COLUMNS + METRIC_COLUMNS:
             typed[name] = float(row[name]) if row[name] else math.nan
     except (TypeError, ValueError) as error:
@@ -149,7 +151,11 @@ class ResultsLog:
 
     def append(self, row: dict[str, Any]) -> None:
         """Append one row durably (one write, fsynced)."""
-        fields = [repr(float(row["budget"])) if column == "budget" else _field(row.get(column)) for column in COLUMNS]
+        fields = [
+            repr(float(row["budget"])) if column == "budget" else text_cell(_field(row.get(column))) if column in TEXT_COLUMNS
+            else _field(row.get(column))
+            for column in COLUMNS
+        ]
         os.write(self._fd, _csv_line(fields).encode("utf-8"))
         os.fsync(self._fd)
         self._done.add(row_key(row))
@@ -185,9 +191,8 @@ def _field(value: Any) -> str:
 
 
 def _csv_line(fields: Any) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(fields)
-    return buffer.getvalue()
+    (line,) = csv_lines([fields])
+    return line
 
 
 def _write_atomically(path: Path, text: str) -> None:

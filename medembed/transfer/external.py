@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from medembed._csv import text_cell
 from medembed._files import atomic_write_text
 from medembed.errors import MedembedError
 from medembed.evaluate import aggregate_studies, binary_metrics, resampled_metrics
@@ -173,5 +174,6 @@ def write_predictions(path: Path, rows: Split, p: np.ndarray, threshold: float, 
     for k, (image_id, study_id, label) in enumerate(zip(rows.image_id, rows.study_id, rows.y)):
         score = "" if ood is None else f"{ood[k]:.4f}"
         flag = "" if ood is None else int(ood[k] > ood_cut)
-        writer.writerow([image_id, study_id, "" if label < 0 else int(label), f"{p[k]:.6f}", int(p[k] >= threshold), sets[k], score, flag])
+        writer.writerow([text_cell(image_id), text_cell(study_id), "" if label < 0 else int(label), f"{p[k]:.6f}",
+                         int(p[k] >= threshold), sets[k], score, flag])
     atomic_write_text(path, buffer.getvalue())
