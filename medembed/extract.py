@@ -333,7 +333,8 @@ def extract(
     summary = ExtractSummary(total=len(rows), store=out, precision=precision, profile=options.profile)
     start = time.perf_counter()
     writer = StoreWriter(
-        target, dim=encoder.dim, fingerprint=fingerprint, metadata=metadata, provenance=run_provenance(device), tokens=encoder.token_shapes()
+        target, dim=encoder.dim, fingerprint=fingerprint, metadata=metadata, provenance=run_provenance(device), tokens=encoder.token_shapes(),
+        discard_if_empty=True,  # a first run refused before any row (a wrong --root) leaves no empty store
     )
     with writer:
         if world == 1:

@@ -50,6 +50,7 @@ import errno
 import json
 import os
 import platform
+import re
 import shutil
 import struct
 import warnings
@@ -95,6 +96,7 @@ _FOLD_BYTES = 1 << 30  # a fold also happens once the log holds this much (token
 # A store whose rows take at most this is consolidated at the end of every run (the copy is cheap anyway).
 _ALWAYS_CONSOLIDATE_BYTES = 256 << 20
 _RESERVED_NAMES = ("image_id", "embeddings", "failed", "tokens", "extra")
+_SEGMENT_NAME = re.compile(r"seg-[0-9]{6,}\.h5")  # what the writer names segments (seg-000001.h5)
 
 
 class StoreError(MedembedError):
@@ -259,13 +261,20 @@ def _describe_levels(shapes: Mapping[str, tuple[int, int]]) -> str:
 # --------------------------------------------------------------------------------------------- reading
 
 
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (HDF5's can hold a newline, e.g. inside the time it prints)."""
+    return " ".join(str(error).split())
+
+
 def _open_h5(path: Path) -> h5py.File:
     if not path.exists():
         raise StoreError(f"{path}: no such store")
+    if path.is_dir():
+        raise StoreError(f"{path}: is a directory, not a store (a store is one .h5 file)")
     try:
         return h5py.File(path, "r")
     except OSError as error:
-        raise StoreError(f"{path}: not a readable HDF5 file ({error})") from None
+        raise StoreError(f"{path}: not a readable HDF5 file ({_one_line(error)})") from None
 
 
 def _check_schema(path: Path, f: h5py.File) -> None:
@@ -330,11 +339,52 @@ def _segments_dir(path: Path) -> Path:
     return path.with_name(path.name + ".segments")
 
 
-def _segments_in(attrs: Mapping[str, object]) -> list[_Segment] | None:
-    """The segments an index lists, or None for a plain file."""
+def _segments_in(path: Path, attrs: Mapping[str, object]) -> list[_Segment] | None:
+    """The segments the index `path` lists, or None for a plain file.
+
+    The `segments` attribute must be a JSON list of {"file": str, "rows": int >= 0, "extra": [str, ...]}, each
+    file a segment of this store (<store>.segments/seg-NNNNNN.h5, resolving inside that folder, symbolic
+    links followed) and listed once: an index is never followed outside its folder. Anything else is a
+    one-line StoreError naming the store and the entry.
+    """
     if attrs.get("layout") != "segments":
         return None
-    return [_Segment(str(s["file"]), int(s["rows"]), list(s.get("extra", []))) for s in json.loads(str(attrs["segments"]))]
+    what = f"{path}: index attribute 'segments'"
+    if "segments" not in attrs:
+        raise StoreError(f"{what} is missing; the index is damaged")
+    try:
+        entries = json.loads(str(attrs["segments"]))
+    except (ValueError, RecursionError):
+        raise StoreError(f"{what} is not JSON; the index is damaged") from None
+    if not isinstance(entries, list):
+        raise StoreError(f"{what} is not a list of segments (got {type(entries).__name__}); the index is damaged")
+    folder = _segments_dir(path)
+    inside = folder.resolve()
+    segments: list[_Segment] = []
+    seen: dict[Path, int] = {}
+    for k, entry in enumerate(entries):
+        where = f"{what} entry {k}"
+        if not isinstance(entry, dict):
+            raise StoreError(f"{where} is not an object with file, rows and extra (got {type(entry).__name__})")
+        file, rows, extra = entry.get("file"), entry.get("rows"), entry.get("extra", [])
+        if not isinstance(file, str):
+            raise StoreError(f"{where}: 'file' must be a string, got {file!r}")
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+            raise StoreError(f"{where}: 'rows' must be a non-negative integer, got {rows!r}")
+        if not isinstance(extra, list) or not all(isinstance(c, str) and c and text_problem(c) is None for c in extra):
+            raise StoreError(f"{where}: 'extra' must be a list of column names, got {extra!r}")
+        name = file[len(folder.name) + 1:] if file.startswith(folder.name + "/") else ""
+        resolved = (path.parent / file).resolve() if _SEGMENT_NAME.fullmatch(name) else None
+        if resolved is None or resolved.parent != inside:
+            raise StoreError(
+                f"{where}: file {file!r} is not a segment inside {folder.name}/ (expected {folder.name}/seg-NNNNNN.h5); "
+                "refusing to read outside the store's folder"
+            )
+        if resolved in seen:
+            raise StoreError(f"{where}: file {file!r} is the file of entry {seen[resolved]} again; a segment is listed once")
+        seen[resolved] = k
+        segments.append(_Segment(file, rows, list(extra)))
+    return segments
 
 
 def _extras_in(f: h5py.File) -> list[str]:
@@ -414,7 +464,7 @@ class EmbeddingStore:
             self._identity = _file_identity(self.path)
             _check_schema(self.path, f)
             self.attrs: dict[str, object] = _attrs_of(f)
-            self.segments = _segments_in(self.attrs)
+            self.segments = _segments_in(self.path, self.attrs)
             if self.segments is None:
                 self.committed_rows = int(f["embeddings"].shape[0])
                 self._plain_extras = _extras_in(f)
@@ -428,6 +478,7 @@ class EmbeddingStore:
         self.token_shapes: dict[str, tuple[int, int]] = {
             level: (int(t), int(c)) for level, (t, c) in json.loads(str(self.attrs.get("token_levels", "{}"))).items()
         }
+        self._checked = False  # whether `_check_structure` passed (once per opened index)
 
     # -- where the rows are
 
@@ -464,10 +515,72 @@ class EmbeddingStore:
                 f"{self.path}: its segment {source.path.name} is missing from {source.path.parent}; a segmented store "
                 f"is the file and its {_segments_dir(self.path).name}/ folder: copy or move them together"
             )
+        if not source.path.is_file():
+            raise StoreError(f"{self.path}: its segment {source.path.name} is not a file; the store is damaged")
         try:
             return h5py.File(source.path, "r")
         except OSError as error:
-            raise StoreError(f"{source.path}: segment of {self.path} is not a readable HDF5 file ({error})") from None
+            raise StoreError(f"{source.path}: segment of {self.path} is not a readable HDF5 file ({_one_line(error)})") from None
+
+    def _structure_problem(self, f: h5py.File) -> str | None:
+        """The first thing wrong with how the store's files fit together, read from metadata and the ids only
+        (not the rows' values: that is `verify`), or None: every row file exists and each of its row datasets
+        has the rows the index lists; the index's virtual datasets are exactly the listed segments
+        (`_index_problems`); no id is stored twice. `f` is the open index (or plain file)."""
+        ids: list[np.ndarray] = []
+        for source in self._sources():
+            try:
+                g = f if source.path == self.path else self._open_source(source)
+            except StoreError as error:
+                return str(error)
+            try:
+                names = _row_names(self.token_shapes) + tuple(_extra_dataset(c) for c in source.extra)
+                problems = _shape_problems(g, source, names, self.dim, self.token_shapes)
+                if problems:
+                    return problems[0]
+                ids.append(_read_dataset(source.path, g, "image_id").astype(str))
+            except StoreError as error:
+                return str(error)
+            finally:
+                if g is not f:
+                    g.close()
+        if self.segments is not None:
+            problems = _index_problems(f, self.segments, self._index_names())
+            if problems:
+                return problems[0]
+        if ids:
+            unique, counts = np.unique(np.concatenate(ids), return_counts=True)
+            if (counts > 1).any():
+                return f"image ids stored more than once: {unique[counts > 1][:5].tolist()} ({int((counts > 1).sum())} in all)"
+        return None
+
+    def _index_names(self) -> tuple[str, ...]:
+        """The row datasets a segmented store's index holds as virtual datasets: the standard ones, each token
+        level and each extra column some segment holds."""
+        extras = sorted({c for s in self.segments or () for c in s.extra})
+        return _row_names(self.token_shapes) + tuple(_extra_dataset(c) for c in extras)
+
+    def _check_structure(self) -> None:
+        """Refuse (one line) to read rows from a store whose files do not fit together (`_structure_problem`):
+        run once per opened index, before its first rows are read. A writer that replaced the index since it
+        was opened (a fold) is followed: the check is of the index now there."""
+        if self._checked:
+            return
+        for _ in range(3):
+            with _open_h5(self.path) as f:
+                if _attrs_of(f).get("segments") != self.attrs.get("segments"):
+                    self.__init__(self.path)  # replaced meanwhile: read and check the new one
+                    continue
+                problem = self._structure_problem(f)
+            break
+        else:
+            return  # replaced at every try: a writer is busy; the reads that follow retry on their own
+        if problem:
+            raise StoreError(
+                problem if problem.startswith(f"{self.path}") or problem.startswith(f"{_segments_dir(self.path)}")
+                else f"{self.path}: {problem}; refusing to read it (`medembed info --verify` lists every problem)"
+            )
+        self._checked = True
 
     @property
     def checksummed(self) -> bool:
@@ -481,7 +594,9 @@ class EmbeddingStore:
         return result
 
     def _read_committed(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
-        """A row dataset over every row file, in row order (or the committed rows `rows`, sorted, unique)."""
+        """A row dataset over every row file, in row order (or the committed rows `rows`, sorted, unique); the
+        first read of an opened store checks its structure first (`_check_structure`)."""
+        self._check_structure()
         parts = []
         for source in self._sources():
             if rows is None:
@@ -656,11 +771,8 @@ class EmbeddingStore:
                     problems.append(f"dataset {name!r} is missing")
             if "failed/image_id" in f and "failed/reason" in f and len(f["failed/reason"]) != len(f["failed/image_id"]):
                 problems.append(f"'failed/reason' has {len(f['failed/reason'])} rows, expected {len(f['failed/image_id'])}")
-            if self.segmented:
-                for name in _row_names(self.token_shapes):
-                    if name not in f or f[name].shape[0] != self.committed_rows:
-                        found = "is missing" if name not in f else f"has {f[name].shape[0]} rows"
-                        problems.append(f"index dataset {name!r} {found}, expected {self.committed_rows} (plain h5py readers see it)")
+            if self.segments is not None:
+                problems += _index_problems(f, self.segments, self._index_names())
         ids: list[np.ndarray] = []
         for source in self._sources():
             try:
@@ -741,6 +853,111 @@ class EmbeddingStore:
 def _row_names(token_shapes: Mapping[str, tuple[int, int]]) -> tuple[str, ...]:
     """The row datasets every row file has: embeddings, ids, the standard columns and each token level."""
     return ("embeddings", "image_id") + COLUMNS + tuple(_tokens_dataset(level) for level in token_shapes)
+
+
+def _tail(name: str, dim: int, token_shapes: Mapping[str, tuple[int, int]]) -> tuple[int, ...]:
+    """The shape of one row of the row dataset `name`: (D,) embeddings, (T, C) token grids, () columns."""
+    if name == "embeddings":
+        return (dim,)
+    if name.startswith("tokens/"):
+        return tuple(token_shapes.get(_name_of(name.split("/", 1)[1]), ()))
+    return ()
+
+
+def _shape_problems(f: h5py.File, source: _Source, names: Sequence[str], dim: int,
+                    token_shapes: Mapping[str, tuple[int, int]]) -> list[str]:
+    """Row datasets of one row file that are missing or do not have its rows (and the row shape): metadata only."""
+    problems: list[str] = []
+    for name in names:
+        if name not in f or not isinstance(f[name], h5py.Dataset):
+            problems.append(f"{source.label}dataset {name!r} is missing")
+            continue
+        shape, tail = f[name].shape, _tail(name, dim, token_shapes)
+        if not shape or shape[0] != source.rows:
+            problems.append(f"{source.label}{name!r} has {shape[0] if shape else 0} rows, the index lists {source.rows}")
+        elif tuple(shape[1:]) != tail:
+            problems.append(f"{source.label}{name!r} has rows of shape {list(shape[1:])}, expected {list(tail)}")
+    return problems
+
+
+def _index_problems(f: h5py.File, segments: Sequence[_Segment], names: Sequence[str]) -> list[str]:
+    """Where the virtual datasets of the index `f` disagree with its `segments` attribute (metadata only).
+
+    Each row dataset of `names` must be a virtual dataset whose sources are, in row order, the same-named
+    dataset of each listed segment that holds it (the file as listed: a relative path inside
+    <store>.segments/), each over exactly that segment's rows; no other dataset may be virtual. What plain
+    h5py readers see through the index is then what medembed reads from the segments.
+    """
+    problems: list[str] = []
+    total = sum(s.rows for s in segments)
+    expected = set(names)
+
+    def other_virtual(name: str, obj: object) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.is_virtual and name not in expected:
+            problems.append(f"index dataset {name!r} is virtual but is no row dataset of the store (its segments attribute lists none)")
+
+    f.visititems(other_virtual)
+    for name in names:
+        if name not in f or not isinstance(f[name], h5py.Dataset):
+            problems.append(f"index dataset {name!r} is missing, expected {total} rows (plain h5py readers see it)")
+            continue
+        dataset = f[name]
+        if not dataset.shape or dataset.shape[0] != total:
+            found = dataset.shape[0] if dataset.shape else 0
+            problems.append(f"index dataset {name!r} has {found} rows, expected {total} (plain h5py readers see it)")
+            continue
+        extra = _name_of(name.split("/", 1)[1]) if name.startswith("extra/") else None
+        want, first = [], 0
+        for segment in segments:
+            if segment.rows and (extra is None or extra in segment.extra):
+                # as `_virtual_dataset` writes them: '%' doubled
+                want.append((segment.file.replace("%", "%%"), name.replace("%", "%%"), first, segment.rows))
+            first += segment.rows
+        if not dataset.is_virtual:
+            if want:
+                problems.append(f"index dataset {name!r} is not a virtual dataset over the segments its segments attribute lists")
+            continue
+        problem = _source_mismatch(name, sorted(_virtual_sources(dataset), key=lambda source: source[2]), want)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _virtual_sources(dataset: h5py.Dataset) -> list[tuple[str, str, int, int]]:
+    """(file, dataset, first row, rows) of each source of a virtual dataset; first row -1 where a source is
+    not what medembed writes (a whole source dataset mapped onto one block of whole rows)."""
+    sources = []
+    tail = dataset.shape[1:]
+    for source in dataset.virtual_sources():
+        first, rows = -1, 0
+        try:
+            if source.vspace.get_select_type() == h5py.h5s.SEL_HYPERSLABS and source.src_space.get_select_type() == h5py.h5s.SEL_ALL:
+                start, end = source.vspace.get_select_bounds()
+                whole_rows = all(a == 0 and b == n - 1 for a, b, n in zip(start[1:], end[1:], tail))
+                block = (end[0] - start[0] + 1) * int(np.prod(tail, dtype=np.int64))
+                if whole_rows and source.vspace.get_select_npoints() == block:
+                    first, rows = int(start[0]), int(end[0] - start[0] + 1)
+        except ValueError:  # a selection without bounds: not a block
+            pass
+        sources.append((source.file_name, source.dset_name, first, rows))
+    return sources
+
+
+def _source_mismatch(name: str, got: Sequence[tuple[str, str, int, int]], want: Sequence[tuple[str, str, int, int]]) -> str | None:
+    """The first way the virtual sources `got` of the index dataset `name` differ from the segments' `want`, or None."""
+    for have, should in zip(got, want):
+        if have == should:
+            continue
+        file, dataset, first, rows = have
+        where = f"rows {first}-{first + rows - 1}" if first >= 0 else "rows that are not one block of whole rows"
+        listed = f"lists {should[0]!r} for rows {should[2]}-{should[2] + should[3] - 1}"
+        if (file, dataset) != should[:2]:
+            return f"index dataset {name!r} reads {where} from {file!r} dataset {dataset!r}, but its segments attribute {listed}"
+        return f"index dataset {name!r} reads {where} from {file!r}, but its segments attribute {listed}"
+    if len(got) != len(want):
+        more = f" (the first one more: {got[len(want)][0]!r} dataset {got[len(want)][1]!r})" if len(got) > len(want) else ""
+        return f"index dataset {name!r} has {len(got)} virtual source(s), its segments attribute lists {len(want)}{more}"
+    return None
 
 
 def _verify_rows(f: h5py.File, source: _Source, names: Sequence[str]) -> list[str]:
@@ -1356,7 +1573,9 @@ class StoreWriter:
     recorded when the store is created; resuming a store created in another environment warns
     (ProvenanceWarning), naming what differs. Every `fold_every_rows` rows the log becomes a new segment.
     `consolidate`: whether `close()` joins the segments into one plain file (None: when cheap relative to
-    the run, see `close`).
+    the run, see `close`). `discard_if_empty`: a `with` block that raises removes the store again (file and
+    log) when this writer created it and no row was ever written to it (a first run that failed leaves no
+    empty store); a store that existed before, or holds rows, is always kept.
     """
 
     def __init__(
@@ -1370,8 +1589,10 @@ class StoreWriter:
         provenance: Mapping[str, str] | None = None,
         tokens: Mapping[str, tuple[int, int]] | None = None,
         consolidate: bool | None = None,
+        discard_if_empty: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.discard_if_empty = discard_if_empty
         dtype = str(fingerprint.get("dtype", ""))
         if dtype not in DTYPES:
             raise StoreError(f"{self.path}: fingerprint dtype must be one of {DTYPES}, got {dtype!r}")
@@ -1384,7 +1605,8 @@ class StoreWriter:
         self._lock = _writer_lock(self.path)
         try:
             _tmp_path(self.path).unlink(missing_ok=True)  # what a writer killed mid-fold or mid-consolidation left
-            if not self.path.exists():
+            self.created = not self.path.exists()  # under the lock: no other writer creates it meanwhile
+            if self.created:
                 _create_h5(self.path, dim, dtype, fingerprint, metadata or {}, self.provenance, self.token_shapes)
             self._check_compatible(fingerprint)
             # Finish whatever a killed writer left in the log.
@@ -1811,11 +2033,31 @@ class StoreWriter:
         finally:
             self._lock.release()
 
+    def discard(self) -> bool:
+        """Remove the store (file, log, temp file) and release the lock instead of closing, if this writer
+        created it and no row was ever written to it (none appended, none folded from an earlier log); else
+        `close()`. Whether it was removed."""
+        if self._lock.fd < 0:
+            return False
+        if not self.created or self._appended_rows or self._committed:
+            self.close()
+            return False
+        try:
+            self._log.close()
+            for path in (_log_path(self.path), _tmp_path(self.path), self.path):
+                path.unlink(missing_ok=True)
+        finally:
+            self._lock.release()
+        return True
+
     def __enter__(self) -> StoreWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and self.discard_if_empty:
+            self.discard()
+        else:
+            self.close()
 
 
 def consolidate_store(path: Path | str) -> Path:
