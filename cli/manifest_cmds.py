@@ -83,7 +83,7 @@ def from_csv(
 def check(
     manifest_path: Path = typer.Argument(..., metavar="MANIFEST", help="Manifest CSV."),
     root: Path = typer.Option(None, "--root", help="Image root the paths are relative to (checks the files exist)."),
-    decode: bool = typer.Option(False, help="Also open every file's header (slower)."),
+    decode: bool = typer.Option(False, help="Also decode every file in full, as extract does: unreadable, truncated or corrupt images and sizes extract refuses are errors (reads every pixel: slower)."),
 ) -> None:
     """Validate a manifest and print a summary; exits non-zero on errors (warnings do not).
 

@@ -1,8 +1,9 @@
 """Manifest validation: every problem named with its offending rows, plus a label-balance summary.
 
 Checks are vectorised (numpy) so a 40k-row manifest validates in well under a second; file checks
-only stat each file, and the optional decodability check reads image headers, never pixels
-(``medembed.images.probe_image``: DICOM recognised by content, the same size limits as decoding).
+only stat each file, and the optional decodability check decodes every image fully, as ``extract`` does
+(``medembed.images.decode_compact``, strict: a truncated JPEG is an error; DICOM recognised by content, the
+same size limits), after ``probe_image``'s header check (PNG chunk checksums included).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from medembed.images import (
     REFUSED_KINDS,
     ImageDecodeError,
     check_regular_file,
+    decode_compact,
     probe_image,
 )
 from medembed.manifest.table import (
@@ -257,8 +259,11 @@ def _check_files(
             check_regular_file(paths[i])
             if check_decodable:
                 probe_image(paths[i], **limits)
+                decode_compact(paths[i], **limits)  # extract's decoder: truncated pixel data shows only here
         except ImageDecodeError as error:
             failures[i] = error
+        except Exception as error:  # noqa: BLE001 - a decoder bug on one file is that file's finding, as in extract
+            failures[i] = ImageDecodeError(paths[i], f"unexpected decoding error: {type(error).__name__}: {error}", "corrupt")
     missing = np.zeros(len(paths), dtype=bool)
     missing[[i for i, error in failures.items() if error.kind == "not_found"]] = True
     problems = _rows_problem("error", "missing_file", f"files not found under {root}", missing, manifest.path)
@@ -330,9 +335,9 @@ def validate_manifest(
     judged lexically, symlinks not followed, as ``Manifest.resolve`` does), labels outside {0, 1, ""},
     splits outside train/val/test, a patient in several splits, a study spanning splits or disagreeing on its
     label, and (when ``root`` is given) missing files or paths that are not regular files (directories,
-    symlink loops) and, with ``check_decodable``, files whose image header cannot be read or that the
-    decoder would refuse (``min_side``, ``max_pixels``, ``max_aspect_ratio``, as in ``decode_image``); the
-    header check recognises DICOM by content and reads no pixels, so truncated pixel data is not caught here.
+    symlink loops) and, with ``check_decodable``, files that do not decode in full the way ``extract`` decodes
+    them (strict ``decode_compact``: unreadable headers, truncated or corrupt pixel data, and sizes the decoder
+    refuses by ``min_side``, ``max_pixels``, ``max_aspect_ratio``); this reads every pixel, so it is slower.
     Warnings: no label or split column, rows without a label or split, image_ids with leading or trailing
     whitespace, paths with control characters other than NUL.
     """

@@ -110,12 +110,13 @@ def test_clean_manifest_summary_and_table(image_root: Path) -> None:
     assert "wrist" in text and "100.0" in text
 
 
-def test_real_fracatlas_images_pass_the_header_check(fracatlas_root: Path) -> None:
-    # IMG0004028 is one of the release's truncated JPEGs: its header is fine, and the check reads no pixels
+def test_the_decode_check_decodes_in_full_and_finds_truncated_jpegs(fracatlas_root: Path) -> None:
+    # IMG0004028 is one of the release's truncated JPEGs: its header is fine, its pixel data ends early
     names = ["Fractured/IMG0000019.jpg", "Non_fractured/IMG0000000.jpg", "Non_fractured/IMG0004028.jpg"]
     manifest = Manifest({"image_id": names, "path": [f"images/{n}" for n in names]})
-    report = validate_manifest(manifest, fracatlas_root, check_decodable=True)
-    assert report.errors == []
+    assert validate_manifest(manifest, fracatlas_root).errors == []  # files exist: no decoding without the flag
+    (error,) = validate_manifest(manifest, fracatlas_root, check_decodable=True).errors
+    assert error.rows == [3] and "truncated" in error.message
 
 
 def test_large_manifest_validates_and_counts() -> None:
