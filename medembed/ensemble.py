@@ -402,7 +402,8 @@ def run_members(details: dict[str, Any], where: Path) -> list[dict[str, Any]]:
     """The member stores an ensemble run.json records, checked."""
     members = details.get("members")
     if not isinstance(members, list) or not members or not all(
-        isinstance(m, dict) and isinstance(m.get("fingerprint"), dict) and isinstance(m.get("store"), str) and isinstance(m.get("encoder_options", {}), dict)
+        isinstance(m, dict) and isinstance(m.get("fingerprint"), dict) and isinstance(m.get("store"), str) and 0 < len(m["store"]) <= 4096
+        and isinstance(m.get("encoder_options", {}), dict)
         for m in members
     ):
         raise MedembedError(f"{where}: an ensemble run.json needs details.members: one object per store with store, fingerprint and encoder_options")

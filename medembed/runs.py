@@ -114,10 +114,24 @@ def validate_record(document: Any, path: Path) -> RunRecord:
         Calibrator.from_dict(record.calibration)
     except (MedembedError, KeyError, TypeError, ValueError) as error:
         raise MedembedError(f"{path}: calibration: {error}") from None
-    from_dict(ProtocolOptions, {k: v for k, v in record.options.items() if k in ProtocolOptions.__dataclass_fields__}, f"{path}: options")
+    protocol = {k: v for k, v in record.options.items() if k in ProtocolOptions.__dataclass_fields__}
+    _check_option_types(protocol, path)
+    from_dict(ProtocolOptions, protocol, f"{path}: options")
     for check in (_check_inputs, _check_fingerprint, _check_level, _check_split_sizes, _check_notes, _check_preprocess):
         check(record, path)
     return record
+
+
+def _check_option_types(options: dict[str, Any], path: Path) -> None:
+    """options: each protocol option of the JSON type of its default (before the options' own range checks)."""
+    for name, value in options.items():
+        default = ProtocolOptions.__dataclass_fields__[name].default
+        kinds = (int, float) if isinstance(default, float) else (type(default),) if default is not None and not callable(default) else None
+        if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise MedembedError(f"{path}: options.{name} must be {_type_name(kinds)}, got {value!r:.60}")
+
+
+MAX_PATH = 4096  # longer store or manifest paths than the OS allows are refused here, not by the file system
 
 
 def _check_inputs(record: RunRecord, path: Path) -> None:
@@ -128,11 +142,11 @@ def _check_inputs(record: RunRecord, path: Path) -> None:
             raise MedembedError(f"{path}: inputs must name the {key} the run was fitted on")
     if record.consumes == "embeddings":
         stores = record.inputs["stores"]
-        if not isinstance(stores, list) or not stores or not all(isinstance(s, str) and s for s in stores):
+        if not isinstance(stores, list) or not stores or not all(isinstance(s, str) and 0 < len(s) <= MAX_PATH for s in stores):
             raise MedembedError(f"{path}: inputs.stores must be a non-empty list of store paths, got {stores!r:.60}")
     else:
         for key in wanted:
-            if not isinstance(record.inputs[key], str) or not record.inputs[key]:
+            if not isinstance(record.inputs[key], str) or not 0 < len(record.inputs[key]) <= MAX_PATH:
                 raise MedembedError(f"{path}: inputs.{key} must be a path, got {record.inputs[key]!r:.60}")
 
 
@@ -188,7 +202,7 @@ def _check_preprocess(record: RunRecord, path: Path) -> None:
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", dict: "an object", list: "a list", int: "an integer", float: "a number"}
+    names = {str: "a string", dict: "an object", list: "a list", int: "an integer", float: "a number", bool: "true or false"}
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(dict.fromkeys(names[k] for k in kinds))
 

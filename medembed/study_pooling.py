@@ -31,6 +31,7 @@ from medembed.errors import MedembedError
 from medembed.heads._checks import check_embeddings, check_float, check_int, check_labels
 from medembed.heads._features import Standardizer
 from medembed.heads._json import checked_standardizer
+from medembed.heads.base import MAX_FEATURES
 from medembed.heads._weights import expected_shapes, read_checked
 
 KIND = "study-pooling"
@@ -153,7 +154,7 @@ class AttentionStudyPooling(ClassifierMixin, BaseEstimator):
         if not isinstance(document, dict) or document.get("format_version") != FORMAT_VERSION or document.get("pooling") != "attention":
             raise MedembedError(f"{path}: not a study pooling of format {FORMAT_VERSION}")
         params, n_features = document.get("params"), document.get("n_features")
-        if not isinstance(params, dict) or set(params) != set(cls.param_names()) or isinstance(n_features, bool) or not isinstance(n_features, int) or n_features < 1:
+        if not isinstance(params, dict) or set(params) != set(cls.param_names()) or isinstance(n_features, bool) or not isinstance(n_features, int) or not 1 <= n_features <= MAX_FEATURES:
             raise MedembedError(f"{path}: params must be {sorted(cls.param_names())} and n_features a positive integer")
         try:
             scorer = cls(**params)

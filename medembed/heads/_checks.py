@@ -12,6 +12,7 @@ import numpy as np
 from medembed.errors import MedembedError
 
 _MAX_ROWS_NAMED = 10
+MAX_JOBS = 4096  # threads; torch and XGBoost overflow on absurd counts
 
 
 def check_embeddings(X: Any, what: str) -> np.ndarray:
@@ -105,7 +106,7 @@ def set_training_params(head: Any, *, lr: Any, weight_decay: Any, batch_size: An
     check_int("max_epochs", max_epochs, minimum=1)
     check_int("patience", patience, minimum=1)
     if n_jobs is not None:
-        check_int("n_jobs", n_jobs, minimum=1)
+        check_int("n_jobs", n_jobs, minimum=1, maximum=MAX_JOBS)
     head.lr, head.weight_decay, head.batch_size, head.max_epochs, head.patience, head.n_jobs = (
         lr, weight_decay, batch_size, max_epochs, patience, n_jobs
     )

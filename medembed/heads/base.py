@@ -28,6 +28,7 @@ __all__ = ["FORMAT_VERSION", "HEAD_FILE", "Head", "HeadLoadError", "read_head_do
 
 FORMAT_VERSION = 1
 HEAD_FILE = "head.json"
+MAX_FEATURES = 1 << 24  # embedding widths are thousands; a token level's T * C tens of thousands
 _DOCUMENT_KEYS = {"head", "format_version", "n_features", "params", "selection", "state"}
 
 
@@ -225,8 +226,8 @@ def read_head_document(directory: Path) -> dict[str, Any]:
     version = require(document, "format_version", int, path)
     if version != FORMAT_VERSION:
         raise HeadLoadError(f"{path}: format_version {version} is not supported (this medembed reads {FORMAT_VERSION})")
-    if require(document, "n_features", int, path) < 1:
-        raise HeadLoadError(f"{path}: n_features must be positive")
+    if not 1 <= require(document, "n_features", int, path) <= MAX_FEATURES:
+        raise HeadLoadError(f"{path}: n_features must be an integer in [1, {MAX_FEATURES}]")
     require(document, "params", dict, path)
     require(document, "selection", dict, path)
     require(document, "state", dict, path)

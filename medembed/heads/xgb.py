@@ -13,7 +13,7 @@ import numpy as np
 import xgboost as xgb
 from scipy.special import expit
 
-from medembed.heads._checks import check_float, check_int
+from medembed.heads._checks import MAX_JOBS, check_float, check_int
 from medembed.heads._json import HeadLoadError
 from medembed.heads.base import Head, selection_record
 
@@ -68,7 +68,7 @@ class XGBoostHead(Head):
         check_int("early_stopping_rounds", early_stopping_rounds, minimum=1)
         self.early_stopping_rounds = early_stopping_rounds
         if n_jobs is not None:
-            check_int("n_jobs", n_jobs, minimum=1)
+            check_int("n_jobs", n_jobs, minimum=1, maximum=MAX_JOBS)
         self.n_jobs = n_jobs
 
     def _fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> dict[str, Any]:
