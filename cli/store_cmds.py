@@ -12,8 +12,8 @@ from medembed.store import format_summary, merge_stores, open_store
 
 def info(
     store: Path = typer.Argument(..., help="An HDF5 embedding store."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-    verify: bool = typer.Option(False, "--verify", help="Also read every chunk and check checksums, alignment and values (exit 1 on a problem)."),
+    as_json: bool = typer.Option(False, "--json/--no-json", help="Print the summary as JSON."),
+    verify: bool = typer.Option(False, "--verify/--no-verify", help="Also read every chunk and check checksums, alignment and values (exit 1 on a problem)."),
 ) -> None:
     """Print rows, dim, dtype, fingerprint, provenance, failed count and label counts per split of a store.
 
