@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 
 from cli._generate import command
-from medembed.baselines.autoencoder import AutoencoderOptions
-from medembed.baselines.cnn import CNNOptions
-from medembed.protocol import ProtocolOptions
+from medembed.options.baselines import AutoencoderOptions
+from medembed.options.baselines import CNNOptions
+from medembed.options.protocol import ProtocolOptions
 
 app = typer.Typer(
     help="Baselines on the same manifest, splits, calibration and metrics as `medembed fit`: a fine-tuned CNN, "
@@ -29,7 +29,7 @@ def cnn(
 
     Example: medembed baseline cnn data_manifests/fracatlas.csv --root ../shared/data/fracatlas --out runs/cnn
     """
-    from medembed.baselines.cnn import run_cnn_baseline
+    from medembed.scorers.baselines.cnn import run_cnn_baseline
 
     protocol.seed = options.seed  # one --seed: the CNN's initialisation and the protocol's
     run = run_cnn_baseline(manifest, root, out, options, protocol, log=typer.echo)
@@ -55,7 +55,7 @@ def autoencoder(
     Example: medembed baseline autoencoder data_manifests/fracatlas.csv --root ../shared/data/fracatlas --out fracatlas-ae.h5
     && medembed fit fracatlas-ae.h5 --head logreg --out runs/ae-logreg
     """
-    from medembed.baselines.autoencoder import run_autoencoder_baseline
+    from medembed.scorers.baselines.autoencoder import run_autoencoder_baseline
 
     run = run_autoencoder_baseline(manifest, root, out, options, log=typer.echo)
     typer.echo(f"embedded {run.embedded} images into {run.store} ({len(run.failed)} failed); weights in {run.weights}")

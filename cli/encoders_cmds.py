@@ -1,5 +1,5 @@
 """`medembed encoders list` and `medembed encoders check`: what the encoders are, and whether they are fed and
-embed as they should (the library's `medembed.encoders.conformance`; this module only prints)."""
+embed as they should (the library's `medembed.encoder_check`; this module only prints)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import json
 import typer
 
 from cli._generate import command
-from medembed.encoders import EncoderChoice, available_encoders, encoder_levels_help
-from medembed.encoders.conformance import CheckOptions
+from medembed.options.encoders import EncoderChoice
+from medembed.encoders import available_encoders, encoder_levels_help
+from medembed.options.encoders import CheckOptions
 
 app = typer.Typer(help="Inspect and check the frozen encoders.", no_args_is_help=True)
 
@@ -42,7 +43,7 @@ def check(
 
       medembed encoders check --encoder hf-vision --model microsoft/rad-dino --device cuda
     """
-    from medembed.encoders.conformance import check_encoder
+    from medembed.encoder_check import check_encoder
     encoder_options = choice.encoder_options()
     model = encoder_options.pop("model_id", None)
     result = check_encoder(choice.encoder, model_id=model, encoder_options=encoder_options, options=options)

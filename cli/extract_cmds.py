@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from cli._generate import command
-from medembed.encoders import EncoderChoice
-from medembed.extract import ExtractOptions
+from medembed.options.encoders import EncoderChoice
+from medembed.options.extract import ExtractOptions
 
 
 def extract(
@@ -31,8 +31,9 @@ def extract(
     """
     from tqdm import tqdm
 
-    from medembed.extract import build_encoder, extract as run_extract
-    from medembed.manifest import read_manifest
+    from medembed.encoders.runtime import build_encoder
+    from medembed.extract.runner import extract as run_extract
+    from medembed.data.manifest import read_manifest
 
     encoder_options = choice.encoder_options() | ({"lenient_decoding": True} if lenient else {})
     table = read_manifest(manifest)

@@ -7,10 +7,10 @@ from pathlib import Path
 import typer
 
 from cli._generate import command
-from medembed.extract import ExtractOptions
-from medembed.fit import FitOptions
-from medembed.robustness import RobustnessOptions
-from medembed.transfer.options import PREDICT_SKIPS, TransferOptions
+from medembed.options.extract import ExtractOptions
+from medembed.options.fit import FitOptions
+from medembed.options.robustness import RobustnessOptions
+from medembed.options.transfer import PREDICT_SKIPS, TransferOptions
 
 
 def print_headline(metrics: dict) -> None:
@@ -91,7 +91,7 @@ def evaluate(
             raise typer.BadParameter("--corrupt needs --manifest and --root (the images to re-read)", param_hint="--corrupt")
         _evaluate_corrupt(run, corrupt, severity, manifest, root, RobustnessOptions(extract, 1000 if bootstrap is None else bootstrap))
         return
-    from medembed.fit import evaluate_run
+    from medembed.evaluate import evaluate_run
 
     metrics = evaluate_run(run, stores=store or None, split=split, n_resamples=bootstrap, transfer=transfer)
     print_headline(metrics)
@@ -99,7 +99,7 @@ def evaluate(
 
 
 def _evaluate_corrupt(run: Path, corrupt: str, severity: str, manifest: Path, root: Path, options: RobustnessOptions) -> None:
-    from medembed.corrupt import parse_corruptions, parse_severities
+    from medembed.data.corrupt import parse_corruptions, parse_severities
     from medembed.robustness import evaluate_corruptions
 
     result = evaluate_corruptions(
@@ -154,8 +154,8 @@ def compare(
     Example: medembed compare runs/frac-logreg runs/frac-mlp runs/cnn runs/zeroshot
     """
     from medembed._files import atomic_write_text
-    from medembed.report import compare_table, read_metrics_json
-    from medembed.runs import read_record
+    from medembed.protocol.report import compare_table, read_metrics_json
+    from medembed.runs.record import read_record
 
     if level not in ("image", "study"):
         raise typer.BadParameter(f"expected image or study; got {level!r}", param_hint="--level")

@@ -1,4 +1,6 @@
-"""`medembed manifest …`: build manifests from public data sets or a user's folders/CSV, and check them."""
+"""`medembed manifest …`: build manifests from public data sets or a user's folders/CSV, and check them.
+
+The manifest package is imported inside each command, so `--help` stays fast."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ from pathlib import Path
 
 import typer
 
-from medembed import manifest as m
 from medembed.options import parse_key_values
 
 app = typer.Typer(help="Build and check manifests (one row per image: image_id, path, label, study, patient, body part, split).", no_args_is_help=True)
@@ -14,7 +15,9 @@ app = typer.Typer(help="Build and check manifests (one row per image: image_id, 
 OUT = typer.Option(..., "--out", "-o", help="Manifest CSV to write.")
 
 
-def _written(manifest: m.Manifest, out: Path, notes: list[str] = ()) -> None:
+def _written(manifest, out: Path, notes: list[str] = ()) -> None:
+    from medembed.data import manifest as m
+
     m.write_manifest(manifest, out)
     for note in notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
@@ -32,6 +35,8 @@ def fracatlas(
 
     Example: medembed manifest fracatlas ../shared/data/fracatlas --out fracatlas.csv
     """
+    from medembed.data import manifest as m
+
     manifest, notes = m.build_fracatlas(root, seed=seed)
     _written(manifest, out, notes)
 
@@ -47,6 +52,8 @@ def mura(
 
     Example: medembed manifest mura /data --out mura.csv
     """
+    from medembed.data import manifest as m
+
     _written(m.build_mura(root, seed=seed, val_fraction=val_fraction), out)
 
 
@@ -60,6 +67,8 @@ def folders(
 
     Example: medembed manifest folders my_xrays/ --label normal=0 --label abnormal=1 --out mine.csv
     """
+    from medembed.data import manifest as m
+
     mapping = _labels(label, "--label") if label else None
     _written(m.build_from_folders(root, class_to_label=mapping), out)
 
@@ -75,6 +84,8 @@ def from_csv(
 
     Example: medembed manifest csv labels.csv --column image_id=ID --column path=file --column label=finding --label-value abnormal=1 --label-value normal=0 --out mine.csv
     """
+    from medembed.data import manifest as m
+
     label_map = _labels(label_value, "--label-value") if label_value else None
     _written(m.build_from_csv(csv_path, parse_key_values(column or [], "--column", typed=False), label_map=label_map), out)
 
@@ -89,6 +100,8 @@ def check(
 
     Example: medembed manifest check data_manifests/fracatlas.csv --root ../shared/data/fracatlas
     """
+    from medembed.data import manifest as m
+
     report = m.validate_manifest(m.read_manifest(manifest_path), root=root, check_files=root is not None, check_decodable=decode)
     typer.echo(report.format())
     if report.errors:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 
-from medembed.store import format_summary, merge_stores, open_store
 
 
 def info(
@@ -19,6 +18,8 @@ def info(
 
     Example: medembed info fracatlas-effl0.h5 --verify
     """
+    from medembed.store import format_summary, open_store
+
     opened = open_store(store)
     summary = opened.summary()
     if as_json:
@@ -43,6 +44,8 @@ def merge(
 
     Example: medembed merge run.rank0.h5 run.rank1.h5 --out run.h5; medembed merge run.h5 --out run.h5
     """
+    from medembed.store import merge_stores, open_store
+
     merged = merge_stores(shards, out)
     if len(shards) == 1 and shards[0].resolve() == out.resolve():
         typer.echo(f"consolidated {merged} into one file ({len(open_store(merged))} rows)")

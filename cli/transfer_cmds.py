@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from cli._generate import command
-from medembed.transfer.options import TransferOptions
-from medembed.transfer.recalibrate import RecalibrateOptions
+from medembed.options.transfer import TransferOptions
+from medembed.options.recalibrate import RecalibrateOptions
 
 
 def evaluate_on(run: Path, target: Path, root: Path | None, split: str, bootstrap: int | None, transfer: TransferOptions) -> None:

@@ -25,14 +25,16 @@ from medembed._csv import text_cell
 from medembed._files import atomic_write_text
 from medembed.encoders import Encoder
 from medembed.errors import MedembedError
-from medembed.evaluate import aggregate_studies
-from medembed.extract import ExtractOptions, ExtractSummary, build_encoder, extract, store_fingerprint
-from medembed.manifest import IMAGE_SUFFIXES, Manifest, read_manifest
-from medembed.runs import STORE_DTYPES, Run, load_run
-from medembed.splits import Split, level_tokens
+from medembed.protocol.metrics import aggregate_studies
+from medembed.options.extract import ExtractOptions
+from medembed.extract.runner import ExtractSummary, extract
+from medembed.encoders.runtime import build_encoder, store_fingerprint
+from medembed.data.manifest import IMAGE_SUFFIXES, Manifest, read_manifest
+from medembed.runs.record import STORE_DTYPES, Run, load_run
+from medembed.protocol.splits import Split, level_tokens
 from medembed.store import fingerprint_mismatch, open_store
 from medembed.transfer.annotate import COLUMNS as ANNOTATIONS, annotate
-from medembed.transfer.options import TransferOptions
+from medembed.options.transfer import TransferOptions
 
 
 @dataclass
@@ -144,7 +146,7 @@ def score_images(
     others could not be read. Embedding runs extract into the store `cache` (resumable) with `encoder` (default:
     `run_encoder(run)`); `preprocess` replaces the images' preprocessing (a corrupted variant for robustness)."""
     if run.record.kind == "ensemble":  # each member's encoder into its own cache store, joined by image id
-        from medembed.ensemble import score_member_images
+        from medembed.scorers.ensemble import score_member_images
 
         return score_member_images(run, manifest, root, cache, options, preprocess)
     rows = Split.from_manifest(manifest)

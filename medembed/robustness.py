@@ -13,7 +13,7 @@ Outputs in the run directory: ``robustness.json`` (every metric per condition, a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +21,21 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from medembed._files import atomic_write_text
-from medembed.corrupt import CORRUPTIONS, SEVERITY_TABLE, CorruptedPreprocess, parameter
+from medembed.data.corrupt import CORRUPTIONS, SEVERITY_TABLE, CorruptedPreprocess, parameter
 from medembed.errors import MedembedError
-from medembed.evaluate import METRICS
-from medembed.extract import ExtractOptions
-from medembed.manifest import Manifest, read_manifest
+from medembed.protocol.metrics import METRICS
+from medembed.data.manifest import Manifest, read_manifest
 from medembed.predict import Scored, run_encoder, score_images
-from medembed.protocol import ProtocolOptions, evaluate_split
-from medembed.report import format_cell, write_metrics_json
-from medembed.runs import Run, load_run
-from medembed.splits import Split
+from medembed.options.protocol import ProtocolOptions
+from medembed.protocol.steps import evaluate_split
+from medembed.protocol.report import format_cell, write_metrics_json
+from medembed.runs.record import Run, load_run
+from medembed.protocol.splits import Split
+from medembed.options.robustness import RobustnessOptions
 
 CLEAN = "clean"
 TABLE_METRICS = ("auroc", "kappa")  # the Markdown table and the figure; the JSON has every metric
 _METRIC_NAMES = {"auroc": "AUROC", "kappa": "Kappa"}
-
-
-@dataclass
-class RobustnessOptions:
-    """How to extract (the run's store dtype is always used) and how many bootstrap resamples per condition."""
-
-    extract: ExtractOptions = field(default_factory=ExtractOptions)
-    n_resamples: int = 1000
 
 
 @dataclass(frozen=True)
@@ -189,7 +182,7 @@ def robustness_markdown(result: dict[str, Any], *, title: str) -> str:
         lines += ["", f"## {level.capitalize()} level", ""]
         lines += ["| " + " | ".join(header) + " |", "|---|---:|---:" + "|---:" * (len(header) - 3) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in table]
-    lines += ["", "## Corruptions", "", "Severity tables (ImageNet-C where it has the corruption; see medembed.corrupt):", ""]
+    lines += ["", "## Corruptions", "", "Severity tables (ImageNet-C where it has the corruption; see medembed.data.corrupt):", ""]
     lines += [f"- **{name}**: {', '.join(f'{v:g}' for v in values)}" for name, values in result["severity_table"].items()]
     if result["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in result["notes"]]

@@ -73,7 +73,8 @@ import numpy as np
 from medembed import __version__
 from medembed._files import ExclusiveLock, LockBusy, is_locked
 from medembed.errors import MedembedError
-from medembed.images import PreprocessSpec
+from medembed.data.images import PreprocessSpec
+from medembed.options.extract import DTYPES
 
 SCHEMA_VERSION = 2  # 2: the segmented layout (an index file); plain files are still written as 1
 PLAIN_SCHEMA_VERSION = 1  # additive changes since (fingerprint keys, provenance, checksums, tokens, extra) stay readable
@@ -84,10 +85,8 @@ FINGERPRINT_KEYS = (
 )
 # Keys added after stores were first written: a recorded fingerprint without them predates them.
 LATER_FINGERPRINT_KEYS = ("precision", "config_sha256", "levels")
-PRECISIONS = ("bf16", "fp16", "fp32")
 STRING_COLUMNS = ("study_id", "patient_id", "body_part", "split")
 COLUMNS = ("label",) + STRING_COLUMNS
-DTYPES = ("float16", "float32")
 PROVENANCE_KEYS = ("python", "medembed", "torch", "transformers", "numpy", "h5py", "gpu")
 
 _STR = h5py.string_dtype("utf-8")

@@ -26,7 +26,7 @@ TRUNCATED = ["IMG0004028", "IMG0004029"]  # two of the 59 JPEGs truncated in the
 @pytest.fixture(scope="session")
 def small_manifest(tmp_path_factory, fracatlas_root) -> Path:
     """26 rows of the canonical FracAtlas manifest: 4 normal + 4 abnormal per split, plus two truncated JPEGs."""
-    from medembed.manifest import read_manifest, write_manifest
+    from medembed.data.manifest import read_manifest, write_manifest
 
     manifest = read_manifest(REPO / "data_manifests" / "fracatlas.csv")
     picks = []

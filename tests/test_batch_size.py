@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from medembed.batch_size import cached, largest_batch, rounded
+from medembed.extract.batch_size import cached, largest_batch, rounded
 from medembed.errors import MedembedError
-from medembed.extract import ExtractOptions
+from medembed.options.extract import ExtractOptions
 
 
 @pytest.mark.parametrize("value", [None, "auto", 1, 512])

@@ -7,7 +7,7 @@ import pytest
 from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import brier_score_loss, cohen_kappa_score, f1_score
 
-from medembed.calibrate import (
+from medembed.protocol.calibrate import (
     Calibrator,
     ThresholdRule,
     check_scores,

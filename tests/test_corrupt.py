@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medembed.corrupt import (
+from medembed.data.corrupt import (
     CORRUPTIONS,
     SEVERITIES,
     CorruptedPreprocess,
@@ -16,7 +16,7 @@ from medembed.corrupt import (
     parse_corruptions,
     parse_severities,
 )
-from medembed.images import decode_image, medsiglip_spec
+from medembed.data.images import decode_image, medsiglip_spec
 
 
 def crafted(shape=(180, 150)) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medembed._csv import read_text_cell, text_cell
-from medembed.manifest import Manifest, read_manifest, write_manifest
+from medembed.data.manifest import Manifest, read_manifest, write_manifest
 from medembed.sweep.results import COLUMNS, CellKey, ResultsLog, cell_row, read_results
 from tests.cli.test_entry_point import run_cli
 from tests.test_fit import write_store

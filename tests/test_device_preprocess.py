@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from medembed.device_preprocess import pack, preprocess_packed, unpack
+from medembed.extract.device_preprocess import pack, preprocess_packed, unpack
 from medembed.encoders.efficientnet_lite import efficientnet_lite_spec
 from medembed.encoders.medgemma import gemma3_spec
-from medembed.images import CompactPixels, PreprocessSpec, medsiglip_spec
-from medembed.manifest import read_manifest
+from medembed.data.images import CompactPixels, PreprocessSpec, medsiglip_spec
+from medembed.data.manifest import read_manifest
 
 from tests.conftest import REPO, TRUNCATED
 from tests.test_images import _tiff_12bit, _write_dicom

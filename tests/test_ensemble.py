@@ -1,4 +1,4 @@
-"""Ensembles (medembed.ensemble): head ensembles on one store, stores of several encoders joined by image id,
+"""Ensembles (medembed.scorers.ensemble): head ensembles on one store, stores of several encoders joined by image id,
 stacking on out-of-fold train predictions, the run directory round trip, and the refusals."""
 
 import json
@@ -8,11 +8,13 @@ import shutil
 import numpy as np
 import pytest
 
-from medembed.ensemble import EnsembleScorer, _folds, join_stores, load_joined_splits, split_head_params
+from medembed.scorers.ensemble import EnsembleScorer, _folds, join_stores, load_joined_splits, split_head_params
 from medembed.errors import MedembedError
-from medembed.fit import FitOptions, evaluate_run, fit_run
-from medembed.manifest import Manifest
-from medembed.runs import load_run
+from medembed.options.fit import FitOptions
+from medembed.evaluate import evaluate_run
+from medembed.fit import fit_run
+from medembed.data.manifest import Manifest
+from medembed.runs.record import load_run
 from tests.cli.test_entry_point import assert_round_trip, run_cli
 from tests.test_fit import FP, write_store
 
@@ -160,8 +162,9 @@ def test_the_cli_fits_ensembles_and_refuses_in_one_line(stores, tmp_path):
 
 def test_an_ensemble_of_two_real_encoders_round_trips_through_evaluate_compare_and_predict(tmp_path, fracatlas_root):
     from medembed.encoders import get_encoder
-    from medembed.extract import ExtractOptions, extract
-    from medembed.manifest import build_fracatlas
+    from medembed.options.extract import ExtractOptions
+    from medembed.extract.runner import extract
+    from medembed.data.manifest import build_fracatlas
 
     manifest, _ = build_fracatlas(fracatlas_root)
     small = manifest.subset(np.r_[np.flatnonzero(manifest.label == 1)[:9], np.flatnonzero(manifest.label == 0)[:9]])

@@ -5,7 +5,7 @@ import pytest
 from sklearn import metrics as skm
 
 from medembed.errors import MedembedError
-from medembed.evaluate import (
+from medembed.protocol.metrics import (
     METRICS,
     aggregate_studies,
     binary_metrics,

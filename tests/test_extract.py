@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.extract import ExtractOptions, build_encoder, extract
-from medembed.manifest import read_manifest
+from medembed.options.extract import ExtractOptions
+from medembed.encoders.runtime import build_encoder
+from medembed.extract.runner import extract
+from medembed.data.manifest import read_manifest
 from medembed.store import open_store
 
 from tests.conftest import REPO, TRUNCATED, kill_after_batches

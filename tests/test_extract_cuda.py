@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from medembed.device_preprocess import pack, preprocess_packed
-from medembed.extract import ExtractOptions, build_encoder, resolve_batch_size
+from medembed.extract.device_preprocess import pack, preprocess_packed
+from medembed.options.extract import ExtractOptions
+from medembed.encoders.runtime import build_encoder
+from medembed.extract.runner import resolve_batch_size
 from medembed.store import open_store
 
 from tests.test_device_preprocess import SPECS, TOLERANCE, cpu_path, fracatlas_paths, generated  # noqa: F401 (fixtures)

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from medembed.errors import MedembedError
-from medembed.extract import ExtractOptions, build_encoder, extract, resolve_precision, store_fingerprint
-from medembed.manifest import Manifest, read_manifest
+from medembed.options.extract import ExtractOptions
+from medembed.encoders.runtime import build_encoder, resolve_precision, store_fingerprint
+from medembed.extract.runner import extract
+from medembed.data.manifest import Manifest, read_manifest
 from medembed.store import StoreWriter, open_store
 
 from tests.conftest import TRUNCATED

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from medembed.errors import MedembedError
-from medembed.extract_loop import STAGES, DurableWriter, StageTimes, WriteJob
+from medembed.extract.loop import STAGES, DurableWriter, StageTimes, WriteJob
 from medembed.store import StoreError, StoreWriter, make_fingerprint, open_store
 
 DIM, LEVEL, SHAPE = 4, "final@2x2", (5, 3)

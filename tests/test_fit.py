@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.fit import FitOptions, evaluate_run, fit_run
-from medembed.runs import load_run
+from medembed.options.fit import FitOptions
+from medembed.evaluate import evaluate_run
+from medembed.fit import fit_run
+from medembed.runs.record import load_run
 from medembed.store import StoreWriter, make_fingerprint
 
 FP = make_fingerprint(encoder="synthetic", model_id="test", embedding_kind="pooled", preprocess_hash="p", dtype="float32")

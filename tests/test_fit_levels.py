@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.extract import ExtractOptions, build_encoder, extract
-from medembed.fit import FitOptions, evaluate_run, fit_run, run_rows
-from medembed.manifest import read_manifest
-from medembed.runs import load_run
+from medembed.options.extract import ExtractOptions
+from medembed.encoders.runtime import build_encoder
+from medembed.extract.runner import extract
+from medembed.options.fit import FitOptions
+from medembed.evaluate import evaluate_run
+from medembed.fit import fit_run, run_rows
+from medembed.data.manifest import read_manifest
+from medembed.runs.record import load_run
 from medembed.store import open_store
 from tests.cli.test_entry_point import MEDEMBED, run_cli
 from tests.conftest import kill_after_batches

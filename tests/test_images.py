@@ -16,7 +16,14 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from medembed.errors import MedembedError
-from medembed.images import ImageDecodeError, ImageHeader, PreprocessSpec, decode_image, medsiglip_spec, probe_image
+from medembed.data.images import (
+    ImageDecodeError,
+    ImageHeader,
+    PreprocessSpec,
+    decode_image,
+    medsiglip_spec,
+    probe_image,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -577,7 +584,7 @@ def test_16bit_decoding_peaks_near_six_bytes_per_pixel(tmp_path):
         tmp_path / "big16.png", compress_level=1
     )
     code = (
-        "import resource; from medembed.images import decode_image; "
+        "import resource; from medembed.data.images import decode_image; "
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
         f"pixels = decode_image({str(tmp_path / 'big16.png')!r}); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, pixels.shape)"

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from medembed.levels import LevelError, LevelSpec, canonical_levels, parse_level, requested_levels, token_count, tokens_from_map
+from medembed.encoders.levels import (
+    LevelError,
+    LevelSpec,
+    canonical_levels,
+    parse_level,
+    requested_levels,
+    token_count,
+    tokens_from_map,
+)
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,12 @@ import shutil
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.extract import ExtractOptions, build_encoder, extract
-from medembed.fit import FitOptions, fit_run
-from medembed.manifest import read_manifest
+from medembed.options.extract import ExtractOptions
+from medembed.encoders.runtime import build_encoder
+from medembed.extract.runner import extract
+from medembed.options.fit import FitOptions
+from medembed.fit import fit_run
+from medembed.data.manifest import read_manifest
 from medembed.predict import predict
 
 ENCODER = {"size": 64}

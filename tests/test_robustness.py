@@ -5,13 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from medembed.corrupt import CorruptedPreprocess
+from medembed.data.corrupt import CorruptedPreprocess
 from medembed.encoders import get_encoder
 from medembed.errors import MedembedError
-from medembed.extract import ExtractOptions, extract
-from medembed.fit import FitOptions, fit_run
-from medembed.manifest import Manifest, build_fracatlas, read_manifest, write_manifest
-from medembed.robustness import RobustnessOptions, evaluate_corruptions
+from medembed.options.extract import ExtractOptions
+from medembed.extract.runner import extract
+from medembed.options.fit import FitOptions
+from medembed.fit import fit_run
+from medembed.data.manifest import Manifest, build_fracatlas, read_manifest, write_manifest
+from medembed.options.robustness import RobustnessOptions
+from medembed.robustness import evaluate_corruptions
 from medembed.store import open_store
 
 ENCODER_OPTIONS = {"size": 64}  # EfficientNet-Lite0 at 64 px: real weights, a fraction of the 224-px cost

@@ -21,7 +21,8 @@ import h5py
 import numpy as np
 import pytest
 
-from medembed.fit import FitOptions, fit_run
+from medembed.options.fit import FitOptions
+from medembed.fit import fit_run
 from medembed.store import StoreError, StoreWriter, make_fingerprint, open_store
 
 MEDEMBED = shutil.which("medembed", path=str(Path(sys.executable).parent)) or shutil.which("medembed")

@@ -1,4 +1,4 @@
-"""Learned study pooling (medembed.study_pooling) on generated multi-image studies with a planted signal: in an
+"""Learned study pooling (medembed.scorers.study_pooling) on generated multi-image studies with a planted signal: in an
 abnormal study only ONE of its 1-8 images shows the finding, so averaging image scores dilutes it and attention
 has something to learn."""
 
@@ -9,12 +9,14 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from medembed.errors import MedembedError
-from medembed.evaluate import aggregate_studies
-from medembed.fit import FitOptions, evaluate_run, fit_run
-from medembed.heads import make_head
-from medembed.splits import load_splits
+from medembed.protocol.metrics import aggregate_studies
+from medembed.options.fit import FitOptions
+from medembed.evaluate import evaluate_run
+from medembed.fit import fit_run
+from medembed.scorers.heads import make_head
+from medembed.protocol.splits import load_splits
 from medembed.store import StoreWriter
-from medembed.study_pooling import AttentionStudyPooling, _Studies
+from medembed.scorers.study_pooling import AttentionStudyPooling, _Studies
 from tests.cli.test_entry_point import run_cli
 from tests.test_fit import FP
 

@@ -11,23 +11,24 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, SiglipConfig, SiglipModel
 
 from medembed.encoders import get_encoder
-from medembed.extract import ExtractOptions, extract
-from medembed.fit import FitOptions
-from medembed.manifest import Manifest, build_fracatlas
+from medembed.options.extract import ExtractOptions
+from medembed.extract.runner import extract
+from medembed.options.fit import FitOptions
+from medembed.data.manifest import Manifest, build_fracatlas
 from medembed.store import open_store
-from medembed.zeroshot import (
+from medembed.scorers.zeroshot import (
     DEFAULT_PROMPTS,
     GENERIC_BODY_PART,
     PromptClassifier,
     SiglipTextTower,
     ZeroShotError,
-    ZeroShotOptions,
     body_part_phrase,
     fill_prompts,
     load_prompts,
     tokenize,
     zeroshot_run,
 )
+from medembed.options.zeroshot import ZeroShotOptions
 
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=200)

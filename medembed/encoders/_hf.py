@@ -206,7 +206,7 @@ def vit_level_names(num_layers: int) -> list[str]:
 def vit_level_maps(outputs: Any, names: set[str], side: int) -> dict[str, torch.Tensor]:
     """The patch tokens of the hidden states `names` asks for (`outputs` of a forward with output_hidden_states)
     as `[B, C, side, side]` maps; the tokens before the last side * side (CLS, registers) are left out."""
-    from medembed.levels import grid_side_tokens
+    from medembed.encoders.levels import grid_side_tokens
 
     chosen = {name: outputs.last_hidden_state if name == "final" else outputs.hidden_states[int(name.removeprefix("layer"))] for name in names}
     return {name: grid_side_tokens(hidden[:, hidden.shape[1] - side * side :], side) for name, hidden in chosen.items()}

@@ -1,6 +1,6 @@
 """The convolutional autoencoder baseline as an encoder: its trained bottleneck, globally averaged.
 
-`medembed baseline autoencoder` trains the network (`medembed.baselines.autoencoder`) and saves it as
+`medembed baseline autoencoder` trains the network (`medembed.scorers.baselines.autoencoder`) and saves it as
 model.safetensors + model.json; this encoder loads that directory, so `extract` writes the autoencoder's store
 like any other (resume, failed table, shards) and `predict` can rebuild it for a run fitted on that store.
 
@@ -20,8 +20,8 @@ from torch import nn
 
 from medembed._files import read_json
 from medembed.encoders.base import Encoder, EncoderError, freeze
-from medembed.images import PreprocessSpec
-from medembed.levels import FINAL
+from medembed.data.images import PreprocessSpec
+from medembed.encoders.levels import FINAL
 
 KIND = "autoencoder"
 LEVELS = 4  # stride-2 stages: the bottleneck map is size / 16 on a side

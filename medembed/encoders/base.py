@@ -10,17 +10,20 @@ from typing import ClassVar
 import torch
 
 from medembed.encoders.views import VIEW_REDUCTIONS, VIEWS_LEVEL, apply_view, parse_views
-from medembed.errors import MedembedError
-from medembed.images import PreprocessSpec
-from medembed.levels import LevelError, LevelSpec, canonical_levels, requested_levels, token_count, tokens_from_map
+from medembed.data.images import PreprocessSpec
+from medembed.encoders.registry import EncoderError
+from medembed.encoders.levels import (
+    LevelError,
+    LevelSpec,
+    canonical_levels,
+    requested_levels,
+    token_count,
+    tokens_from_map,
+)
 
 _HASH_CHUNK = 8 * 1024 * 1024
 # (real path, size, mtime_ns) -> sha256: a multi-GB shard is hashed once per process.
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-class EncoderError(MedembedError):
-    """A user-fixable encoder problem: unknown name or option, missing checkpoint file, unsupported config."""
 
 
 class Encoder(abc.ABC):

@@ -34,8 +34,8 @@ from efficientnet_lite_pytorch.utils import get_model_params
 from torch.utils.flop_counter import FlopCounterMode
 
 from medembed.encoders.base import Encoder, EncoderError, describe_levels, freeze
-from medembed.images import PreprocessSpec
-from medembed.levels import FINAL
+from medembed.data.images import PreprocessSpec
+from medembed.encoders.levels import FINAL
 
 _CODE_PACKAGE = "efficientnet_lite_pytorch"
 DIM = 1280

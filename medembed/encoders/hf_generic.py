@@ -14,9 +14,17 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModel
 
-from medembed.encoders._hf import VIT_LEVELS_HELP, HFCheckpoint, load_pretrained, read_json, vit_forward_flops, vit_level_maps, vit_level_names
+from medembed.encoders._hf import (
+    VIT_LEVELS_HELP,
+    HFCheckpoint,
+    load_pretrained,
+    read_json,
+    vit_forward_flops,
+    vit_level_maps,
+    vit_level_names,
+)
 from medembed.encoders.base import Encoder, EncoderError
-from medembed.images import PreprocessSpec
+from medembed.data.images import PreprocessSpec
 
 # PIL resample codes used in preprocessor_config.json
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}

@@ -27,9 +27,16 @@ from transformers import Gemma3Config, SiglipVisionModel
 from transformers.initialization import no_init_weights
 from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
 
-from medembed.encoders._hf import SAFETENSORS_SINGLE, VIT_LEVELS_HELP, HFCheckpoint, siglip_tower_flops, vit_level_maps, vit_level_names
+from medembed.encoders._hf import (
+    SAFETENSORS_SINGLE,
+    VIT_LEVELS_HELP,
+    HFCheckpoint,
+    siglip_tower_flops,
+    vit_level_maps,
+    vit_level_names,
+)
 from medembed.encoders.base import Encoder, EncoderError, freeze
-from medembed.images import PreprocessSpec, medsiglip_spec
+from medembed.data.images import PreprocessSpec, medsiglip_spec
 
 # Longest prefixes first: each tensor name is matched against them in order.
 _VISION_PREFIXES = (

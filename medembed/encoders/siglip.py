@@ -22,9 +22,16 @@ from pathlib import Path
 import torch
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from medembed.encoders._hf import VIT_LEVELS_HELP, HFCheckpoint, load_pretrained, siglip_tower_flops, vit_level_maps, vit_level_names
+from medembed.encoders._hf import (
+    VIT_LEVELS_HELP,
+    HFCheckpoint,
+    load_pretrained,
+    siglip_tower_flops,
+    vit_level_maps,
+    vit_level_names,
+)
 from medembed.encoders.base import Encoder, EncoderError
-from medembed.images import medsiglip_spec
+from medembed.data.images import medsiglip_spec
 
 _SIGLIP_MODEL_TYPES = ("siglip", "siglip_vision_model")
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from medembed.errors import MedembedError
-from medembed.levels import split_list
+from medembed.encoders.levels import split_list
 
 VIEWS_LEVEL = "views"
 VIEW_REDUCTIONS = ("mean", "all")

@@ -29,7 +29,7 @@
                                         # are concatenated) whose cells are the `token_heads`, as `fit --level`
     token_heads = ["attention"]         # optional (default ["attention"]): attention | concat | adapter
 
-    [[ensembles]]                       # optional: ensembles as cells beside the single heads (medembed.ensemble)
+    [[ensembles]]                       # optional: ensembles as cells beside the single heads (medembed.scorers.ensemble)
     label = "stack3"                    # the results' head column
     heads = ["logreg", "mlp", "xgboost"]
     combine = "stack"                   # concat | mean | stack, as `medembed fit --ensemble`
@@ -62,16 +62,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from medembed.baselines.autoencoder import AutoencoderOptions
-from medembed.baselines.autoencoder import KIND as AUTOENCODER
-from medembed.baselines.cnn import CNNOptions
-from medembed.calibrate import CALIBRATIONS, parse_threshold_rule
+from medembed.options.baselines import AutoencoderOptions
+from medembed.scorers.baselines.autoencoder import KIND as AUTOENCODER
+from medembed.options.baselines import CNNOptions
+from medembed.options.protocol import CALIBRATIONS, parse_threshold_rule
 from medembed.encoders import available_encoders
 from medembed.errors import MedembedError
-from medembed.evaluate import AGGREGATIONS
-from medembed.extract import ExtractOptions
-from medembed.fit import FitOptions
-from medembed.heads import HEAD_NAMES, TOKEN_HEADS, make_head
+from medembed.options.protocol import AGGREGATIONS
+from medembed.options.extract import ExtractOptions
+from medembed.options.fit import FitOptions
+from medembed.scorers.heads import HEAD_NAMES, TOKEN_HEADS, make_head
 from medembed.sweep.budgets import check_fraction
 
 CNN = "cnn"
@@ -141,7 +141,7 @@ def source_label(members: tuple[EncoderSpec, ...]) -> str:
 
 @dataclass(frozen=True)
 class BaselineSpec:
-    """A conventional baseline from medembed.baselines. The CNN runs once per (budget, seed) of its own; the
+    """A conventional baseline from medembed.scorers.baselines. The CNN runs once per (budget, seed) of its own; the
     autoencoder is trained once (its `seed` option) and its store gets the sweep's budgets and seeds."""
 
     kind: str  # "cnn" | "autoencoder"
@@ -284,7 +284,7 @@ def _encoder(where: _Where, entry: dict, index: int) -> EncoderSpec:
 
 
 def _ensemble(where: _Where, entry: dict, index: int, encoders: tuple[EncoderSpec, ...], heads: tuple[str, ...]) -> EnsembleSpec:
-    from medembed.ensemble import COMBINES, EnsembleScorer, split_head_params
+    from medembed.scorers.ensemble import COMBINES, EnsembleScorer, split_head_params
 
     key = f"ensembles[{index}]"
     where.known_keys(entry, _ENSEMBLE_KEYS, key)

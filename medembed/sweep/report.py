@@ -1,7 +1,7 @@
 """results.md and the figures of a sweep, drawn from its results rows.
 
-Every number is a study-level metric's mean ± sd over seeds, computed by `medembed.evaluate.summarize_seeds`
-(the same summary as `medembed fit --seeds`) and formatted by `medembed.report.format_cell`. Figures are drawn
+Every number is a study-level metric's mean ± sd over seeds, computed by `medembed.protocol.metrics.summarize_seeds`
+(the same summary as `medembed fit --seeds`) and formatted by `medembed.protocol.report.format_cell`. Figures are drawn
 on `matplotlib.figure.Figure` objects (Agg, no pyplot state).
 """
 
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from medembed.evaluate import summarize_seeds
-from medembed.report import METRIC_LABELS, format_cell, markdown_table
+from medembed.protocol.metrics import summarize_seeds
+from medembed.protocol.report import METRIC_LABELS, format_cell, markdown_table
 from medembed.sweep.results import row_key
 
 if TYPE_CHECKING:

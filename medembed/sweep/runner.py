@@ -29,16 +29,20 @@ from pathlib import Path
 
 import numpy as np
 
-from medembed.baselines.autoencoder import AutoencoderOptions, run_autoencoder_baseline, weights_dir
-from medembed.baselines.cnn import CNNOptions, run_cnn_baseline
+from medembed.options.baselines import AutoencoderOptions
+from medembed.scorers.baselines.autoencoder import run_autoencoder_baseline, weights_dir
+from medembed.options.baselines import CNNOptions
+from medembed.scorers.baselines.cnn import run_cnn_baseline
 from medembed._files import read_json
 from medembed.errors import MedembedError
-from medembed.extract import build_encoder, extract
-from medembed.fit import FitOptions, level_head_params
-from medembed.heads import make_head
-from medembed.manifest import Manifest, read_manifest
-from medembed.protocol import fit_and_evaluate
-from medembed.splits import Split, load_splits
+from medembed.encoders.runtime import build_encoder
+from medembed.extract.runner import extract
+from medembed.options.fit import FitOptions
+from medembed.fit import level_head_params
+from medembed.scorers.heads import make_head
+from medembed.data.manifest import Manifest, read_manifest
+from medembed.protocol.steps import fit_and_evaluate
+from medembed.protocol.splits import Split, load_splits
 from medembed.store import open_store
 from medembed.sweep.budgets import MIN_PER_CLASS, budget_subset
 from medembed.sweep.config import AUTOENCODER, BASELINE_KINDS, CNN, EncoderSpec, EnsembleSpec, SweepConfig, source_label
@@ -188,7 +192,7 @@ class _Sweep:
 
     def run_ensemble(self, cells: list[CellKey], spec: EnsembleSpec, members: tuple[EncoderSpec, ...]) -> None:
         """An ensemble's cells on one source: the members' stores (joined by image id when several)."""
-        from medembed.ensemble import load_joined_splits, make_ensemble
+        from medembed.scorers.ensemble import load_joined_splits, make_ensemble
 
         todo = self._todo(cells)
         if not todo:

@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 
 from medembed.errors import MedembedError
-from medembed.splits import Split
+from medembed.protocol.splits import Split
 from medembed.transfer.conformal import fit_conformal, prediction_sets, set_names
-from medembed.transfer.options import TransferOptions
+from medembed.options.transfer import TransferOptions
 from medembed.transfer.reference import NO_EMBEDDINGS, run_reference
 from medembed.transfer.sections import ood_scores
 

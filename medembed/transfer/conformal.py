@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medembed.calibrate import check_probabilities, check_scores
+from medembed.protocol.calibrate import check_probabilities, check_scores
 from medembed.errors import MedembedError
+from medembed.options.transfer import check_alpha
 
 SET_NAMES = ("empty", "normal", "abnormal", "both")  # indexed by 1 * has_normal + 2 * has_abnormal
 REFERRED = ("both", "empty")
@@ -33,13 +34,6 @@ class ConformalQuantiles:
     class_conditional: bool
     normal: float
     abnormal: float
-
-
-def check_alpha(alpha: float) -> float:
-    """alpha as a float in (0, 1), or MedembedError."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise MedembedError(f"conformal alpha must be in (0, 1); got {alpha!r}")
-    return float(alpha)
 
 
 def conformal_quantile(scores: np.ndarray, alpha: float) -> float:

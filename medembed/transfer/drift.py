@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial.distance import cdist
 
-from medembed.calibrate import check_probabilities
+from medembed.protocol.calibrate import check_probabilities
 from medembed.errors import MedembedError
 
 MAX_ROWS = 1000  # per sample: the kernel matrix is (2 x MAX_ROWS)^2

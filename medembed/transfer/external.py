@@ -20,22 +20,31 @@ import numpy as np
 from medembed._csv import text_cell
 from medembed._files import atomic_write_text
 from medembed.errors import MedembedError
-from medembed.evaluate import aggregate_studies, binary_metrics, resampled_metrics
-from medembed.protocol import Calibration, ProtocolOptions, evaluate_split
-from medembed.report import markdown_report, plot_figures, write_metrics_json
-from medembed.runs import Run, load_run, report_context
-from medembed.splits import Split
+from medembed.protocol.metrics import aggregate_studies, binary_metrics, resampled_metrics
+from medembed.protocol.steps import Calibration, evaluate_split
+from medembed.options.protocol import ProtocolOptions
+from medembed.protocol.report import markdown_report, plot_figures, write_metrics_json
+from medembed.runs.record import Run, load_run, report_context
+from medembed.protocol.splits import Split
 from medembed.transfer.conformal import fit_conformal, prediction_sets, set_names
 from medembed.transfer.drift import prevalence_shift, shift_test
 from medembed.transfer.ood import embedding_matrix
-from medembed.transfer.options import TransferOptions
+from medembed.options.transfer import TransferOptions
 from medembed.transfer.reference import NO_EMBEDDINGS, SiteReference, run_reference
 from medembed.transfer.sections import (
-    COMPARED, comparison_markdown, conformal_markdown, conformal_summary, drift_markdown, ood_markdown, ood_scores,
-    save_subgroup_figure, subgroups_markdown,
+    COMPARED,
+    comparison_markdown,
+    conformal_markdown,
+    conformal_summary,
+    drift_markdown,
+    ood_markdown,
+    ood_scores,
+    save_subgroup_figure,
+    subgroups_markdown,
 )
 from medembed.transfer.subgroups import check_columns, subgroup_metrics
-from medembed.transfer.targets import ALL_ROWS, labelled, target_rows
+from medembed.transfer.targets import labelled, target_rows
+from medembed.options.transfer import ALL_ROWS
 
 EXTERNAL_DIR = "external"
 

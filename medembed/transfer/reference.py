@@ -21,7 +21,7 @@ import numpy as np
 
 from medembed._files import atomic_write_json, read_json
 from medembed.errors import MedembedError
-from medembed.splits import Split
+from medembed.protocol.splits import Split
 from medembed.transfer.ood import MahalanobisOOD, embedding_matrix
 
 REFERENCE_DIR = "reference"

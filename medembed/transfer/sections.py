@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from medembed.report import format_cell, markdown_table, write_metrics_json
-from medembed.splits import Split
+from medembed.protocol.report import format_cell, markdown_table, write_metrics_json
+from medembed.protocol.splits import Split
 from medembed.transfer.conformal import coverage, fit_conformal, prediction_sets
 from medembed.transfer.ood import embedding_matrix, ood_threshold
-from medembed.transfer.options import TransferOptions
+from medembed.options.transfer import TransferOptions
 from medembed.transfer.reference import NO_EMBEDDINGS, SiteReference
 from medembed.transfer.subgroups import subgroup_figure, subgroup_metrics
 
@@ -150,10 +150,10 @@ def _interval(ci: list[float] | None) -> str:
 
 
 def fitted_extras(fitted: Any, splits: dict[str, Split], seed: int, n_resamples: int, options: TransferOptions | None = None) -> Any:
-    """What a fit adds to its run directory, for one `medembed.protocol.Fitted` of any scorer: the reference (val
+    """What a fit adds to its run directory, for one `medembed.protocol.steps.Fitted` of any scorer: the reference (val
     scores; a train-embedding sample for embedding scorers) and the report sections of the test split. Returned
-    as the `extras` callable `medembed.runs.write_run` takes."""
-    from medembed.scorers import positive_scores
+    as the `extras` callable `medembed.runs.record.write_run` takes."""
+    from medembed.scorers.contract import positive_scores
     from medembed.transfer.reference import REFERENCE_DIR, build_reference
 
     val = splits["val"]

@@ -1,7 +1,7 @@
 """Metrics per subgroup of any manifest column (site, sex, age band, view, scanner) with bootstrap intervals.
 
 Each column is taken on its own: one group per distinct value (empty values form no group), image-level metrics
-from `medembed.evaluate` at the run's threshold, percentile intervals resampling patients (else studies) within
+from `medembed.protocol.metrics` at the run's threshold, percentile intervals resampling patients (else studies) within
 the group, and per metric the largest gap between two groups that define it and have at least MIN_GROUP images.
 """
 
@@ -14,19 +14,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from medembed.errors import MedembedError
-from medembed.evaluate import binary_metrics, bootstrap_metrics
-from medembed.splits import Split
+from medembed.protocol.metrics import binary_metrics, bootstrap_metrics
+from medembed.protocol.splits import Split
 
 GAP_METRICS = ("auroc", "sensitivity", "specificity", "kappa", "ppv", "npv")
 MIN_GROUP = 10  # images: smaller groups are reported but take no part in the largest gap
-
-
-def parse_columns(text: str | None) -> list[str]:
-    """ "view,site" -> ["view", "site"]; None or "" -> []."""
-    names = [name.strip() for name in (text or "").split(",") if name.strip()]
-    if len(set(names)) != len(names):
-        raise MedembedError(f"--by names a column twice: {text!r}")
-    return names
 
 
 def row_column(rows: Split, name: str) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The rows of another site that a run can score: a store (embedding runs) or a manifest and its images (image runs).
 
 A target store must carry the run's fingerprint. One exception is made, and noted: a store whose preprocessing
-is the run's own preceded by a `medembed.corrupt` corruption (a simulated other site) differs only in its
+is the run's own preceded by a `medembed.data.corrupt` corruption (a simulated other site) differs only in its
 preprocess hash, which records that corruption.
 """
 
@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 
 from medembed.errors import MedembedError
-from medembed.manifest import SPLITS, read_manifest
-from medembed.splits import Split, level_tokens
+from medembed.data.manifest import SPLITS, read_manifest
+from medembed.protocol.splits import Split, level_tokens
 from medembed.store import EmbeddingTable, fingerprint_mismatch, open_store, read_stores
+from medembed.options.transfer import ALL_ROWS
 
-ALL_ROWS = "all"
 
 
 def simulated_shift(run_preprocess: str, store_preprocess: str) -> str | None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medembed.manifest import read_manifest, write_manifest
+from medembed.data.manifest import read_manifest, write_manifest
 
 CANONICAL = Path(__file__).resolve().parents[2] / "data_manifests" / "fracatlas.csv"
 TRUNCATED_ID = "IMG0004036"  # a train image whose JPEG lacks its end-of-image marker in the release

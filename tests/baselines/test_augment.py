@@ -2,7 +2,7 @@
 
 import torch
 
-from medembed.baselines.augment import Augmentation
+from medembed.scorers.baselines.augment import Augmentation
 
 NONE = Augmentation(hflip=0.0, rotation=0.0, scale=0.0, shift=0.0, brightness=0.0, contrast=0.0)
 

@@ -7,19 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from medembed.baselines._data import cache_images
-from medembed.baselines._training import cpu_threads, predict_batches
-from medembed.baselines.autoencoder import (
+from medembed.scorers.baselines._data import cache_images
+from medembed.scorers.baselines._training import cpu_threads, predict_batches
+from medembed.scorers.baselines.autoencoder import (
     KIND,
-    AutoencoderOptions,
     AutoencoderRun,
     autoencoder_spec,
     load_autoencoder,
     run_autoencoder_baseline,
 )
+from medembed.options.baselines import AutoencoderOptions
 from medembed.errors import MedembedError
-from medembed.fit import FitOptions, fit_run
-from medembed.manifest import read_manifest
+from medembed.options.fit import FitOptions
+from medembed.fit import fit_run
+from medembed.data.manifest import read_manifest
 from medembed.encoders import get_encoder
 from medembed.encoders.base import files_sha256
 from medembed.store import open_store

@@ -11,13 +11,14 @@ import torch
 from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
-from medembed.baselines._data import cache_images, grey_spec
-from medembed.baselines._training import cpu_threads, predict_batches
-from medembed.baselines.cnn import KIND, CNNOptions, CNNRun, load_cnn, run_cnn_baseline
+from medembed.scorers.baselines._data import cache_images, grey_spec
+from medembed.scorers.baselines._training import cpu_threads, predict_batches
+from medembed.scorers.baselines.cnn import KIND, CNNRun, load_cnn, run_cnn_baseline
+from medembed.options.baselines import CNNOptions
 from medembed.encoders.efficientnet_lite import EfficientNetLite0Encoder
 from medembed.errors import MedembedError
-from medembed.fit import FitOptions
-from medembed.manifest import read_manifest, write_manifest
+from medembed.options.fit import FitOptions
+from medembed.data.manifest import read_manifest, write_manifest
 from tests.baselines.conftest import TRUNCATED_ID
 
 # One thread: fast and repeatable even when other processes share the two cores.

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from medembed.baselines._training import EarlyStopping, load_weights, read_config, save_model, shuffled_batches
+from medembed.scorers.baselines._training import EarlyStopping, load_weights, read_config, save_model, shuffled_batches
 from medembed.errors import MedembedError
 
 

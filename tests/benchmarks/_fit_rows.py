@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from medembed.fit import FitOptions, fit_run
+from medembed.options.fit import FitOptions
+from medembed.fit import fit_run
 
 METRICS = ("auroc", "kappa")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from _fit_rows import metric_cells, timed_fit
 
-from medembed.fit import FitOptions
+from medembed.options.fit import FitOptions
 
 SEEDS = 3
 

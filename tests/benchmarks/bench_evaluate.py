@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from medembed.evaluate import bootstrap_metrics, evaluate_predictions
+from medembed.protocol.metrics import bootstrap_metrics, evaluate_predictions
 
 
 def synthetic_cohort(n_images: int, n_groups: int, seed: int) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ Three parts (run: make bench-extract):
         then the stacking collate) against the new one (decode to compact integer pixels, then the packing
         collate; the preprocessing runs on the GPU). Median of --repeats passes over the files. Target >= 3x.
         Also the cost of the device preprocessing when that device is this CPU (how auto chooses on a CPU).
-  cpu   EfficientNet-Lite0 (real ImageNet weights) over FracAtlas through `medembed.extract`, preprocessing in
+  cpu   EfficientNet-Lite0 (real ImageNet weights) over FracAtlas through `medembed.extract.runner`, preprocessing in
         the workers and on the device (this CPU), and a plain single-process PIL + torch loop.
   gpu   (CUDA only) the MedSigLIP-448 architecture and the MedGemma-4B vision tower at 896 px, built from
         configs with the real shapes and RANDOM weights (speed does not depend on the values): the model alone
@@ -30,12 +30,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medembed.device_preprocess import pack, preprocess_packed
+from medembed.extract.device_preprocess import pack, preprocess_packed
 from medembed.encoders import get_encoder
 from medembed.encoders.medgemma import gemma3_spec
-from medembed.extract import ExtractOptions, collate_images, extract
-from medembed.images import ImageDecodeError, medsiglip_spec
-from medembed.manifest import Manifest, read_manifest
+from medembed.options.extract import ExtractOptions
+from medembed.extract.runner import collate_images, extract
+from medembed.data.images import ImageDecodeError, medsiglip_spec
+from medembed.data.manifest import Manifest, read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 # google/medsiglip-448 vision tower (SigLIP so400m, patch 14, 448 px).

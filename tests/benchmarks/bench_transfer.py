@@ -1,6 +1,6 @@
 """Site transfer measured on FracAtlas: a run fitted on clean FracAtlas, applied to a shifted copy of its test split.
 
-The "other hospital" is the project's deterministic corruptions (`medembed.corrupt`) at severity 3 (contrast,
+The "other hospital" is the project's deterministic corruptions (`medembed.data.corrupt`) at severity 3 (contrast,
 gamma, noise, blur) applied to the FracAtlas **test split only** (817 images per corruption; extraction on 2 CPU
 cores takes minutes per corruption). Clearly foreign inputs for the OOD score are generated here: synthetic
 non-radiographs, tight crops of test radiographs (an unfamiliar field of view) and heavy corruption (severity 5).
@@ -28,18 +28,22 @@ from PIL import Image
 
 from sklearn.metrics import roc_auc_score
 
-from medembed.corrupt import CorruptedPreprocess
-from medembed.evaluate import binary_metrics
-from medembed.extract import ExtractOptions, build_encoder, extract
-from medembed.fit import FitOptions, fit_run, run_rows
-from medembed.manifest import Manifest, read_manifest
-from medembed.runs import load_run
-from medembed.scorers import positive_scores
+from medembed.data.corrupt import CorruptedPreprocess
+from medembed.protocol.metrics import binary_metrics
+from medembed.options.extract import ExtractOptions
+from medembed.encoders.runtime import build_encoder
+from medembed.extract.runner import extract
+from medembed.options.fit import FitOptions
+from medembed.fit import fit_run, run_rows
+from medembed.data.manifest import Manifest, read_manifest
+from medembed.runs.record import load_run
+from medembed.scorers.contract import positive_scores
 from medembed.store import read_stores
 from medembed.transfer.conformal import coverage, fit_conformal, prediction_sets
 from medembed.transfer.drift import prevalence_shift, shift_test
 from medembed.transfer.ood import embedding_matrix, ood_threshold
-from medembed.transfer.recalibrate import RecalibrateOptions, recalibration_curve
+from medembed.options.recalibrate import RecalibrateOptions
+from medembed.transfer.recalibrate import recalibration_curve
 from medembed.transfer.reference import run_reference
 from medembed.transfer.targets import labelled, target_rows
 

@@ -31,7 +31,7 @@ prepare() {
 import shutil, sys
 from pathlib import Path
 import numpy as np
-from medembed.manifest import read_manifest
+from medembed.data.manifest import read_manifest
 from tests.conftest import TRUNCATED
 source, target, rows = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 manifest = read_manifest("data_manifests/fracatlas.csv")

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medembed.baselines.autoencoder import AutoencoderOptions
-from medembed.baselines.cnn import CNNOptions
-from medembed.extract import ExtractOptions
-from medembed.fit import FitOptions, fit_run
-from medembed.manifest import Manifest
-from medembed.protocol import ProtocolOptions
-from medembed.zeroshot import ZeroShotOptions
+from medembed.options.baselines import AutoencoderOptions
+from medembed.options.baselines import CNNOptions
+from medembed.options.extract import ExtractOptions
+from medembed.options.fit import FitOptions
+from medembed.fit import fit_run
+from medembed.data.manifest import Manifest
+from medembed.options.protocol import ProtocolOptions
+from medembed.options.zeroshot import ZeroShotOptions
 from tests.test_fit import write_store
 
 MEDEMBED = shutil.which("medembed", path=str(Path(sys.executable).parent)) or shutil.which("medembed")
@@ -196,8 +197,9 @@ def assert_round_trip(run: Path, images: list[Path], tmp_path: Path) -> None:
 
 def test_a_head_run_round_trips(work, tmp_path, fracatlas_root):
     from medembed.encoders import get_encoder
-    from medembed.extract import ExtractOptions, extract
-    from medembed.manifest import build_fracatlas
+    from medembed.options.extract import ExtractOptions
+    from medembed.extract.runner import extract
+    from medembed.data.manifest import build_fracatlas
 
     manifest, _ = build_fracatlas(fracatlas_root)
     small = manifest.subset(np.r_[np.flatnonzero(manifest.label == 1)[:9], np.flatnonzero(manifest.label == 0)[:9]])
@@ -228,7 +230,7 @@ def test_ctrl_c_at_any_point_of_start_up_is_one_line_and_exit_130(delay):
 
 def test_every_switch_can_be_turned_off():
     """A boolean option whose default is true is useless without its --no- form (baseline cnn --augment)."""
-    from medembed.baselines.cnn import CNNOptions as cnn_options
+    from medembed.options.baselines import CNNOptions as cnn_options
 
     switches = {("baseline", "cnn"): cnn_options, ("extract",): ExtractOptions, ("fit",): FitOptions}
     for command, cls in switches.items():

@@ -9,7 +9,7 @@ import torch
 
 from medembed.encoders import EncoderError, get_encoder
 from medembed.encoders.base import file_sha256, files_sha256, freeze
-from medembed.images import PreprocessSpec
+from medembed.data.images import PreprocessSpec
 
 
 def test_file_sha256_is_the_content_digest_and_notices_changes(tmp_path):

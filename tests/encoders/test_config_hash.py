@@ -7,7 +7,7 @@ import shutil
 import torch
 
 from medembed.encoders import get_encoder
-from medembed.extract import store_fingerprint
+from medembed.encoders.runtime import store_fingerprint
 
 
 def test_hf_config_hash_is_the_sha256_of_config_json_and_tells_local_checkpoints_apart(tmp_path, tiny_siglip):

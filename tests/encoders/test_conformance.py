@@ -12,9 +12,10 @@ from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVi
 from typer.testing import CliRunner
 
 from cli.main import app
-from medembed.encoders import conformance
-from medembed.encoders.conformance import GOLDEN_ENCODERS, GOLDEN_TOLERANCE, CheckOptions, bundled_images, check_encoder
-from medembed.images import decode_image
+from medembed import encoder_check as conformance
+from medembed.encoder_check import GOLDEN_ENCODERS, GOLDEN_TOLERANCE, bundled_images, check_encoder
+from medembed.options.encoders import CheckOptions
+from medembed.data.images import decode_image
 from tests.encoders.conftest import TINY_VISION, _build_tiny_gemma3
 
 runner = CliRunner()
@@ -81,7 +82,7 @@ def test_offline_encoders_reproduce_their_golden_embeddings_in_fp32(name):
 
 def test_a_changed_decoder_under_the_same_spec_is_caught(monkeypatch):
     """What a new Pillow/pydicom/resize that shifts pixels would do: same spec hash, moved embeddings."""
-    from medembed import images
+    from medembed.data import images
 
     real = images.decode_image
     monkeypatch.setattr(images, "decode_image", lambda *args, **kwargs: real(*args, **kwargs) ** 1.02)
@@ -174,7 +175,7 @@ def test_cli_prints_the_check_and_exits_zero_when_golden_holds():
 
 
 def test_cli_exits_one_when_an_embedding_moved(monkeypatch):
-    from medembed import images
+    from medembed.data import images
 
     real = images.decode_image
     monkeypatch.setattr(images, "decode_image", lambda *args, **kwargs: real(*args, **kwargs) * 0.9)

@@ -9,7 +9,7 @@ from transformers import Dinov2Config, Dinov2Model
 
 from medembed.encoders import EncoderError, get_encoder
 from medembed.encoders.hf_generic import spec_from_preprocessor_config
-from medembed.images import PreprocessSpec
+from medembed.data.images import PreprocessSpec
 
 PROCESSOR = {
     "do_center_crop": True,

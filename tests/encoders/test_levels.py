@@ -6,7 +6,7 @@ import torch
 
 from medembed.encoders import get_encoder
 from medembed.encoders.views import ViewError, apply_view
-from medembed.levels import LevelError
+from medembed.encoders.levels import LevelError
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from medembed.encoders import EncoderError, get_encoder
 from medembed.encoders.base import files_sha256
 from medembed.encoders.medgemma import gemma3_spec
-from medembed.images import medsiglip_spec
+from medembed.data.images import medsiglip_spec
 
 VISION_OR_PROJECTOR = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "model.multi_modal_projector.")
 

@@ -10,7 +10,7 @@ from transformers import SiglipVisionModel
 
 from medembed.encoders import EncoderError, get_encoder
 from medembed.encoders.base import files_sha256
-from medembed.images import medsiglip_spec
+from medembed.data.images import medsiglip_spec
 
 
 def test_pooler_output_equals_the_reference_model(tiny_siglip, pixels):

@@ -6,7 +6,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-from medembed.heads import HEAD_NAMES, Head, make_head
+from medembed.scorers.heads import HEAD_NAMES, Head, make_head
 
 
 class Splits(NamedTuple):

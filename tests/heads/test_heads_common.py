@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from medembed.errors import MedembedError
-from medembed.heads import HEAD_NAMES, HeadLoadError, load_head, make_head
+from medembed.scorers.heads import HEAD_NAMES, HeadLoadError, load_head, make_head
 
 
 def test_registry_lists_the_three_heads():

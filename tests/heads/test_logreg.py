@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.heads import HeadLoadError, load_head, make_head
-from medembed.heads.logreg import DEFAULT_C_GRID
+from medembed.scorers.heads import HeadLoadError, load_head, make_head
+from medembed.scorers.heads.logreg import DEFAULT_C_GRID
 
 
 def _noisy_labels(n: int, seed: int, flip: float) -> tuple[np.ndarray, np.ndarray]:

@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
 from medembed.errors import MedembedError
-from medembed.heads import HeadLoadError, load_head
-from medembed.heads.mlp import WEIGHTS_FILE
+from medembed.scorers.heads import HeadLoadError, load_head
+from medembed.scorers.heads.mlp import WEIGHTS_FILE
 
 
 def test_same_seed_gives_identical_probabilities_and_another_seed_does_not(separable, fast_head):

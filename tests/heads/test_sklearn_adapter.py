@@ -7,7 +7,7 @@ import pytest
 from sklearn.base import clone
 
 from medembed.errors import MedembedError
-from medembed.heads import HEAD_NAMES, load_head, make_head
+from medembed.scorers.heads import HEAD_NAMES, load_head, make_head
 
 
 

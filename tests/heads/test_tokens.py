@@ -7,7 +7,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from medembed.errors import MedembedError
-from medembed.heads import HeadLoadError, load_head, make_head
+from medembed.scorers.heads import HeadLoadError, load_head, make_head
 
 SMALL = dict(hidden=32, attention=16, dropout=0.0, lr=5e-3, max_epochs=12, patience=4, batch_size=32, n_jobs=1)
 

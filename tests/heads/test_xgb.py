@@ -9,8 +9,8 @@ import xgboost as xgb
 from sklearn.metrics import roc_auc_score
 
 from medembed.errors import MedembedError
-from medembed.heads import HeadLoadError, load_head
-from medembed.heads.xgb import MODEL_FILE
+from medembed.scorers.heads import HeadLoadError, load_head
+from medembed.scorers.heads.xgb import MODEL_FILE
 
 
 def test_early_stopping_keeps_only_the_best_trees(separable, fast_head):

@@ -2,7 +2,7 @@
 
 import re
 
-from medembed.manifest import read_manifest
+from medembed.data.manifest import read_manifest
 from tests.cli.test_entry_point import run_cli
 from tests.conftest import TRUNCATED
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medembed.manifest import (
+from medembed.data.manifest import (
     FRACATLAS_SPLIT_FRACTIONS,
     ManifestError,
     build_fracatlas,

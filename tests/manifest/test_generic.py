@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from medembed.manifest import ManifestError, build_from_csv, build_from_folders, validate_manifest
+from medembed.data.manifest import ManifestError, build_from_csv, build_from_folders, validate_manifest
 
 
 def _images(root: Path, *relative: str) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medembed.manifest import ManifestError, build_mura, validate_manifest
+from medembed.data.manifest import ManifestError, build_mura, validate_manifest
 
 # (MURA split, part, patient, study, positive?, images). patient00003 has two studies of the wrist and one
 # of the elbow; patient00004 has a positive and a negative study.

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medembed.manifest import ManifestError, assign_grouped_split
+from medembed.data.manifest import ManifestError, assign_grouped_split
 
 FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 MAX_GROUP = 6  # rows in the largest group _rows makes

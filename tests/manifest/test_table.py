@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medembed.manifest import Manifest, ManifestError, read_manifest, write_manifest
+from medembed.data.manifest import Manifest, ManifestError, read_manifest, write_manifest
 
 
 def _manifest() -> Manifest:

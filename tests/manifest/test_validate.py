@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medembed.manifest import Manifest, ManifestError, validate_manifest
+from medembed.data.manifest import Manifest, ManifestError, validate_manifest
 
 # One row a line: image_id, path, label, study_id, patient_id, split; row numbers are 1-based.
 ROWS = [
@@ -181,7 +181,7 @@ def test_paths_escaping_the_root_or_absolute_are_errors_unless_allowed(tmp_path:
 def test_names_with_leading_or_trailing_spaces_are_found(tmp_path: Path) -> None:
     Image.new("L", (32, 32)).save(tmp_path / " spaced.png ", format="PNG")
     (tmp_path / "m.csv").write_text('image_id,path\nspaced," spaced.png "\n')
-    from medembed.manifest import read_manifest
+    from medembed.data.manifest import read_manifest
 
     report = validate_manifest(read_manifest(tmp_path / "m.csv"), tmp_path, check_decodable=True)
     assert report.errors == []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from medembed.manifest import read_manifest, validate_manifest
+from medembed.data.manifest import read_manifest, validate_manifest
 
 from .generators import BAD_ROWS, write_manifest_csv
 

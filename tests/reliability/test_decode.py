@@ -7,8 +7,8 @@ import pickle
 import numpy as np
 import pytest
 
-from medembed.images import DECODE_ERROR_KINDS, ImageDecodeError, decode_image, medsiglip_spec, probe_image
-from medembed.manifest import Manifest, validate_manifest
+from medembed.data.images import DECODE_ERROR_KINDS, ImageDecodeError, decode_image, medsiglip_spec, probe_image
+from medembed.data.manifest import Manifest, validate_manifest
 
 
 # The names are fixed by generators.write_corpus; parametrising on them gives one test per file.

@@ -34,7 +34,7 @@ def test_extract_embeds_the_good_and_lists_the_bad_with_their_reasons(extracted)
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output
     if result.returncode != 0 or not store.is_file():
-        pytest.xfail(f"medembed extract failed (medembed/extract.py, medembed/store.py, cli/extract_cmds.py): {output[-2000:]}")
+        pytest.xfail(f"medembed extract failed (medembed/extract/runner.py, medembed/store.py, cli/extract_cmds.py): {output[-2000:]}")
     try:
         with h5py.File(store, "r") as f:
             embedded = set(f["image_id"].asstr()[:])

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.fit import FitOptions, fit_run, run_rows
-from medembed.report import compare_table, read_metrics_json
-from medembed.runs import load_run, report_context
+from medembed.options.fit import FitOptions
+from medembed.fit import fit_run, run_rows
+from medembed.protocol.report import compare_table, read_metrics_json
+from medembed.runs.record import load_run, report_context
 from tests.cli.test_entry_point import run_cli
 from tests.test_fit import write_store
 

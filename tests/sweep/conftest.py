@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medembed.manifest import Manifest, write_manifest
+from medembed.data.manifest import Manifest, write_manifest
 from medembed.store import StoreWriter, make_fingerprint
 
 FINGERPRINT = make_fingerprint(encoder="efficientnet-lite0", model_id="synthetic", embedding_kind="pooled", preprocess_hash="p", dtype="float32")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.manifest import read_manifest, write_manifest
+from medembed.data.manifest import read_manifest, write_manifest
 from medembed.store import open_store
 from medembed.sweep import load_config, read_results, run_sweep
 

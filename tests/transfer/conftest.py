@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medembed.fit import FitOptions, fit_run
+from medembed.options.fit import FitOptions
+from medembed.fit import fit_run
 from tests.baselines.conftest import fracatlas_subset  # noqa: F401  (the baselines' 71-image FracAtlas manifest)
 from tests.test_fit import write_store
 
@@ -40,7 +41,8 @@ def target_store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cnn_run(fracatlas_root: Path, fracatlas_subset: Path, tmp_path_factory) -> Path:
-    from medembed.baselines.cnn import CNNOptions, run_cnn_baseline
+    from medembed.options.baselines import CNNOptions
+    from medembed.scorers.baselines.cnn import run_cnn_baseline
 
     out = tmp_path_factory.mktemp("cnn") / "run"
     run_cnn_baseline(fracatlas_subset, fracatlas_root, out, CNNOptions(size=32, epochs=1, patience=1, batch_size=16, threads=1, seed=0),

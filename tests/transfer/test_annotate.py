@@ -2,10 +2,10 @@
 
 import numpy as np
 
-from medembed.runs import load_run
+from medembed.runs.record import load_run
 from medembed.transfer.annotate import annotate
 from medembed.transfer.conformal import fit_conformal, prediction_sets, set_names
-from medembed.transfer.options import TransferOptions
+from medembed.options.transfer import TransferOptions
 from medembed.transfer.reference import reference_dir, SiteReference
 from medembed.transfer.targets import target_rows
 

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.transfer.conformal import ConformalQuantiles, conformal_quantile, coverage, fit_conformal, prediction_sets, set_names
+from medembed.transfer.conformal import (
+    ConformalQuantiles,
+    conformal_quantile,
+    coverage,
+    fit_conformal,
+    prediction_sets,
+    set_names,
+)
 
 
 def test_quantile_is_the_ceil_n_plus_1_rank_by_hand():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.evaluate import binary_metrics
+from medembed.protocol.metrics import binary_metrics
 from medembed.transfer.external import compare_metrics, evaluate_on
 
 
@@ -70,7 +70,8 @@ def _token_store(path, n, splits, shift):
 
 
 def test_a_token_head_run_reads_its_level_at_the_target(tmp_path):
-    from medembed.fit import FitOptions, fit_run
+    from medembed.options.fit import FitOptions
+    from medembed.fit import fit_run
 
     fit_run([_token_store(tmp_path / "s.h5", 60, ("train", "val", "test"), 0.0)], tmp_path / "run", FitOptions(n_resamples=0, head="concat", level="final@2x2"))
     result = evaluate_on(tmp_path / "run", _token_store(tmp_path / "t.h5", 60, ("test",), 0.5), n_resamples=0)

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.runs import load_run
-from medembed.splits import Split
-from medembed.transfer.recalibrate import RecalibrateOptions, labelled_sample, recalibrate
+from medembed.runs.record import load_run
+from medembed.protocol.splits import Split
+from medembed.options.recalibrate import RecalibrateOptions
+from medembed.transfer.recalibrate import labelled_sample, recalibrate
 from medembed.transfer.reference import REFERENCE_DIR, SiteReference
 
 
@@ -53,7 +54,7 @@ def test_marked_rows_are_the_labelled_ones(head_run, target_store, tmp_path):
     marks = tmp_path / "marks.csv"
     ids = [f"p{p}_img{k}" for p in range(0, 18) for k in range(2)]
     marks.write_text("image_id,path,labelled\n" + "".join(f"{i},{i}.png,yes\n" for i in ids))
-    from medembed.transfer.options import TransferOptions
+    from medembed.options.transfer import TransferOptions
 
     result = recalibrate(head_run, target_store, tmp_path / "run2", RecalibrateOptions(labelled_column="labelled", n_resamples=0),
                          transfer=TransferOptions(columns_from=marks))

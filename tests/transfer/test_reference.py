@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.runs import load_run
+from medembed.runs.record import load_run
 from medembed.transfer.reference import REFERENCE_DIR, SiteReference, run_reference
 
 
@@ -40,7 +40,7 @@ def test_damaged_reference_is_one_line(head_run, tmp_path):
 def test_evaluate_on_other_stores_still_works_when_the_reference_cannot_be_built(head_run, tmp_path):
     import json
 
-    from medembed.fit import evaluate_run
+    from medembed.evaluate import evaluate_run
 
     copy = tmp_path / "moved"
     shutil.copytree(head_run, copy)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.splits import Split
+from medembed.protocol.splits import Split
 from medembed.transfer.subgroups import parse_columns, row_column, subgroup_figure, subgroup_metrics
 
 
@@ -53,8 +53,8 @@ def test_unknown_column_and_repeated_column_are_one_line_errors():
 
 
 def test_the_runs_own_evaluation_reports_subgroups(head_run):
-    from medembed.fit import evaluate_run
-    from medembed.transfer.options import TransferOptions
+    from medembed.evaluate import evaluate_run
+    from medembed.options.transfer import TransferOptions
 
     evaluate_run(head_run, n_resamples=20, transfer=TransferOptions(by="site,body_part"))
     report = (head_run / "report.md").read_text()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.runs import load_run
+from medembed.runs.record import load_run
 from medembed.store import make_fingerprint
 from medembed.transfer.targets import simulated_shift, target_rows
 from tests.test_fit import write_store
@@ -52,8 +52,8 @@ def test_columns_from_a_manifest_join_by_image_id(head_run, target_store, tmp_pa
 
 
 def test_extraction_keeps_every_further_manifest_column_but_not_paths():
-    from medembed.extract import store_columns
-    from medembed.manifest import Manifest
+    from medembed.extract.runner import store_columns
+    from medembed.data.manifest import Manifest
 
     manifest = Manifest({"image_id": ["a"], "path": ["x/a.png"], "label": ["1"], "split": ["test"], "frontal": ["1"], "site": ["north"]})
     columns = store_columns(manifest)

@@ -3,7 +3,7 @@
 import csv
 import shutil
 
-from medembed.manifest import read_manifest
+from medembed.data.manifest import read_manifest
 from tests.cli.test_entry_point import run_cli
 
 

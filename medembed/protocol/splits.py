@@ -1,0 +1,176 @@
+"""The data of the protocol: train/val/test splits of a store (or a manifest), checked for leakage and bad values.
+
+Train on ``train``, choose everything on ``val``, report on ``test``. A store without ``val`` has one carved from
+``train``, grouped by patient (study where there is none) and stratified by label and body part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medembed.errors import MedembedError
+from medembed.data.manifest import SPLITS, Manifest, assign_grouped_split
+from medembed.store import EmbeddingTable, open_store, read_stores
+
+
+# Columns Split holds as fields (or drops: label is y); every other column is carried in Split.extra.
+_CORE_COLUMNS = ("label", "study_id", "patient_id", "body_part")
+
+
+@dataclass
+class Split:
+    """One split's inputs, labels and grouping columns."""
+
+    X: Any  # [N, D] float16 | float32 embeddings, or None for image scorers (pixels come from the images)
+    y: np.ndarray  # [N] int8 {0, 1}
+    image_id: np.ndarray
+    study_id: np.ndarray  # image id where the store has none: each image its own study
+    patient_id: np.ndarray  # study id where the store has none: the resampling / grouping unit
+    body_part: np.ndarray
+    has_patients: bool
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # other manifest columns [N] str (subgroups: view, site)
+
+    @classmethod
+    def from_columns(cls, X: Any, label: np.ndarray, image_id: np.ndarray, columns: dict[str, np.ndarray]) -> Split:
+        """From aligned columns (a store table's or a manifest's)."""
+        image_id = np.asarray(image_id).astype(str)
+        study_col, patient_col = (np.asarray(columns[c]).astype(str) for c in ("study_id", "patient_id"))
+        study = np.where(study_col != "", study_col, image_id)
+        patient = np.where(patient_col != "", patient_col, study)
+        extra = {name: np.asarray(values).astype(str) for name, values in columns.items() if name not in _CORE_COLUMNS}
+        return cls(X, np.asarray(label).astype(np.int8), image_id, study, patient,
+                   np.asarray(columns["body_part"]).astype(str), bool((patient_col != "").any()), extra)
+
+    @classmethod
+    def from_table(cls, table: EmbeddingTable) -> Split:
+        """The rows of a store table."""
+        return cls.from_columns(table.embeddings, table.label, table.image_id, table.columns)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> Split:
+        """The rows of a manifest (no embeddings: for scorers that read images)."""
+        columns = {"study_id": manifest.study_id, "patient_id": manifest.patient_id, "body_part": manifest.body_part}
+        columns |= {name: values for name, values in manifest.columns.items() if name not in ("image_id", "path", "label")}
+        return cls.from_columns(None, manifest.label, manifest.image_id, columns)
+
+    def take(self, rows: np.ndarray, X: Any = None) -> Split:
+        """The split restricted to `rows` (indices or a mask), with `X` replacing the inputs when given."""
+        inputs = X if X is not None else (None if self.X is None else self.X[rows])
+        return Split(inputs, self.y[rows], self.image_id[rows], self.study_id[rows], self.patient_id[rows],
+                     self.body_part[rows], self.has_patients, {name: values[rows] for name, values in self.extra.items()})
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def split_sizes(splits: dict[str, Split]) -> dict[str, dict[str, int]]:
+    """Images, abnormal images and studies per split (what run.json records)."""
+    return {
+        name: {"images": len(rows), "abnormal": int(rows.y.sum()), "studies": int(len(np.unique(rows.study_id)))}
+        for name, rows in splits.items()
+    }
+
+
+def load_splits(
+    stores: list[Path], *, val_fraction: float = 0.125, seed: int = 0, level: str | None = None
+) -> tuple[dict[str, Split], dict[str, str], list[str]]:
+    """Train/val/test splits of one or more stores (one fingerprint), checked for leakage and bad values.
+
+    `level`: X is that token level `[N, T, C]` instead of the pooled embeddings; levels joined by "+"
+    (block14+block10@7x7) are concatenated along the channels (they must have the same token count).
+    Returns the splits, the fingerprint and notes (e.g. rows dropped for unknown labels, a carved val split).
+    """
+    stores = [Path(s) for s in stores]
+    table, fingerprint = read_stores(stores)
+    if level:
+        table = EmbeddingTable(level_tokens(stores, level), table.image_id, table.columns)
+    notes: list[str] = []
+    failed = sum(len(open_store(s).failed()) for s in stores)
+    if failed:
+        notes.append(f"{failed} images the extractor could not read (the store's failed table) are not scored")
+    return table_splits(table, stores, val_fraction=val_fraction, seed=seed, notes=notes), fingerprint, notes
+
+
+def table_splits(table: EmbeddingTable, stores: list[Path], *, val_fraction: float, seed: int, notes: list[str]) -> dict[str, Split]:
+    """Train/val/test splits of rows read from `stores` (named in errors), checked; appends to `notes`."""
+    if len(table) == 0:
+        raise MedembedError(f"{', '.join(map(str, stores))}: the store has no rows")
+    labelled = table.label >= 0
+    if not labelled.any():
+        raise MedembedError(f"{stores[0]}: the store has no labels (label column is all unknown); fit needs labelled rows")
+    if not labelled.all():
+        notes.append(f"{int((~labelled).sum())} rows without a label left out")
+        table = table.subset(labelled)
+    bad = ~np.isfinite(table.embeddings.astype(np.float32)).reshape(len(table), -1).all(axis=1)
+    if bad.any():
+        raise MedembedError(f"{int(bad.sum())} embeddings are NaN or infinite, e.g. image ids {table.image_id[bad][:5].tolist()}; re-extract them")
+    split = table.columns["split"].astype(str)
+    return _named_splits(Split.from_table(table), split, val_fraction, seed, notes, where=str(stores[0]))
+
+
+def level_tokens(stores: list[Path], level: str) -> np.ndarray:
+    """The tokens `[N, T, C]` of `level` (or of levels joined by "+", concatenated along C) of every row of the
+    stores, in `read_stores` order."""
+    names = [name.strip() for name in level.split("+") if name.strip()]
+    opened = [open_store(s) for s in stores]
+    for store in opened:
+        missing = [name for name in names if name not in store.token_shapes]
+        if missing:
+            have = ", ".join(store.token_shapes) or "none (extract with --levels or --tokens)"
+            raise MedembedError(f"{store.path}: no token level {missing[0]!r}; its levels: {have}")
+    counts = {name: opened[0].token_shapes[name][0] for name in names}
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{name} {count}" for name, count in counts.items())
+        raise MedembedError(f"levels {level!r} cannot be concatenated: their token counts differ ({shown}); pool them to one grid (@RxC)")
+    return np.concatenate([np.concatenate([store.read_tokens(name) for store in opened]) for name in names], axis=2)
+
+
+def manifest_splits(manifest: Manifest, *, val_fraction: float = 0.125, seed: int = 0) -> tuple[dict[str, Split], np.ndarray, list[str]]:
+    """Train/val/test splits of a manifest's labelled rows, for scorers that read images; also each split row's
+    manifest row index (`rows[name]` as one array per split, concatenated in SPLITS order) and notes."""
+    usable = (manifest.label >= 0) & np.isin(manifest.split, SPLITS)
+    notes = [f"{int((~usable).sum())} rows without a label or split left out"] if not usable.all() else []
+    kept = np.flatnonzero(usable)
+    if not len(kept):
+        raise MedembedError("the manifest has no labelled rows with a train/val/test split")
+    rows = Split.from_manifest(manifest.subset(kept))
+    splits = _named_splits(rows, manifest.split[kept].astype(str), val_fraction, seed, notes, where="the manifest")
+    return splits, kept, notes
+
+
+def _named_splits(rows: Split, split: np.ndarray, val_fraction: float, seed: int, notes: list[str], where: str) -> dict[str, Split]:
+    if not (split == "test").any():
+        raise MedembedError(f"{where} has no test split; build the manifest with a split column (train/val/test)")
+    if not (split == "val").any():
+        split = _carve_val(rows, split, val_fraction, seed, notes)
+    splits = {name: rows.take(split == name) for name in SPLITS}
+    _check_no_leakage(splits)
+    for name in ("train", "val"):
+        if len(np.unique(splits[name].y)) < 2:
+            raise MedembedError(f"the {name} split has a single class ({len(splits[name])} rows, all label {splits[name].y[:1].tolist()}); both classes are needed")
+    return splits
+
+
+def _carve_val(rows: Split, split: np.ndarray, val_fraction: float, seed: int, notes: list[str]) -> np.ndarray:
+    train = split == "train"
+    strata = np.char.add(rows.y[train].astype(str), rows.body_part[train])
+    carved = assign_grouped_split(rows.patient_id[train], strata, {"train": 1 - val_fraction, "val": val_fraction}, seed=seed)
+    split = split.copy()
+    split[train] = carved
+    unit = "patient" if rows.has_patients else "study"
+    notes.append(f"no val split in the store: {int((carved == 'val').sum())} train images carved into val, grouped by {unit}")
+    return split
+
+
+def _check_no_leakage(splits: dict[str, Split]) -> None:
+    seen: dict[str, str] = {}
+    for name, rows in splits.items():
+        for patient in np.unique(rows.patient_id):
+            if patient in seen and seen[patient] != name:
+                unit = "patient" if rows.has_patients else "study"
+                raise MedembedError(f"leakage: {unit} {patient!r} is in both {seen[patient]} and {name}; fix the manifest's split")
+            seen[patient] = name

@@ -1,0 +1,323 @@
+"""The run directory: one module writes and reads every kind of run (embedding heads, the CNN, zero-shot).
+
+    run.json           the record below (one schema, with a `kind`), validated when read
+    scorer/            the fitted scorer (no pickle: JSON, safetensors, XGBoost's own format)
+    metrics.json       image and study level metrics with bootstrap intervals (and mean ± sd over seeds)
+    report.md          the same as tables a reader can paste into a paper
+    figures/*.png      ROC, PR, reliability, metric-vs-threshold, per-body-part bars
+    predictions.csv    the evaluated split's image probabilities and decisions
+
+A run is written into a staging directory beside `out` and swapped in only when complete, so a failed fit
+never loses the previous run in `out` nor leaves a mix of two runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from medembed import __version__
+from medembed._csv import text_cell
+from medembed._files import atomic_write_json, atomic_write_text, loads_json, read_json, replaced_directory
+from medembed.protocol.calibrate import Calibrator
+from medembed.errors import MedembedError
+from medembed.protocol.metrics import aggregate_studies
+from medembed.options import from_dict
+from medembed.protocol.steps import Calibration
+from medembed.options.protocol import ProtocolOptions
+from medembed.protocol.report import markdown_report, plot_figures, write_metrics_json
+from medembed.scorers.contract import CONSUMES, KINDS, Scorer, load_scorer, positive_scores
+from medembed.protocol.splits import Split
+from medembed.store import describe_preprocess
+
+RUN_FILE = "run.json"
+STORE_DTYPES = ("float16", "float32")  # what `extract --dtype` writes
+SCORER_DIR = "scorer"
+FORMAT_VERSION = 2
+
+
+@dataclass
+class RunRecord:
+    """Everything run.json holds. `inputs` is {"stores": [...]} for embedding scorers, or {"manifest": ...,
+    "image_root": ...} for image scorers; `details` holds what only one kind has (training history, prompts)."""
+
+    kind: str
+    scorer: str  # e.g. "logreg", "sklearn:sklearn.svm.SVC", "cnn-efficientnet-lite0", "zeroshot"
+    consumes: str
+    fingerprint: dict[str, str]
+    options: dict[str, Any]  # the protocol options (and, for fit, the head, its params and seeds)
+    image_threshold: float
+    study_threshold: float
+    calibration: dict[str, Any]
+    split_sizes: dict[str, dict[str, int]]
+    inputs: dict[str, Any]
+    encoder_options: dict[str, Any] = field(default_factory=dict)  # how `predict` rebuilds the store's encoder
+    preprocess: str = ""  # the PreprocessSpec JSON of the embeddings / pixels
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    medembed_version: str = __version__
+
+    @property
+    def protocol(self) -> ProtocolOptions:
+        """The protocol options the run was made with."""
+        names = set(ProtocolOptions.__dataclass_fields__)
+        return ProtocolOptions(**{k: v for k, v in self.options.items() if k in names})
+
+    @property
+    def decisions(self) -> Calibration:
+        """The probability calibration and image/study thresholds chosen on val."""
+        return Calibration(Calibrator.from_dict(self.calibration), self.image_threshold, self.study_threshold)
+
+
+# run.json keys and their JSON types; every one is required.
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "kind": str, "scorer": str, "consumes": str, "fingerprint": dict, "options": dict,
+    "image_threshold": (int, float), "study_threshold": (int, float), "calibration": dict, "split_sizes": dict,
+    "inputs": dict, "encoder_options": dict, "preprocess": str, "notes": list, "details": dict,
+    "format_version": int, "medembed_version": str,
+}
+
+
+def validate_record(document: Any, path: Path) -> RunRecord:
+    """A RunRecord from parsed run.json, or one MedembedError naming the file and the first problem."""
+    if not isinstance(document, dict):
+        raise MedembedError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise MedembedError(f"{path}: run format {version!r} is not supported by this medembed (it reads {FORMAT_VERSION}); refit the run")
+    for key, kind in _TYPES.items():
+        if key not in document:
+            raise MedembedError(f"{path}: missing key {key!r}")
+        value = document[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise MedembedError(f"{path}: {key!r} must be {_type_name(kind)}, got {value!r:.60}")
+    unknown = sorted(set(document) - set(_TYPES))
+    if unknown:
+        raise MedembedError(f"{path}: unexpected keys {unknown}")
+    if document["kind"] not in KINDS:
+        raise MedembedError(f"{path}: unknown run kind {document['kind']!r}; medembed knows {', '.join(KINDS)}")
+    if document["consumes"] not in CONSUMES:
+        raise MedembedError(f"{path}: 'consumes' must be one of {', '.join(CONSUMES)}")
+    for key in ("image_threshold", "study_threshold"):
+        value = float(document[key])
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise MedembedError(f"{path}: {key} {document[key]!r} is not a probability in [0, 1]")
+    record = RunRecord(**document)
+    try:
+        Calibrator.from_dict(record.calibration)
+    except (MedembedError, KeyError, TypeError, ValueError) as error:
+        raise MedembedError(f"{path}: calibration: {error}") from None
+    protocol = {k: v for k, v in record.options.items() if k in ProtocolOptions.__dataclass_fields__}
+    _check_option_types(protocol, path)
+    from_dict(ProtocolOptions, protocol, f"{path}: options")
+    for check in (_check_inputs, _check_fingerprint, _check_level, _check_split_sizes, _check_notes, _check_preprocess):
+        check(record, path)
+    return record
+
+
+def _check_option_types(options: dict[str, Any], path: Path) -> None:
+    """options: each protocol option of the JSON type of its default (before the options' own range checks)."""
+    for name, value in options.items():
+        default = ProtocolOptions.__dataclass_fields__[name].default
+        kinds = (int, float) if isinstance(default, float) else (type(default),) if default is not None and not callable(default) else None
+        if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise MedembedError(f"{path}: options.{name} must be {_type_name(kinds)}, got {value!r:.60}")
+
+
+MAX_PATH = 4096  # longer store or manifest paths than the OS allows are refused here, not by the file system
+
+
+def _check_inputs(record: RunRecord, path: Path) -> None:
+    """inputs: the stores (a non-empty list of paths) or the manifest and image root the run was fitted on."""
+    wanted = ("stores",) if record.consumes == "embeddings" else ("manifest", "image_root")
+    for key in wanted:
+        if key not in record.inputs:
+            raise MedembedError(f"{path}: inputs must name the {key} the run was fitted on")
+    if record.consumes == "embeddings":
+        stores = record.inputs["stores"]
+        if not isinstance(stores, list) or not stores or not all(isinstance(s, str) and 0 < len(s) <= MAX_PATH for s in stores):
+            raise MedembedError(f"{path}: inputs.stores must be a non-empty list of store paths, got {stores!r:.60}")
+    else:
+        for key in wanted:
+            if not isinstance(record.inputs[key], str) or not 0 < len(record.inputs[key]) <= MAX_PATH:
+                raise MedembedError(f"{path}: inputs.{key} must be a path, got {record.inputs[key]!r:.60}")
+
+
+def _check_fingerprint(record: RunRecord, path: Path) -> None:
+    """fingerprint: strings only; an embedding run's names an encoder and a store dtype medembed has."""
+    for key, value in record.fingerprint.items():
+        if not isinstance(value, str):
+            raise MedembedError(f"{path}: fingerprint.{key} must be a string, got {value!r:.60}")
+    if record.consumes == "embeddings" and record.kind != "ensemble":
+        for key in ("encoder", "dtype"):
+            if not record.fingerprint.get(key):
+                raise MedembedError(f"{path}: fingerprint.{key} is missing; an embedding run records the store it was fitted on")
+    dtype = record.fingerprint.get("dtype")
+    if dtype and record.kind != "ensemble" and dtype not in STORE_DTYPES:
+        raise MedembedError(f"{path}: fingerprint.dtype {dtype!r:.40} is not a store dtype ({', '.join(STORE_DTYPES)})")
+
+
+def _check_level(record: RunRecord, path: Path) -> None:
+    """options.level: "" or token level names (each looked up in the store's own levels when read)."""
+    level = record.options.get("level", "")
+    if not isinstance(level, str):
+        raise MedembedError(f"{path}: options.level must be a string of level names, got {level!r:.60}")
+    if not level:
+        return
+    from medembed.encoders.levels import parse_level  # imports torch: only for runs on token levels
+
+    for name in (part.strip() for part in level.split("+")):
+        if name and name != "auto":
+            try:
+                parse_level(name)
+            except MedembedError as error:
+                raise MedembedError(f"{path}: options.level: {error}") from None
+
+
+def _check_split_sizes(record: RunRecord, path: Path) -> None:
+    """split_sizes: {split: {"images": n, "abnormal": n}} with non-negative integers (the report lists them)."""
+    for split, sizes in record.split_sizes.items():
+        if not isinstance(sizes, dict) or not all(
+            isinstance(sizes.get(key), int) and not isinstance(sizes.get(key), bool) and sizes[key] >= 0 for key in ("images", "abnormal")
+        ):
+            raise MedembedError(f"{path}: split_sizes.{split} must hold non-negative integers images and abnormal")
+
+
+def _check_notes(record: RunRecord, path: Path) -> None:
+    if not all(isinstance(note, str) for note in record.notes):
+        raise MedembedError(f"{path}: notes must be a list of strings")
+
+
+def _check_preprocess(record: RunRecord, path: Path) -> None:
+    """preprocess: "" or the PreprocessSpec as a JSON object (strict, bounded nesting)."""
+    if record.preprocess and not isinstance(loads_json(record.preprocess, f"{path}: preprocess", "preprocessing spec"), dict):
+        raise MedembedError(f"{path}: preprocess must be a JSON object (the preprocessing spec)")
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", dict: "an object", list: "a list", int: "an integer", float: "a number", bool: "true or false"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(dict.fromkeys(names[k] for k in kinds))
+
+
+@dataclass
+class Run:
+    """A loaded run directory: its record, scorer and calibration."""
+
+    directory: Path
+    record: RunRecord
+    scorer: Scorer
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.record.decisions
+
+    def probabilities(self, rows: Split) -> np.ndarray:
+        """Calibrated abnormality probability per row of `rows` (whose X the scorer consumes), [N] float64."""
+        raw = positive_scores(self.scorer, rows.X, {"body_part": rows.body_part, "study_id": rows.study_id})
+        return self.calibration.calibrator.transform(raw)
+
+
+def read_record(run_dir: Path) -> RunRecord:
+    """A run directory's validated run.json."""
+    path = Path(run_dir) / RUN_FILE
+    if not Path(run_dir).is_dir():
+        raise MedembedError(f"{run_dir}: no such run directory")
+    if not path.is_file():
+        raise MedembedError(f"{run_dir}: not a medembed run directory (no {RUN_FILE})")
+    return validate_record(read_json(path, "run.json"), path)
+
+
+def load_run(run_dir: Path) -> Run:
+    """A run directory's record and fitted scorer."""
+    record = read_record(run_dir)
+    check_contained(Path(run_dir))
+    scorer = load_scorer(record.kind, Path(run_dir) / SCORER_DIR)
+    if scorer.consumes != record.consumes:
+        raise MedembedError(f"{run_dir}: run.json says the scorer consumes {record.consumes}, the saved scorer {scorer.consumes}")
+    return Run(Path(run_dir), record, scorer)
+
+
+def check_contained(run_dir: Path) -> None:
+    """Refuse a run directory holding a link that leads outside it: every file a scorer reads (its weights,
+    members, reference) is then the run's own, never a file elsewhere on this machine that a shared run points at."""
+    root = Path(run_dir).resolve()
+    for folder, names, files in os.walk(root):  # links are not followed: each one is checked instead
+        for name in names + files:
+            entry = Path(folder) / name
+            if entry.is_symlink() and not entry.resolve().is_relative_to(root):
+                raise MedembedError(f"{entry}: links outside the run directory {run_dir} (to {os.readlink(entry)}); a run's files must be its own")
+
+
+@dataclass
+class Evaluation:
+    """Calibrated probabilities of one split and their metrics."""
+
+    p: np.ndarray  # [N] float64
+    rows: Split
+    metrics: dict[str, Any]
+
+
+# Writes what the transfer kit adds to a run directory (its reference, figures) and returns report sections.
+Extras = Callable[[Path], list[str]]
+
+
+def write_run(out: Path, record: RunRecord, scorer: Scorer, evaluation: Evaluation, extras: Extras | None = None) -> None:
+    """Write a complete run directory `out` (replacing an earlier one only once everything is written)."""
+    with replaced_directory(out) as staging:
+        scorer.save(staging / SCORER_DIR)
+        write_evaluation(staging, record, evaluation, title=Path(out).name, extras=extras)
+        atomic_write_json(staging / RUN_FILE, asdict(record))
+
+
+def write_evaluation(directory: Path, record: RunRecord, evaluation: Evaluation, title: str | None = None, extras: Extras | None = None) -> None:
+    """metrics.json, report.md, figures and predictions.csv of one evaluated split, into `directory`; `extras`
+    writes its own files there and adds its sections to report.md."""
+    directory = Path(directory)
+    p, rows, metrics = evaluation.p, evaluation.rows, evaluation.metrics
+    calibration, options = record.decisions, record.protocol
+    write_metrics_json(metrics, directory / "metrics.json")
+    sections = extras(directory) if extras is not None else []
+    report = markdown_report(metrics, title=f"medembed run: {title or directory.name}", context=report_context(record), sections=sections)
+    atomic_write_text(directory / "report.md", report)
+    figures = directory / "figures"
+    figures.mkdir(exist_ok=True)
+    body_parts = rows.body_part if (rows.body_part != "").all() else None
+    plot_figures(rows.y, p, calibration.image_threshold, figures, level="image", body_parts=body_parts, result=metrics["image"])
+    studies = aggregate_studies(p, rows.y, rows.study_id, how=options.aggregation, attributes={"body_part": rows.body_part})
+    study_parts = studies.attributes["body_part"] if body_parts is not None else None
+    plot_figures(studies.y, studies.p, calibration.study_threshold, figures, level="study", body_parts=study_parts, result=metrics["study"])
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["image_id", "study_id", "label", "probability", "abnormal"])
+    for image_id, study_id, label, prob in zip(rows.image_id, rows.study_id, rows.y, p):
+        writer.writerow([text_cell(image_id), text_cell(study_id), int(label), f"{prob:.6f}", int(prob >= calibration.image_threshold)])
+    atomic_write_text(directory / "predictions.csv", buffer.getvalue())
+
+
+def report_context(record: RunRecord) -> dict[str, str]:
+    """The run's settings as report.md lists them."""
+    options = record.protocol
+    return {
+        "run kind": record.kind,
+        "scorer": record.scorer,
+        "threshold rule": options.threshold,
+        "image threshold": f"{record.image_threshold:.4f}",
+        "study threshold": f"{record.study_threshold:.4f}",
+        "calibration": options.calibration,
+        "study aggregation": options.aggregation,
+        "encoder": record.fingerprint.get("encoder", ""),
+        "model": record.fingerprint.get("model_id", ""),
+        "preprocessing": describe_preprocess(record.preprocess) if record.preprocess else "",
+        "preprocess hash": record.fingerprint.get("preprocess_hash", ""),
+        "splits": ", ".join(f"{k} {v['images']} images ({v['abnormal']} abnormal)" for k, v in record.split_sizes.items()),
+        **({"notes": "; ".join(record.notes)} if record.notes else {}),
+    }

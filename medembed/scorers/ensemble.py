@@ -1,0 +1,469 @@
+"""Ensembles: several heads, several encoders' stores, or both, behind the one scorer contract (run kind "ensemble").
+
+    medembed fit effl0.h5 effl1.h5 effl2.h5 --ensemble concat --head logreg       one head on the joined features
+    medembed fit effl0.h5 effl1.h5 --ensemble mean --head mlp                     one MLP per store, averaged
+    medembed fit effl0.h5 --ensemble stack --head logreg,mlp,xgboost              three heads, a logistic meta-model
+
+Stores of different encoders are joined by image id (`join_stores`): the scorer's input is the members'
+embeddings side by side, `[N, D1 + D2 + ...]`, and it knows each member's width. Each member store keeps its own
+fingerprint in run.json (`details.members`), so `evaluate` checks every store and `predict` rebuilds every
+encoder. Combining members:
+
+    concat   one head per --head over all the joined features (several heads: their probabilities averaged)
+    mean     one head per (store, --head) pair on that store's block; P(abnormal) averaged
+    stack    the same members; a logistic regression on their logits, fitted on OUT-OF-FOLD train predictions
+             (members refitted on K-1 folds of train grouped by patient, predicting the held-out fold), so the
+             meta-model never sees val or test, nor a member's prediction on rows it was trained on
+
+Members choose their own hyperparameters on val exactly as a single head does; the ensemble's probability is
+then calibrated and thresholded on val by the protocol like any scorer's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from medembed._files import atomic_write_json, read_json
+from medembed.errors import MedembedError
+from medembed.scorers.heads import Head, load_head, make_head
+from medembed.scorers.heads._checks import check_embeddings, check_labels
+from medembed.protocol.splits import Split, table_splits
+from medembed.store import EmbeddingTable, fingerprint_mismatch, open_store
+
+KIND = "ensemble"
+COMBINES = ("concat", "mean", "stack")
+ENSEMBLE_FILE = "ensemble.json"
+FORMAT_VERSION = 1
+_EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] before the meta-model's logit
+
+
+def parse_heads(text: str) -> tuple[str, ...]:
+    """`"logreg,mlp"` -> ("logreg", "mlp"): the --head list of an ensemble, without repeats."""
+    heads = tuple(name.strip() for name in str(text).split(",") if name.strip())
+    if not heads:
+        raise MedembedError("option head is empty; name one head or a comma-separated list, e.g. logreg,mlp,xgboost")
+    if len(set(heads)) != len(heads):
+        raise MedembedError(f"option head repeats a head: {text!r}")
+    return heads
+
+
+def split_head_params(heads: tuple[str, ...], params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each head's hyperparameters from fit's flat `-p` mapping: `mlp.hidden=[256]` goes to the MLP only, a key
+    without a head prefix to every head (each must accept it)."""
+    out: dict[str, dict[str, Any]] = {head: {} for head in heads}
+    for key, value in params.items():
+        head, dot, name = key.partition(".")
+        if dot and head in out:
+            out[head][name] = value
+        elif dot and not key.startswith("sklearn:"):
+            raise MedembedError(f"parameter {key!r} names head {head!r}, which is not one of {', '.join(heads)}")
+        else:
+            for own in out.values():
+                own[key] = value
+    return out
+
+
+class EnsembleScorer(ClassifierMixin, BaseEstimator):
+    """Heads over blocks of joined embeddings `[N, sum(widths)]`, combined by `combine` (see the module docstring).
+
+    `heads`: head names; `head_params`: {head: {param: value}}; `widths`: each member store's embedding width, in
+    the order of the joined columns; `folds`: K of the out-of-fold predictions a stacked ensemble is fitted on."""
+
+    kind: ClassVar[str] = KIND
+    consumes: ClassVar[str] = "embeddings"
+    columns_used: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self, heads: tuple[str, ...] = ("logreg",), head_params: dict[str, dict[str, Any]] | None = None,
+        combine: str = "mean", widths: tuple[int, ...] = (1,), folds: int = 5, seed: int = 0,
+    ) -> None:
+        self.heads = heads
+        self.head_params = head_params
+        self.combine = combine
+        self.widths = widths
+        self.folds = folds
+        self.seed = seed
+        self._check_params()
+
+    # -- the scorer contract ---------------------------------------------------------------------------------
+
+    def fit(self, X: Any, y: np.ndarray, *, eval_set: Any = None, groups: np.ndarray | None = None) -> EnsembleScorer:
+        """Fit every member on train (`eval_set=[(X_val, y_val)]` for their own choices), and for "stack" the
+        meta-model on out-of-fold train predictions; `groups` [N] (patients) keeps a patient in one fold."""
+        self._check_params()
+        X = self._joined(X, "X")
+        y = check_labels(y, X.shape[0], "y")
+        if eval_set is None:
+            raise MedembedError("an ensemble is fitted with eval_set=[(X_val, y_val)] (its members choose on val)")
+        X_val, y_val = eval_set[0]
+        X_val = self._joined(X_val, "X_val")
+        y_val = check_labels(y_val, X_val.shape[0], "y_val")
+        members = self.member_names()
+        self.members_ = [self._fit_member(k, X, y, X_val, y_val) for k in range(len(members))]
+        self.meta_ = self._fit_meta(X, y, X_val, y_val, groups) if self.combine == "stack" else None
+        self.classes_ = np.array([0, 1])
+        self.selection_ = {
+            "combine": self.combine,
+            "members": [{"member": name, "selection": head.selection_} for name, head in zip(members, self.members_)],
+            **({"meta": self.meta_} if self.meta_ else {}),
+        }
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """`[N, 2]` float64; column 1 is the combined P(abnormal), uncalibrated."""
+        if not hasattr(self, "members_"):
+            raise MedembedError("this ensemble is not fitted yet; call fit() or load it from a run directory")
+        X = self._joined(X, "X")
+        positive = self.combined(self.member_probabilities(X))
+        return np.column_stack([1.0 - positive, positive])
+
+    def member_probabilities(self, X: np.ndarray) -> np.ndarray:
+        """`[N, M]` each member's P(abnormal) on joined embeddings `X`."""
+        return np.column_stack([head.predict_proba(self._block(X, k))[:, 1] for k, head in enumerate(self.members_)])
+
+    def combined(self, member_p: np.ndarray) -> np.ndarray:
+        """`[N]` the ensemble's P(abnormal) from its members' `[N, M]`."""
+        if self.meta_ is None:
+            return member_p.mean(axis=1)
+        standardized = _standardized(_logit(member_p), np.asarray(self.meta_["member_scale"]))
+        z = standardized @ np.asarray(self.meta_["weights"]) + self.meta_["intercept"]
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def save(self, directory: Path) -> None:
+        """ensemble.json (params, member names, the meta-model's weights) and one head directory per member."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for k, head in enumerate(self.members_):
+            head.save(directory / f"member-{k}")
+        params = {**self.get_params(), "heads": list(self.heads), "widths": list(self.widths)}
+        document = {"format_version": FORMAT_VERSION, "params": params, "members": self.member_names(), "meta": self.meta_}
+        atomic_write_json(directory / ENSEMBLE_FILE, document)
+
+    @classmethod
+    def load(cls, directory: Path) -> EnsembleScorer:
+        """Read an ensemble saved by `save`; anything missing or inconsistent is one MedembedError naming the file."""
+        path = Path(directory) / ENSEMBLE_FILE
+        document = read_json(path, "ensemble file")
+        if not isinstance(document, dict) or set(document) != {"format_version", "params", "members", "meta"}:
+            raise MedembedError(f"{path}: expected an object with format_version, params, members and meta")
+        if document["format_version"] != FORMAT_VERSION:
+            raise MedembedError(f"{path}: format_version {document['format_version']!r} is not supported (this medembed reads {FORMAT_VERSION})")
+        params = document["params"]
+        if not isinstance(params, dict):
+            raise MedembedError(f"{path}: params must be an object")
+        try:
+            scorer = cls(**{k: tuple(v) if k in ("heads", "widths") and isinstance(v, list) else v for k, v in params.items()})
+        except (MedembedError, TypeError) as error:
+            raise MedembedError(f"{path}: {error}") from None
+        if document["members"] != scorer.member_names():
+            raise MedembedError(f"{path}: members {document['members']!r} do not match its params ({scorer.member_names()})")
+        scorer.meta_ = _checked_meta(document["meta"], scorer, path)
+        scorer.members_ = [load_head(Path(directory) / f"member-{k}") for k in range(len(scorer.member_names()))]
+        for k, head in enumerate(scorer.members_):
+            if head.n_features_in_ != scorer._block_width(k):
+                raise MedembedError(f"{path}: member-{k} was fitted on {head.n_features_in_} features, its block has {scorer._block_width(k)}")
+        scorer.classes_ = np.array([0, 1])
+        scorer.selection_ = {"combine": scorer.combine, "loaded": True}
+        return scorer
+
+    # -- members ---------------------------------------------------------------------------------------------
+
+    def member_names(self) -> list[str]:
+        """One name per member, e.g. "mlp@0" (the MLP on the first store's block), "logreg@all" (concat)."""
+        if self.combine == "concat":
+            return [f"{head}@all" for head in self.heads]
+        return [f"{head}@{block}" for block in range(len(self.widths)) for head in self.heads]
+
+    def _member_head(self, k: int) -> str:
+        return self.member_names()[k].split("@")[0]
+
+    def _new_member(self, k: int, seed_offset: int = 0) -> Head:
+        head = self._member_head(k)
+        return make_head(head, **{"seed": self.seed + seed_offset, **(self.head_params or {}).get(head, {})})
+
+    def _block(self, X: np.ndarray, k: int) -> np.ndarray:
+        """The columns member k reads: all of them (concat) or its store's block."""
+        if self.combine == "concat":
+            return X
+        block = k // len(self.heads)
+        start = int(sum(self.widths[:block]))
+        return X[:, start:start + self.widths[block]]
+
+    def _block_width(self, k: int) -> int:
+        return int(sum(self.widths)) if self.combine == "concat" else int(self.widths[k // len(self.heads)])
+
+    def _fit_member(self, k: int, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, rows: np.ndarray | None = None, seed_offset: int = 0) -> Head:
+        train = slice(None) if rows is None else rows
+        return self._new_member(k, seed_offset).fit(self._block(X, k)[train], y[train], eval_set=[(self._block(X_val, k), y_val)])
+
+    def _fit_meta(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, groups: np.ndarray | None) -> dict[str, Any]:
+        """The stacking model: logistic regression on the members' logits, fitted on their out-of-fold train
+        predictions (each train row predicted by members that never saw it); val is used only by the members'
+        own choices inside each fold, never to fit the meta-model."""
+        folds = _folds(y, groups, self.folds, self.seed)
+        oof = np.zeros((len(y), len(self.members_)))
+        for fold, (fit_rows, held_out) in enumerate(folds):
+            for k in range(len(self.members_)):
+                member = self._fit_member(k, X, y, X_val, y_val, rows=fit_rows, seed_offset=fold + 1)
+                oof[held_out, k] = _standardized(
+                    _logit(member.predict_proba(self._block(X, k)[held_out])[:, 1]), _logit_scale(member, self._block(X, k)[fit_rows])
+                )[:, 0]
+        # The meta-model sees the full-train members' logits standardized the same way: by their own train rows.
+        scale = np.array([_logit_scale(head, self._block(X, k))[0] for k, head in enumerate(self.members_)])
+        meta = LogisticRegression(C=1.0, max_iter=1000).fit(oof, y)
+        return {
+            "weights": [float(w) for w in meta.coef_[0]],
+            "intercept": float(meta.intercept_[0]),
+            "member_scale": scale.tolist(),
+            "folds": len(folds),
+            "grouped": groups is not None,
+            "oof_auroc": [float(roc_auc_score(y, oof[:, k])) for k in range(oof.shape[1])],
+        }
+
+    # -- checks ----------------------------------------------------------------------------------------------
+
+    def _check_params(self) -> None:
+        if self.combine not in COMBINES:
+            raise MedembedError(f"option ensemble must be one of {', '.join(COMBINES)}; got {self.combine!r}")
+        if isinstance(self.heads, str) or not isinstance(self.heads, (list, tuple)) or not self.heads or not all(
+            isinstance(head, str) for head in self.heads
+        ) or len(set(self.heads)) != len(self.heads):
+            raise MedembedError(f"an ensemble needs a list of distinct heads, got {self.heads!r}")
+        widths = tuple(self.widths) if isinstance(self.widths, (list, tuple)) else ()
+        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+            raise MedembedError(f"an ensemble's widths must be positive integers (one per store), got {self.widths!r}")
+        if self.combine != "concat" and len(self.heads) * len(widths) < 2:
+            raise MedembedError(
+                f"--ensemble {self.combine} combines several members: give several stores (one per encoder) or several heads "
+                "(--head logreg,mlp,xgboost)"
+            )
+        if self.combine == "concat" and len(widths) < 2:
+            raise MedembedError("--ensemble concat joins the features of several stores (one per encoder); for several heads on one store use mean or stack")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise MedembedError(f"an ensemble's seed must be a non-negative integer; got {self.seed!r}")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
+            raise MedembedError(f"option ensemble_folds must be an integer >= 2; got {self.folds!r}")
+        if self.head_params is not None and (not isinstance(self.head_params, dict) or not all(isinstance(v, dict) for v in self.head_params.values())):
+            raise MedembedError(f"an ensemble's head_params must map each head to its parameters, got {self.head_params!r}")
+        for head in self.heads:
+            make_head(head, **(self.head_params or {}).get(head, {}))  # unknown heads and parameters fail here
+
+    def _joined(self, X: Any, what: str) -> np.ndarray:
+        X = check_embeddings(X, what)
+        if X.shape[1] != sum(self.widths):
+            raise MedembedError(f"{what} has {X.shape[1]} features; this ensemble joins stores of widths {list(self.widths)} ({sum(self.widths)})")
+        return X
+
+
+def _folds(y: np.ndarray, groups: np.ndarray | None, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K stratified folds of the train rows, grouped (a patient in one fold) when `groups` are given."""
+    minority = int(min(y.sum(), len(y) - y.sum()))
+    if minority < folds:
+        raise MedembedError(f"stacking needs at least {folds} train rows of each class for {folds} folds, the train split has {minority}; lower ensemble_folds")
+    if groups is not None:
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        result = list(splitter.split(np.zeros(len(y)), y, groups))
+    else:
+        result = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    for fit_rows, _ in result:
+        if len(np.unique(y[fit_rows])) < 2:
+            raise MedembedError("a stacking fold's training rows hold a single class; lower ensemble_folds")
+    return result
+
+
+def _logit_scale(head: Head, X_fit: np.ndarray) -> np.ndarray:
+    """`[1, 2]` mean and sd of a member's logits on the rows it was fitted on. Models fitted on different folds
+    differ in offset and spread (a strongly regularised head predicts nearly one value), so each one's logits are
+    standardized by its own training rows before the meta-model compares them; never by val or test."""
+    z = _logit(head.predict_proba(X_fit)[:, 1])
+    return np.array([[float(z.mean()), max(float(z.std()), 1e-9)]])
+
+
+def _standardized(z: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """`[N, M]` logits `z` ([N] or [N, M]) standardized by per-member `scale` `[M, 2]` (mean, sd)."""
+    z = z.reshape(len(z), -1)
+    return (z - scale[:, 0]) / scale[:, 1]
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, _EPS, 1 - _EPS)
+    return np.log(p / (1 - p))
+
+
+def _checked_meta(meta: Any, scorer: EnsembleScorer, path: Path) -> dict[str, Any] | None:
+    if scorer.combine != "stack":
+        if meta is not None:
+            raise MedembedError(f"{path}: a {scorer.combine} ensemble has no meta-model, but meta is set")
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("weights"), list) or not isinstance(meta.get("intercept"), (int, float)):
+        raise MedembedError(f"{path}: a stacked ensemble needs meta.weights (a list) and meta.intercept (a number)")
+    if len(meta["weights"]) != len(scorer.member_names()) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in meta["weights"]):
+        raise MedembedError(f"{path}: meta.weights must be {len(scorer.member_names())} numbers, one per member")
+    scale = meta.get("member_scale")
+    if not (isinstance(scale, list) and len(scale) == len(meta["weights"]) and all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair) and pair[1] > 0 for pair in scale
+    )):
+        raise MedembedError(f"{path}: meta.member_scale must be one [mean, sd > 0] pair per member")
+    return meta
+
+
+# -- stores of several encoders, joined by image id -------------------------------------------------------------
+
+
+@dataclass
+class JoinedStores:
+    """Splits of the members' embeddings side by side, with what run.json records about each member store."""
+
+    splits: dict[str, Split]
+    fingerprint: dict[str, str]  # the members' fingerprints, field by field, joined with " + " (for reports)
+    notes: list[str]
+    members: list[dict[str, Any]]  # per store: store, fingerprint, encoder_options, preprocess, dim
+    widths: tuple[int, ...]
+
+
+def join_stores(stores: list[Path]) -> tuple[EmbeddingTable, list[str]]:
+    """The rows of every store that all of them hold, embeddings side by side `[N, D1 + D2 + ...]` (the first
+    store's row order), and notes. Refuses stores with no image in common and ones that disagree on an image's
+    label or split."""
+    tables = [open_store(s).read() for s in stores]
+    common = set(tables[0].image_id.tolist())
+    for table in tables[1:]:
+        common &= set(table.image_id.tolist())
+    if not common:
+        raise MedembedError(
+            f"{stores[0]} and {', '.join(map(str, stores[1:]))} share no image ids; an ensemble joins stores of the same images "
+            "(extract every encoder from one manifest)"
+        )
+    order = [image_id for image_id in tables[0].image_id.tolist() if image_id in common]
+    joined = []
+    for store, table in zip(stores, tables):
+        position = {image_id: i for i, image_id in enumerate(table.image_id.tolist())}
+        joined.append(table.subset(np.array([position[i] for i in order], dtype=np.int64)))
+    first = joined[0]
+    for store, table in zip(stores[1:], joined[1:]):
+        for column in ("label", "split"):
+            differ = np.flatnonzero(table.columns[column] != first.columns[column])
+            if len(differ):
+                examples = ", ".join(f"{first.image_id[i]} ({first.columns[column][i]} vs {table.columns[column][i]})" for i in differ[:3])
+                raise MedembedError(
+                    f"{store}: {len(differ)} images have another {column} than in {stores[0]}, e.g. {examples}; "
+                    "the members must be extracted from one manifest"
+                )
+    notes = []
+    left_out = sum(len(t) for t in tables) - len(tables) * len(order)
+    if left_out:
+        notes.append(f"{len(order)} images are in every member store; {left_out} member rows of images missing from another member left out")
+    failed = set().union(*(open_store(s).failed() for s in stores))
+    if failed:
+        notes.append(f"{len(failed)} images an extractor could not read (a member store's failed table) are not scored")
+    dtype = np.result_type(*(t.embeddings.dtype for t in joined))
+    return EmbeddingTable(np.hstack([t.embeddings.astype(dtype) for t in joined]), first.image_id, dict(first.columns)), notes
+
+
+def load_joined_splits(stores: list[Path], *, val_fraction: float, seed: int) -> JoinedStores:
+    """Train/val/test splits of several encoders' stores joined by image id (one store: its own rows)."""
+    stores = [Path(s) for s in stores]
+    opened = [open_store(s) for s in stores]
+    for k, store in enumerate(opened):
+        for other in opened[:k]:
+            if not fingerprint_mismatch(other.fingerprint, store.fingerprint):
+                raise MedembedError(
+                    f"{store.path} and {other.path} hold embeddings of one fingerprint (shards of one extraction?); an ensemble joins "
+                    "stores of different encoders; fit shards without --ensemble"
+                )
+    table, notes = join_stores(stores)
+    splits = table_splits(table, stores, val_fraction=val_fraction, seed=seed, notes=notes)
+    members = [
+        {
+            "store": str(path.resolve()), "fingerprint": dict(store.fingerprint), "dim": int(store.dim),
+            "encoder_options": _encoder_options(store), "preprocess": str(store.attrs.get("preprocess", "")),
+        }
+        for path, store in zip(stores, opened)
+    ]
+    keys = list(dict.fromkeys(k for store in opened for k in store.fingerprint))
+    fingerprint = {k: " + ".join(str(s.fingerprint.get(k, "")) for s in opened) for k in keys} if len(opened) > 1 else dict(opened[0].fingerprint)
+    return JoinedStores(splits, fingerprint, notes, members, tuple(m["dim"] for m in members))
+
+
+def _encoder_options(store: Any) -> dict[str, Any]:
+    return json.loads(str(store.attrs.get("encoder_options", "{}")))
+
+
+def run_members(details: dict[str, Any], where: Path) -> list[dict[str, Any]]:
+    """The member stores an ensemble run.json records, checked."""
+    members = details.get("members")
+    if not isinstance(members, list) or not members or not all(
+        isinstance(m, dict) and isinstance(m.get("fingerprint"), dict) and isinstance(m.get("store"), str) and 0 < len(m["store"]) <= 4096
+        and isinstance(m.get("encoder_options", {}), dict)
+        for m in members
+    ):
+        raise MedembedError(f"{where}: an ensemble run.json needs details.members: one object per store with store, fingerprint and encoder_options")
+    return members
+
+
+def ensemble_rows(run: Any, split: str, stores: list[Path] | None = None) -> Split:
+    """The rows of `split` an ensemble run scores: its member stores (or `stores`, one per member in the same
+    order, each with its member's fingerprint) joined by image id."""
+    members = run_members(run.record.details, run.directory / "run.json")
+    stores = [Path(s) for s in (stores or [m["store"] for m in members])]
+    if len(stores) != len(members):
+        raise MedembedError(f"{run.directory} is an ensemble of {len(members)} stores; give {len(members)} --store, one per member in order, not {len(stores)}")
+    for k, (store, member) in enumerate(zip(stores, members)):
+        diff = fingerprint_mismatch(member["fingerprint"], open_store(store).fingerprint)
+        if diff:
+            raise MedembedError(f"{store}: embeddings differ from member {k} of this ensemble ({'; '.join(diff)})")
+    options = run.record.protocol
+    return load_joined_splits(stores, val_fraction=options.val_fraction, seed=options.seed).splits[split]
+
+
+def make_ensemble(heads: str, head_params: dict[str, Any], combine: str, widths: tuple[int, ...], folds: int, seed: int) -> EnsembleScorer:
+    """An unfitted ensemble from fit's options: `heads` "logreg,mlp", flat `-p` params (see `split_head_params`)."""
+    names = parse_heads(heads)
+    return EnsembleScorer(heads=names, head_params=split_head_params(names, head_params), combine=combine, widths=tuple(widths), folds=folds, seed=seed)
+
+
+# -- predict: every member's encoder over the images ------------------------------------------------------------
+
+
+def member_encoders(run: Any) -> list[Any]:
+    """Each member's encoder rebuilt from run.json, refused unless it reproduces that member's fingerprint."""
+    from medembed.predict import rebuild_encoder
+
+    return [rebuild_encoder(m["fingerprint"], m.get("encoder_options", {}), run.directory) for m in run_members(run.record.details, run.directory / "run.json")]
+
+
+def score_member_images(run: Any, manifest: Any, root: Path, cache: Path, options: Any, preprocess: Any = None, encoders: list[Any] | None = None) -> Any:
+    """The rows of `manifest` every member could embed, their embeddings joined as the ensemble consumes them;
+    one resumable cache store per member beside `cache`."""
+    from medembed.extract.runner import extract
+    from medembed.predict import Scored
+
+    if preprocess is not None:
+        raise MedembedError(f"{run.directory} is an ensemble of several encoders; corrupted re-reads (--corrupt) take single-encoder runs")
+    members = run_members(run.record.details, run.directory / "run.json")
+    encoders = encoders or member_encoders(run)
+    rows = Split.from_manifest(manifest)
+    tables, failed, summary = [], {}, None
+    for k, (member, encoder) in enumerate(zip(members, encoders)):
+        member_cache = Path(cache).with_name(f"{Path(cache).stem}.member{k}{Path(cache).suffix}")
+        fingerprint = member["fingerprint"]
+        member_options = replace(options, store_dtype=fingerprint["dtype"], precision=fingerprint.get("precision") or "fp32")
+        summary = extract(manifest, root, encoder, member_cache, member_options, encoder_options=member.get("encoder_options", {}))
+        store = open_store(member_cache)
+        table = store.read()
+        tables.append(({image_id: i for i, image_id in enumerate(table.image_id.tolist())}, table.embeddings))
+        for image_id, reason in store.failed().items():
+            failed.setdefault(image_id, f"member {k}: {reason}")
+    keep = np.array([i for i, image_id in enumerate(rows.image_id) if all(image_id in position for position, _ in tables)], dtype=np.int64)
+    blocks = [embeddings[[position[rows.image_id[i]] for i in keep]] if len(keep) else embeddings[:0] for position, embeddings in tables]
+    dtype = np.result_type(*(b.dtype for b in blocks))
+    return Scored(rows.take(keep, X=np.hstack([b.astype(dtype) for b in blocks])), failed, summary)
