@@ -29,7 +29,7 @@ def cnn(
 
     Example: medembed baseline cnn data_manifests/fracatlas.csv --root ../shared/data/fracatlas --out runs/cnn
     """
-    from medembed.scorers.baselines.cnn import run_cnn_baseline
+    from medembed.baseline import run_cnn_baseline
 
     protocol.seed = options.seed  # one --seed: the CNN's initialisation and the protocol's
     run = run_cnn_baseline(manifest, root, out, options, protocol, log=typer.echo)

@@ -23,7 +23,7 @@ def zeroshot(
     Example: medembed zeroshot mura-medsiglip.h5 --model google/medsiglip-448 --threshold kappa --out runs/mura-zeroshot
     """
     from cli.fit_cmds import print_headline
-    from medembed.scorers.zeroshot import zeroshot_run
+    from medembed.zeroshot import zeroshot_run
 
     metrics = zeroshot_run(stores, model, out, protocol, options)
     print_headline(metrics)

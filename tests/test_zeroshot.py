@@ -26,8 +26,8 @@ from medembed.scorers.zeroshot import (
     fill_prompts,
     load_prompts,
     tokenize,
-    zeroshot_run,
 )
+from medembed.zeroshot import zeroshot_run
 from medembed.options.zeroshot import ZeroShotOptions
 
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)

@@ -71,7 +71,8 @@ from medembed.errors import MedembedError
 from medembed.options.protocol import AGGREGATIONS
 from medembed.options.extract import ExtractOptions
 from medembed.options.fit import FitOptions
-from medembed.scorers.heads import HEAD_NAMES, TOKEN_HEADS, make_head
+from medembed.options.fit import HEAD_NAMES, TOKEN_HEADS
+from medembed.scorers.heads import make_head
 from medembed.sweep.budgets import check_fraction
 
 CNN = "cnn"

@@ -32,7 +32,7 @@ import numpy as np
 from medembed.options.baselines import AutoencoderOptions
 from medembed.scorers.baselines.autoencoder import run_autoencoder_baseline, weights_dir
 from medembed.options.baselines import CNNOptions
-from medembed.scorers.baselines.cnn import run_cnn_baseline
+from medembed.baseline import run_cnn_baseline
 from medembed._files import read_json
 from medembed.errors import MedembedError
 from medembed.encoders.runtime import build_encoder

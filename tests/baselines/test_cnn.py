@@ -13,7 +13,8 @@ from sklearn.metrics import roc_auc_score
 
 from medembed.scorers.baselines._data import cache_images, grey_spec
 from medembed.scorers.baselines._training import cpu_threads, predict_batches
-from medembed.scorers.baselines.cnn import KIND, CNNRun, load_cnn, run_cnn_baseline
+from medembed.baseline import CNNRun, run_cnn_baseline
+from medembed.scorers.baselines.cnn import KIND, load_cnn
 from medembed.options.baselines import CNNOptions
 from medembed.encoders.efficientnet_lite import EfficientNetLite0Encoder
 from medembed.errors import MedembedError

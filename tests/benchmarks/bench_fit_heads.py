@@ -20,7 +20,8 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from medembed.scorers.heads import HEAD_NAMES, make_head
+from medembed.options.fit import HEAD_NAMES
+from medembed.scorers.heads import make_head
 
 NOTEBOOK = "notebook"
 TARGET_SECONDS = 60.0

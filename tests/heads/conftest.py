@@ -6,7 +6,8 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-from medembed.scorers.heads import HEAD_NAMES, Head, make_head
+from medembed.options.fit import HEAD_NAMES
+from medembed.scorers.heads import Head, make_head
 
 
 class Splits(NamedTuple):

@@ -10,11 +10,19 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from medembed.errors import MedembedError
-from medembed.scorers.heads import HEAD_NAMES, HeadLoadError, load_head, make_head
+from medembed.options.fit import HEAD_NAMES
+from medembed.scorers.heads import HeadLoadError, load_head, make_head
 
 
 def test_registry_lists_the_three_heads():
     assert HEAD_NAMES == ("logreg", "mlp", "xgboost")
+
+
+def test_every_head_the_options_name_is_registered():
+    from medembed.options.fit import TOKEN_HEADS
+    from medembed.scorers.heads import _HEADS
+
+    assert set(HEAD_NAMES + TOKEN_HEADS) | {"sklearn"} == set(_HEADS)
 
 
 def test_make_head_rejects_unknown_name_listing_the_known_ones():

@@ -7,7 +7,8 @@ import pytest
 from sklearn.base import clone
 
 from medembed.errors import MedembedError
-from medembed.scorers.heads import HEAD_NAMES, load_head, make_head
+from medembed.options.fit import HEAD_NAMES
+from medembed.scorers.heads import load_head, make_head
 
 
 

@@ -42,7 +42,7 @@ def target_store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cnn_run(fracatlas_root: Path, fracatlas_subset: Path, tmp_path_factory) -> Path:
     from medembed.options.baselines import CNNOptions
-    from medembed.scorers.baselines.cnn import run_cnn_baseline
+    from medembed.baseline import run_cnn_baseline
 
     out = tmp_path_factory.mktemp("cnn") / "run"
     run_cnn_baseline(fracatlas_subset, fracatlas_root, out, CNNOptions(size=32, epochs=1, patience=1, batch_size=16, threads=1, seed=0),
