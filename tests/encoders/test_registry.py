@@ -26,3 +26,11 @@ def test_unknown_name_lists_the_available_ones():
 def test_unknown_option_names_it_and_the_accepted_ones():
     with pytest.raises(MedembedError, match=r"unexpected keyword argument 'pooling'; its options: size"):
         get_encoder("efficientnet-lite0", pooling="cls")
+
+
+@pytest.mark.parametrize("name", available_encoders())
+def test_the_registry_describes_each_encoder_as_its_class_does(name):
+    """`encoders list` reads the registry (no torch); what it says of the levels is what the class computes."""
+    from medembed.encoders.registry import _REGISTRY
+
+    assert _REGISTRY[name].levels == _REGISTRY[name].load().levels_help()
