@@ -13,7 +13,7 @@ WORK ?= work
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install update-constraints test demo sweep bench-store bench-extract bench-fit bench-transfer bench-ensemble bench-levels clean
+.PHONY: help install update-constraints test demo sweep bench-cli bench-store bench-extract bench-fit bench-transfer bench-ensemble bench-levels clean
 
 help: ## List the targets with one-line descriptions
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-19s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ demo: install ## The main job on FracAtlas: manifest -> extract (offline Efficie
 
 sweep: demo ## Benchmark sweep on FracAtlas: encoders x heads x label budgets x seeds, plus CNN/autoencoder baselines
 	$(BIN)/medembed sweep data_manifests/fracatlas_sweep.toml
+
+bench-cli: install ## Start-up: median seconds of medembed --help, fit --help, info STORE and encoders list against their targets
+	$(BIN)/python tests/benchmarks/bench_cli.py
 
 bench-store: install ## Store: seconds per 50,000 rows over 40 segments (2M x 1152 float16), write/read MB/s, consolidation
 	$(BIN)/python tests/benchmarks/bench_store.py --rows 2000000 --dim 1152 --batch 500
