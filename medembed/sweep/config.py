@@ -58,19 +58,18 @@ import os
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from medembed.options.baselines import AutoencoderOptions
 from medembed.scorers.baselines.autoencoder import KIND as AUTOENCODER
 from medembed.options.baselines import CNNOptions
-from medembed.options.protocol import CALIBRATIONS, parse_threshold_rule
+from medembed.options.protocol import CALIBRATIONS, ProtocolOptions
 from medembed.encoders import available_encoders
 from medembed.errors import MedembedError
 from medembed.options.protocol import AGGREGATIONS
 from medembed.options.extract import ExtractOptions
-from medembed.options.fit import FitOptions
 from medembed.options.fit import HEAD_NAMES, TOKEN_HEADS
 from medembed.scorers.heads import make_head
 from medembed.sweep.budgets import check_fraction
@@ -163,15 +162,28 @@ class SweepConfig:
     seeds: tuple[int, ...]
     heads: tuple[str, ...]
     head_params: dict[str, dict[str, Any]]
-    threshold: str
-    calibration: str
-    aggregation: str
-    bootstrap: int
+    protocol: ProtocolOptions  # threshold, calibration, aggregation, bootstrap: fit's options, as `medembed fit` takes them
     extract: ExtractOptions
     encoders: tuple[EncoderSpec, ...]
     baselines: tuple[BaselineSpec, ...]
     source: Path
     ensembles: tuple[EnsembleSpec, ...] = ()
+
+    @property
+    def threshold(self) -> str:
+        return self.protocol.threshold
+
+    @property
+    def calibration(self) -> str:
+        return self.protocol.calibration
+
+    @property
+    def aggregation(self) -> str:
+        return self.protocol.aggregation
+
+    @property
+    def bootstrap(self) -> int:
+        return self.protocol.n_resamples
 
     def baseline(self, kind: str) -> BaselineSpec | None:
         """The baseline of this kind, if the sweep has one."""
@@ -198,8 +210,7 @@ def parse_config(document: dict[str, Any], source: Path) -> SweepConfig:
     for head in heads:
         if head not in HEAD_NAMES:
             raise where.error("heads", f"unknown head {head!r}; choose from {', '.join(HEAD_NAMES)}")
-    threshold = where.value(document, "threshold", str, FitOptions.threshold)
-    where.check(lambda: parse_threshold_rule(threshold), "threshold")
+    protocol = _protocol(where, document)
     seeds = _seeds(where, document, "seeds", [0])
     encoders = tuple(_encoder(where, entry, i) for i, entry in enumerate(where.tables(document, "encoders")))
     baselines = tuple(_baseline(where, entry, i, seeds) for i, entry in enumerate(where.tables(document, "baselines")))
@@ -224,16 +235,32 @@ def parse_config(document: dict[str, Any], source: Path) -> SweepConfig:
         seeds=seeds,
         heads=heads,
         head_params=_head_params(where, where.value(document, "head_params", dict, {}), heads),
-        threshold=threshold,
-        calibration=_choice(where, document, "calibration", CALIBRATIONS, FitOptions.calibration),
-        aggregation=_choice(where, document, "aggregation", AGGREGATIONS, FitOptions.aggregation),
-        bootstrap=where.count(document.get("bootstrap", FitOptions.n_resamples), "bootstrap"),
+        protocol=protocol,
         extract=ExtractOptions(**extract_options),
         encoders=encoders,
         baselines=baselines,
         source=source,
         ensembles=ensembles,
     )
+
+
+# Top-level keys read into ProtocolOptions (named as fit's flags: bootstrap is --bootstrap, the n_resamples field).
+_PROTOCOL_KEYS = {"threshold": "threshold", "calibration": "calibration", "aggregation": "aggregation", "bootstrap": "n_resamples"}
+_PROTOCOL_CHOICES = {"calibration": CALIBRATIONS, "aggregation": AGGREGATIONS}
+
+
+def _protocol(where: _Where, document: dict) -> ProtocolOptions:
+    """The sweep's protocol: each key typed and checked against fit's ProtocolOptions (its defaults where absent),
+    every problem naming its key."""
+    defaults, values = ProtocolOptions(), {}
+    for key, name in _PROTOCOL_KEYS.items():
+        if key not in document:
+            continue
+        value = where.count(document[key], key) if name == "n_resamples" else where.value(document, key, str)
+        if key in _PROTOCOL_CHOICES and value not in _PROTOCOL_CHOICES[key]:
+            raise where.error(key, f"{value!r} is not one of {', '.join(_PROTOCOL_CHOICES[key])}")
+        values[name] = where.check(lambda: getattr(replace(defaults, **{name: value}), name), key)
+    return ProtocolOptions(**values)
 
 
 def _budgets(where: _Where, table: dict, name: str, default: list, key: str | None = None) -> tuple[float, ...]:
@@ -254,13 +281,6 @@ def _head_params(where: _Where, table: dict, heads: tuple[str, ...]) -> dict[str
             raise where.error(f"head_params.{head}", "must be a table of the head's parameters")
         where.check(lambda: make_head(head, **params), f"head_params.{head}")
     return {head: dict(table.get(head, {})) for head in heads}
-
-
-def _choice(where: _Where, table: dict, key: str, choices: tuple[str, ...], default: str) -> str:
-    value = where.value(table, key, str, default)
-    if value not in choices:
-        raise where.error(key, f"{value!r} is not one of {', '.join(choices)}")
-    return value
 
 
 def _encoder(where: _Where, entry: dict, index: int) -> EncoderSpec:

@@ -24,7 +24,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -166,10 +166,8 @@ class _Sweep:
     def fit_options(self, head: str = "logreg", level: str = "") -> FitOptions:
         """The protocol as FitOptions; seed 0 carves val identically for every cell where a store has none."""
         c = self.config
-        return FitOptions(
-            head=head, head_params=c.head_params.get(head, {}), threshold=c.threshold, calibration=c.calibration,
-            aggregation=c.aggregation, n_resamples=c.bootstrap, seed=BOOTSTRAP_SEED, level=level,
-        )
+        protocol = asdict(replace(c.protocol, seed=BOOTSTRAP_SEED))
+        return FitOptions(**protocol, head=head, head_params=c.head_params.get(head, {}), level=level)
 
     # -- cells of heads on a store -----------------------------------------------------------------------
 
