@@ -7,8 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import h5py
@@ -167,12 +165,9 @@ def test_merge_shards(tmp_path):
         read_stores([a, c])
 
 
-WRITER_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    from tests.test_store import rows, FP, DIM
-    from medembed.store import StoreWriter
-    path, total, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def write_batches(path: Path, total: int, batch: int, ack) -> None:
+    """An extraction's writes: batches appended (a failure every third), a fold every four, resumed from what the
+    store already holds; `ack(ids)` once a batch is acknowledged (durable from then on)."""
     with StoreWriter(path, dim=DIM, fingerprint=FP, fold_every_rows=4 * batch) as w:
         done = w.done_ids()
         for start in range(0, total, batch):
@@ -181,53 +176,40 @@ WRITER_SCRIPT = textwrap.dedent(
                 continue
             failed = {f"bad{start}": "truncated"} if start % (3 * batch) == 0 else {}
             w.append(ids, emb, cols, failed=failed)
-            print(start + batch, flush=True)  # acknowledged: this batch must survive any kill from here on
-    """
-)
+            ack(ids)
 
 
-def run_writer(path: Path, total: int, batch: int) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen(
-        [sys.executable, "-c", WRITER_SCRIPT, str(path), str(total), str(batch)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def test_sigkill_at_random_points_then_resume_matches_uninterrupted_run(tmp_path):
-    total, batch = 3000, 25
+def test_sigkill_at_chosen_points_then_resume_matches_uninterrupted_run(tmp_path):
+    """Kill points chosen deterministically over the whole run (killed_at counts calls: inside an append, a fold,
+    or between them), the same store killed three times, then finished: it matches an uninterrupted run."""
+    total, batch = 500, 25
     reference = tmp_path / "reference.h5"
-    assert run_writer(reference, total, batch).wait(timeout=120) == 0
+    write_batches(reference, total, batch, lambda ids: None)
     expected = open_store(reference).read()
-    rng = random.Random(1234)
+    _, marks, errors = killed_at(0, lambda ack, mark: (write_batches(tmp_path / "count.h5", total, batch, ack), mark("end")))
+    assert not errors, errors
     kills = 0
-    for trial in range(4):  # (the fork-based test below kills at chosen steps of folds and consolidation)
+    for trial, fraction in enumerate((0.07, 0.3, 0.55, 0.8)):
         path = tmp_path / f"trial{trial}.h5"
-        for _ in range(3):  # kill the same store several times, then let it finish
-            proc = run_writer(path, total, batch)
-            # Wait for a random number of acknowledged batches (so the kill lands mid-run however fast the
-            # machine), then a random instant more: inside an append, a fold, or between them.
-            acks = [proc.stdout.readline() for _ in range(rng.randint(1, 20))]
-            time.sleep(rng.uniform(0, 0.05))
-            proc.send_signal(signal.SIGKILL)
-            out, _ = proc.communicate(timeout=60)
-            kills += proc.returncode == -signal.SIGKILL
-            acknowledged = max(int(line) for line in acks + out.split() if str(line).strip())
+        acked: list[str] = []
+        for attempt in range(3):  # kill the same store three times: each rerun resumes and gets a third further
+            call = int(marks["end"] * fraction / 3) + attempt
+            new, reached, errors = killed_at(call, lambda ack, mark: (write_batches(path, total, batch, ack), mark("end")))
+            assert not errors, errors
+            kills += "end" not in reached
+            acked += new
             if path.exists():
-                store = open_store(path)  # opens after a kill at any instant
-                table = store.read()
-                assert len(set(table.image_id)) == len(table.image_id), "duplicated rows after a kill"
-                assert len(table) >= acknowledged, "an acknowledged batch was lost"
-        proc = run_writer(path, total, batch)
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
+                table = open_store(path).read()  # opens after a kill at any instant
+                assert len(set(table.image_id)) == len(table.image_id), f"duplicated rows after a kill at call {call}"
+                assert set(acked) <= set(table.image_id), f"an acknowledged batch was lost after a kill at call {call}"
+        write_batches(path, total, batch, lambda ids: None)
         got = open_store(path).read()
         order = np.argsort(got.image_id.astype(str))
         assert got.image_id[order].tolist() == expected.image_id.tolist()
         np.testing.assert_array_equal(got.embeddings[order], expected.embeddings)
         assert got.columns["split"][order].tolist() == expected.columns["split"].tolist()
         assert open_store(path).failed() == open_store(reference).failed()
-    assert kills == 12, "a writer finished before it could be killed; the test proves nothing"
+    assert kills == 12, f"only {kills} of 12 writers were killed before they finished; the test proves little"
 
 
 def test_torn_log_tail_is_ignored_and_truncated(tmp_path):
