@@ -232,7 +232,9 @@ def test_every_switch_can_be_turned_off():
     """A boolean option whose default is true is useless without its --no- form (baseline cnn --augment)."""
     from medembed.options.baselines import CNNOptions as cnn_options
 
-    switches = {("baseline", "cnn"): cnn_options, ("extract",): ExtractOptions, ("fit",): FitOptions}
+    from medembed.options.transfer import TransferOptions
+
+    switches = {("baseline", "cnn"): cnn_options, ("extract",): ExtractOptions, ("evaluate",): TransferOptions}
     for command, cls in switches.items():
         shown = run_cli(*command, "--help").stdout
         names = [f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.type in (bool, "bool") and f.metadata.get("cli", True)]

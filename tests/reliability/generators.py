@@ -26,8 +26,8 @@ class Case:
 
     `path`: relative to the corpus root. `kind`: the ImageDecodeError kind `decode_image` raises (None: it
     decodes). `reason`: a substring of the decoder's reason. `probe_kind`: what the header check
-    (`probe_image`, `manifest check --decode`) raises, None where it passes (it reads no pixels: truncated JPEG
-    data and NaN pixels are only found by decoding).
+    (`probe_image`) raises, None where it passes (it reads no pixels: truncated JPEG data and NaN pixels are only
+    found by decoding, which `manifest check --decode` does after it).
     """
 
     path: str
