@@ -7,15 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from medembed.errors import MedembedError
-from medembed.fit import run_rows
 from medembed.options import check_positive
 from medembed.options.transfer import TransferOptions
 from medembed.protocol.steps import evaluate_split
+from medembed.runs.inputs import run_inputs, with_manifest_columns
 from medembed.runs.record import Evaluation, load_run, write_evaluation
 from medembed.transfer.reference import run_reference
 from medembed.transfer.sections import source_sections
 from medembed.transfer.subgroups import check_columns
-from medembed.transfer.targets import with_manifest_columns
 
 
 def evaluate_run(
@@ -29,7 +28,7 @@ def evaluate_run(
     if n_resamples is not None:
         check_positive("bootstrap", n_resamples, minimum=0)
         options.n_resamples = n_resamples
-    rows = run_rows(run, split, stores)
+    rows = run_inputs(run).rows(split, stores)
     p = run.probabilities(rows)
     transfer = transfer or TransferOptions()
     if transfer.columns_from is not None:

@@ -1,4 +1,4 @@
-"""Stage 2 end to end: fit a head on a store under the protocol, write a run directory; re-evaluate any run.
+"""Stage 2 end to end: fit a head (or an ensemble, a study pooling) on stores under the protocol, write a run directory.
 
 Train on ``train``, choose everything (the head's hyperparameters, probability calibration, thresholds) on
 ``val``, report on ``test`` (`medembed.protocol.steps`). The data comes from `medembed.protocol.splits`, the run directory is
@@ -12,17 +12,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from medembed.errors import MedembedError
 from medembed.protocol.metrics import summarize_seeds
+from medembed.scorers.ensemble import make_ensemble
 from medembed.scorers.heads import make_head
-from medembed.data.manifest import read_manifest
 from medembed.protocol.steps import fit_and_evaluate
-from medembed.runs.record import Evaluation, Run, RunRecord, write_run
-from medembed.protocol.splits import Split, load_splits, manifest_splits, split_sizes
-from medembed.store import fingerprint_mismatch, open_store
+from medembed.runs.record import Evaluation, RunRecord, write_run
+from medembed.protocol.splits import load_joined_splits, load_splits, split_sizes
+from medembed.store import open_store
 from medembed.transfer.sections import fitted_extras
 from medembed.options.fit import AUTO_LEVEL, FitOptions
 
@@ -58,8 +57,6 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any
         if open_store(store).being_written():  # its splits would be a moving subset: refuse rather than fit on it
             raise MedembedError(open_store(store).partial_reason())
     if options.ensemble:  # several encoders' stores are joined by image id, not concatenated as shards
-        from medembed.scorers.ensemble import load_joined_splits, make_ensemble
-
         joined = load_joined_splits(stores, val_fraction=options.val_fraction, seed=options.seed)
         splits, fingerprint, notes = joined.splits, joined.fingerprint, joined.notes
         new_scorer = lambda seed: make_ensemble(options.head, options.head_params, options.ensemble, joined.widths, options.ensemble_folds, seed)  # noqa: E731
@@ -111,35 +108,3 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any
     extras = fitted_extras(best, splits, options.seed, options.n_resamples)
     write_run(out, record, best.scorer, Evaluation(best.p_test, splits["test"], metrics), extras=extras)
     return metrics
-
-
-def run_level(run: Run) -> str:
-    """The token level a run's head reads ("" for pooled embeddings)."""
-    return str(run.record.options.get("level") or "")
-
-
-def run_rows(run: Run, split: str = "test", stores: list[Path] | None = None) -> Split:
-    """The labelled rows of `split` that `run`'s scorer consumes: from its stores (or others with the same
-    fingerprint) for embedding scorers, from its manifest's images for image scorers."""
-    record, options = run.record, run.record.protocol
-    if record.kind == "ensemble":  # member stores joined by image id, each checked against its own fingerprint
-        from medembed.scorers.ensemble import ensemble_rows
-
-        return ensemble_rows(run, split, stores)
-    if record.consumes == "embeddings":
-        stores = [Path(s) for s in (stores or record.inputs["stores"])]
-        for store in stores:
-            diff = fingerprint_mismatch(record.fingerprint, open_store(store).fingerprint)
-            if diff:
-                raise MedembedError(f"{store}: embeddings differ from the ones this run was fitted on ({'; '.join(diff)})")
-        splits, _, _ = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed, level=run_level(run) or None)
-        return splits[split]
-    if stores:
-        raise MedembedError(f"{run.directory}: a {record.kind} run scores images, not stores; evaluate it on its manifest")
-    manifest = read_manifest(Path(record.inputs["manifest"]))
-    splits, kept, _ = manifest_splits(manifest, val_fraction=options.val_fraction, seed=options.seed)
-    wanted = manifest.subset(kept[np.isin(manifest.image_id[kept], splits[split].image_id)])
-    pixels, decoded, _ = run.scorer.load_images(wanted, Path(record.inputs["image_root"]))
-    by_id = {image_id: i for i, image_id in enumerate(splits[split].image_id)}
-    return splits[split].take(np.array([by_id[i] for i in wanted.image_id[decoded]], dtype=np.int64), X=pixels)
-

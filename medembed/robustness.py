@@ -25,10 +25,10 @@ from medembed.data.corrupt import CORRUPTIONS, SEVERITY_TABLE, CorruptedPreproce
 from medembed.errors import MedembedError
 from medembed.protocol.metrics import METRICS
 from medembed.data.manifest import Manifest, read_manifest
-from medembed.predict import Scored, run_encoder, score_images
 from medembed.options.protocol import ProtocolOptions
 from medembed.protocol.steps import evaluate_split
 from medembed.protocol.report import format_cell, write_metrics_json
+from medembed.runs.inputs import Scored, run_inputs
 from medembed.runs.record import Run, load_run
 from medembed.protocol.splits import Split
 from medembed.options.robustness import RobustnessOptions
@@ -83,8 +83,8 @@ def evaluate_corruptions(
     options = options or RobustnessOptions()
     run_dir = Path(run_dir)
     run = load_run(run_dir)
-    encoder = run_encoder(run) if run.record.consumes == "embeddings" else None
-    clean_spec = encoder.preprocess if encoder is not None else run.scorer.image_spec
+    inputs = run_inputs(run)
+    clean_spec = inputs.preprocess_spec()  # an embedding run's encoder is rebuilt and checked here, once
     test, notes = labelled_test_split(Path(manifest_path))
     conditions = [Condition(CLEAN, 0)] + [Condition(c, s) for c in corruptions for s in severities]
     for condition in conditions[1:]:
@@ -93,7 +93,7 @@ def evaluate_corruptions(
     for condition in conditions:
         store = run_dir / "corrupt" / f"{condition.name}.h5"
         spec = None if condition.corruption == CLEAN else CorruptedPreprocess(clean_spec, condition.corruption, condition.severity)
-        read = score_images(run, test, Path(root), store, options.extract, preprocess=spec, encoder=encoder)
+        read = inputs.score(test, Path(root), store, options.extract, preprocess=spec)
         scored[condition] = read.rows
         if on_extracted:
             on_extracted(condition, read)

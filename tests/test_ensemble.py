@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from medembed.scorers.ensemble import EnsembleScorer, _folds, join_stores, load_joined_splits, split_head_params
+from medembed.protocol.splits import join_stores, load_joined_splits
+from medembed.scorers.ensemble import EnsembleScorer, _folds, split_head_params
 from medembed.errors import MedembedError
 from medembed.options.fit import FitOptions
 from medembed.evaluate import evaluate_run

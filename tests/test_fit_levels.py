@@ -16,7 +16,8 @@ from medembed.encoders.runtime import build_encoder
 from medembed.extract.runner import extract
 from medembed.options.fit import FitOptions
 from medembed.evaluate import evaluate_run
-from medembed.fit import fit_run, run_rows
+from medembed.fit import fit_run
+from medembed.runs.inputs import run_inputs
 from medembed.data.manifest import read_manifest
 from medembed.runs.record import load_run
 from medembed.store import open_store
@@ -74,7 +75,7 @@ def test_fit_level_evaluate_and_predict_reproduce_the_store(killed_then_resumed,
     with open(tmp_path / "p.csv", newline="") as handle:
         by_file = {row["image_id"].split("/")[-1]: float(row["probability"]) for row in csv.DictReader(handle)}
     loaded = load_run(run)
-    rows = run_rows(loaded, "test")
+    rows = run_inputs(loaded).rows("test")
     stored = dict(zip(rows.image_id, loaded.probabilities(rows)))
     for image_id, path in zip(test.image_id, test.path):
         assert by_file[path.split("/")[-1]] == pytest.approx(stored[image_id], abs=2e-3)

@@ -1,4 +1,5 @@
-"""The data of the protocol: train/val/test splits of a store (or a manifest), checked for leakage and bad values.
+"""The data of the protocol: train/val/test splits of a store (or a manifest, or several encoders' stores joined by
+image id), checked for leakage and bad values.
 
 Train on ``train``, choose everything on ``val``, report on ``test``. A store without ``val`` has one carved from
 ``train``, grouped by patient (study where there is none) and stratified by label and body part.
@@ -6,6 +7,7 @@ Train on ``train``, choose everything on ``val``, report on ``test``. A store wi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import numpy as np
 
 from medembed.errors import MedembedError
 from medembed.data.manifest import SPLITS, Manifest, assign_grouped_split
-from medembed.store import EmbeddingTable, open_store, read_stores
+from medembed.store import EmbeddingTable, fingerprint_mismatch, open_store, read_stores
 
 
 # Columns Split holds as fields (or drops: label is y); every other column is carried in Split.extra.
@@ -110,6 +112,85 @@ def table_splits(table: EmbeddingTable, stores: list[Path], *, val_fraction: flo
         raise MedembedError(f"{int(bad.sum())} embeddings are NaN or infinite, e.g. image ids {table.image_id[bad][:5].tolist()}; re-extract them")
     split = table.columns["split"].astype(str)
     return _named_splits(Split.from_table(table), split, val_fraction, seed, notes, where=str(stores[0]))
+
+
+@dataclass
+class JoinedStores:
+    """Splits of the members' embeddings side by side, with what run.json records about each member store."""
+
+    splits: dict[str, Split]
+    fingerprint: dict[str, str]  # the members' fingerprints, field by field, joined with " + " (for reports)
+    notes: list[str]
+    members: list[dict[str, Any]]  # per store: store, fingerprint, encoder_options, preprocess, dim
+    widths: tuple[int, ...]
+
+
+def join_stores(stores: list[Path]) -> tuple[EmbeddingTable, list[str]]:
+    """The rows of every store that all of them hold, embeddings side by side `[N, D1 + D2 + ...]` (the first
+    store's row order), and notes. Refuses stores with no image in common and ones that disagree on an image's
+    label or split."""
+    tables = [open_store(s).read() for s in stores]
+    common = set(tables[0].image_id.tolist())
+    for table in tables[1:]:
+        common &= set(table.image_id.tolist())
+    if not common:
+        raise MedembedError(
+            f"{stores[0]} and {', '.join(map(str, stores[1:]))} share no image ids; an ensemble joins stores of the same images "
+            "(extract every encoder from one manifest)"
+        )
+    order = [image_id for image_id in tables[0].image_id.tolist() if image_id in common]
+    joined = []
+    for store, table in zip(stores, tables):
+        position = {image_id: i for i, image_id in enumerate(table.image_id.tolist())}
+        joined.append(table.subset(np.array([position[i] for i in order], dtype=np.int64)))
+    first = joined[0]
+    for store, table in zip(stores[1:], joined[1:]):
+        for column in ("label", "split"):
+            differ = np.flatnonzero(table.columns[column] != first.columns[column])
+            if len(differ):
+                examples = ", ".join(f"{first.image_id[i]} ({first.columns[column][i]} vs {table.columns[column][i]})" for i in differ[:3])
+                raise MedembedError(
+                    f"{store}: {len(differ)} images have another {column} than in {stores[0]}, e.g. {examples}; "
+                    "the members must be extracted from one manifest"
+                )
+    notes = []
+    left_out = sum(len(t) for t in tables) - len(tables) * len(order)
+    if left_out:
+        notes.append(f"{len(order)} images are in every member store; {left_out} member rows of images missing from another member left out")
+    failed = set().union(*(open_store(s).failed() for s in stores))
+    if failed:
+        notes.append(f"{len(failed)} images an extractor could not read (a member store's failed table) are not scored")
+    dtype = np.result_type(*(t.embeddings.dtype for t in joined))
+    return EmbeddingTable(np.hstack([t.embeddings.astype(dtype) for t in joined]), first.image_id, dict(first.columns)), notes
+
+
+def load_joined_splits(stores: list[Path], *, val_fraction: float, seed: int) -> JoinedStores:
+    """Train/val/test splits of several encoders' stores joined by image id (one store: its own rows)."""
+    stores = [Path(s) for s in stores]
+    opened = [open_store(s) for s in stores]
+    for k, store in enumerate(opened):
+        for other in opened[:k]:
+            if not fingerprint_mismatch(other.fingerprint, store.fingerprint):
+                raise MedembedError(
+                    f"{store.path} and {other.path} hold embeddings of one fingerprint (shards of one extraction?); an ensemble joins "
+                    "stores of different encoders; fit shards without --ensemble"
+                )
+    table, notes = join_stores(stores)
+    splits = table_splits(table, stores, val_fraction=val_fraction, seed=seed, notes=notes)
+    members = [
+        {
+            "store": str(path.resolve()), "fingerprint": dict(store.fingerprint), "dim": int(store.dim),
+            "encoder_options": _encoder_options(store), "preprocess": str(store.attrs.get("preprocess", "")),
+        }
+        for path, store in zip(stores, opened)
+    ]
+    keys = list(dict.fromkeys(k for store in opened for k in store.fingerprint))
+    fingerprint = {k: " + ".join(str(s.fingerprint.get(k, "")) for s in opened) for k in keys} if len(opened) > 1 else dict(opened[0].fingerprint)
+    return JoinedStores(splits, fingerprint, notes, members, tuple(m["dim"] for m in members))
+
+
+def _encoder_options(store: Any) -> dict[str, Any]:
+    return json.loads(str(store.attrs.get("encoder_options", "{}")))
 
 
 def level_tokens(stores: list[Path], level: str) -> np.ndarray:

@@ -4,10 +4,10 @@
     medembed fit effl0.h5 effl1.h5 --ensemble mean --head mlp                     one MLP per store, averaged
     medembed fit effl0.h5 --ensemble stack --head logreg,mlp,xgboost              three heads, a logistic meta-model
 
-Stores of different encoders are joined by image id (`join_stores`): the scorer's input is the members'
-embeddings side by side, `[N, D1 + D2 + ...]`, and it knows each member's width. Each member store keeps its own
-fingerprint in run.json (`details.members`), so `evaluate` checks every store and `predict` rebuilds every
-encoder. Combining members:
+Stores of different encoders are joined by image id (`medembed.protocol.splits.join_stores`): the scorer's input
+is the members' embeddings side by side, `[N, D1 + D2 + ...]`, and it knows each member's width. Each member store
+keeps its own fingerprint in run.json (`details.members`), so `evaluate` checks every store and `predict` rebuilds
+every encoder (`medembed.runs.inputs.JoinedStoreInputs`). Combining members:
 
     concat   one head per --head over all the joined features (several heads: their probabilities averaged)
     mean     one head per (store, --head) pair on that store's block; P(abnormal) averaged
@@ -21,8 +21,6 @@ then calibrated and thresholded on val by the protocol like any scorer's.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,8 +34,6 @@ from medembed._files import atomic_write_json, read_json
 from medembed.errors import MedembedError
 from medembed.scorers.heads import Head, load_head, make_head
 from medembed.scorers.heads._checks import check_embeddings, check_labels
-from medembed.protocol.splits import Split, table_splits
-from medembed.store import EmbeddingTable, fingerprint_mismatch, open_store
 
 KIND = "ensemble"
 COMBINES = ("concat", "mean", "stack")
@@ -316,154 +312,7 @@ def _checked_meta(meta: Any, scorer: EnsembleScorer, path: Path) -> dict[str, An
     return meta
 
 
-# -- stores of several encoders, joined by image id -------------------------------------------------------------
-
-
-@dataclass
-class JoinedStores:
-    """Splits of the members' embeddings side by side, with what run.json records about each member store."""
-
-    splits: dict[str, Split]
-    fingerprint: dict[str, str]  # the members' fingerprints, field by field, joined with " + " (for reports)
-    notes: list[str]
-    members: list[dict[str, Any]]  # per store: store, fingerprint, encoder_options, preprocess, dim
-    widths: tuple[int, ...]
-
-
-def join_stores(stores: list[Path]) -> tuple[EmbeddingTable, list[str]]:
-    """The rows of every store that all of them hold, embeddings side by side `[N, D1 + D2 + ...]` (the first
-    store's row order), and notes. Refuses stores with no image in common and ones that disagree on an image's
-    label or split."""
-    tables = [open_store(s).read() for s in stores]
-    common = set(tables[0].image_id.tolist())
-    for table in tables[1:]:
-        common &= set(table.image_id.tolist())
-    if not common:
-        raise MedembedError(
-            f"{stores[0]} and {', '.join(map(str, stores[1:]))} share no image ids; an ensemble joins stores of the same images "
-            "(extract every encoder from one manifest)"
-        )
-    order = [image_id for image_id in tables[0].image_id.tolist() if image_id in common]
-    joined = []
-    for store, table in zip(stores, tables):
-        position = {image_id: i for i, image_id in enumerate(table.image_id.tolist())}
-        joined.append(table.subset(np.array([position[i] for i in order], dtype=np.int64)))
-    first = joined[0]
-    for store, table in zip(stores[1:], joined[1:]):
-        for column in ("label", "split"):
-            differ = np.flatnonzero(table.columns[column] != first.columns[column])
-            if len(differ):
-                examples = ", ".join(f"{first.image_id[i]} ({first.columns[column][i]} vs {table.columns[column][i]})" for i in differ[:3])
-                raise MedembedError(
-                    f"{store}: {len(differ)} images have another {column} than in {stores[0]}, e.g. {examples}; "
-                    "the members must be extracted from one manifest"
-                )
-    notes = []
-    left_out = sum(len(t) for t in tables) - len(tables) * len(order)
-    if left_out:
-        notes.append(f"{len(order)} images are in every member store; {left_out} member rows of images missing from another member left out")
-    failed = set().union(*(open_store(s).failed() for s in stores))
-    if failed:
-        notes.append(f"{len(failed)} images an extractor could not read (a member store's failed table) are not scored")
-    dtype = np.result_type(*(t.embeddings.dtype for t in joined))
-    return EmbeddingTable(np.hstack([t.embeddings.astype(dtype) for t in joined]), first.image_id, dict(first.columns)), notes
-
-
-def load_joined_splits(stores: list[Path], *, val_fraction: float, seed: int) -> JoinedStores:
-    """Train/val/test splits of several encoders' stores joined by image id (one store: its own rows)."""
-    stores = [Path(s) for s in stores]
-    opened = [open_store(s) for s in stores]
-    for k, store in enumerate(opened):
-        for other in opened[:k]:
-            if not fingerprint_mismatch(other.fingerprint, store.fingerprint):
-                raise MedembedError(
-                    f"{store.path} and {other.path} hold embeddings of one fingerprint (shards of one extraction?); an ensemble joins "
-                    "stores of different encoders; fit shards without --ensemble"
-                )
-    table, notes = join_stores(stores)
-    splits = table_splits(table, stores, val_fraction=val_fraction, seed=seed, notes=notes)
-    members = [
-        {
-            "store": str(path.resolve()), "fingerprint": dict(store.fingerprint), "dim": int(store.dim),
-            "encoder_options": _encoder_options(store), "preprocess": str(store.attrs.get("preprocess", "")),
-        }
-        for path, store in zip(stores, opened)
-    ]
-    keys = list(dict.fromkeys(k for store in opened for k in store.fingerprint))
-    fingerprint = {k: " + ".join(str(s.fingerprint.get(k, "")) for s in opened) for k in keys} if len(opened) > 1 else dict(opened[0].fingerprint)
-    return JoinedStores(splits, fingerprint, notes, members, tuple(m["dim"] for m in members))
-
-
-def _encoder_options(store: Any) -> dict[str, Any]:
-    return json.loads(str(store.attrs.get("encoder_options", "{}")))
-
-
-def run_members(details: dict[str, Any], where: Path) -> list[dict[str, Any]]:
-    """The member stores an ensemble run.json records, checked."""
-    members = details.get("members")
-    if not isinstance(members, list) or not members or not all(
-        isinstance(m, dict) and isinstance(m.get("fingerprint"), dict) and isinstance(m.get("store"), str) and 0 < len(m["store"]) <= 4096
-        and isinstance(m.get("encoder_options", {}), dict)
-        for m in members
-    ):
-        raise MedembedError(f"{where}: an ensemble run.json needs details.members: one object per store with store, fingerprint and encoder_options")
-    return members
-
-
-def ensemble_rows(run: Any, split: str, stores: list[Path] | None = None) -> Split:
-    """The rows of `split` an ensemble run scores: its member stores (or `stores`, one per member in the same
-    order, each with its member's fingerprint) joined by image id."""
-    members = run_members(run.record.details, run.directory / "run.json")
-    stores = [Path(s) for s in (stores or [m["store"] for m in members])]
-    if len(stores) != len(members):
-        raise MedembedError(f"{run.directory} is an ensemble of {len(members)} stores; give {len(members)} --store, one per member in order, not {len(stores)}")
-    for k, (store, member) in enumerate(zip(stores, members)):
-        diff = fingerprint_mismatch(member["fingerprint"], open_store(store).fingerprint)
-        if diff:
-            raise MedembedError(f"{store}: embeddings differ from member {k} of this ensemble ({'; '.join(diff)})")
-    options = run.record.protocol
-    return load_joined_splits(stores, val_fraction=options.val_fraction, seed=options.seed).splits[split]
-
-
 def make_ensemble(heads: str, head_params: dict[str, Any], combine: str, widths: tuple[int, ...], folds: int, seed: int) -> EnsembleScorer:
     """An unfitted ensemble from fit's options: `heads` "logreg,mlp", flat `-p` params (see `split_head_params`)."""
     names = parse_heads(heads)
     return EnsembleScorer(heads=names, head_params=split_head_params(names, head_params), combine=combine, widths=tuple(widths), folds=folds, seed=seed)
-
-
-# -- predict: every member's encoder over the images ------------------------------------------------------------
-
-
-def member_encoders(run: Any) -> list[Any]:
-    """Each member's encoder rebuilt from run.json, refused unless it reproduces that member's fingerprint."""
-    from medembed.predict import rebuild_encoder
-
-    return [rebuild_encoder(m["fingerprint"], m.get("encoder_options", {}), run.directory) for m in run_members(run.record.details, run.directory / "run.json")]
-
-
-def score_member_images(run: Any, manifest: Any, root: Path, cache: Path, options: Any, preprocess: Any = None, encoders: list[Any] | None = None) -> Any:
-    """The rows of `manifest` every member could embed, their embeddings joined as the ensemble consumes them;
-    one resumable cache store per member beside `cache`."""
-    from medembed.extract.runner import extract
-    from medembed.predict import Scored
-
-    if preprocess is not None:
-        raise MedembedError(f"{run.directory} is an ensemble of several encoders; corrupted re-reads (--corrupt) take single-encoder runs")
-    members = run_members(run.record.details, run.directory / "run.json")
-    encoders = encoders or member_encoders(run)
-    rows = Split.from_manifest(manifest)
-    tables, failed, summary = [], {}, None
-    for k, (member, encoder) in enumerate(zip(members, encoders)):
-        member_cache = Path(cache).with_name(f"{Path(cache).stem}.member{k}{Path(cache).suffix}")
-        fingerprint = member["fingerprint"]
-        member_options = replace(options, store_dtype=fingerprint["dtype"], precision=fingerprint.get("precision") or "fp32")
-        summary = extract(manifest, root, encoder, member_cache, member_options, encoder_options=member.get("encoder_options", {}))
-        store = open_store(member_cache)
-        table = store.read()
-        tables.append(({image_id: i for i, image_id in enumerate(table.image_id.tolist())}, table.embeddings))
-        for image_id, reason in store.failed().items():
-            failed.setdefault(image_id, f"member {k}: {reason}")
-    keep = np.array([i for i, image_id in enumerate(rows.image_id) if all(image_id in position for position, _ in tables)], dtype=np.int64)
-    blocks = [embeddings[[position[rows.image_id[i]] for i in keep]] if len(keep) else embeddings[:0] for position, embeddings in tables]
-    dtype = np.result_type(*(b.dtype for b in blocks))
-    return Scored(rows.take(keep, X=np.hstack([b.astype(dtype) for b in blocks])), failed, summary)

@@ -42,7 +42,7 @@ from medembed.fit import level_head_params
 from medembed.scorers.heads import make_head
 from medembed.data.manifest import Manifest, read_manifest
 from medembed.protocol.steps import fit_and_evaluate
-from medembed.protocol.splits import Split, load_splits
+from medembed.protocol.splits import Split, load_joined_splits, load_splits
 from medembed.store import open_store
 from medembed.sweep.budgets import MIN_PER_CLASS, budget_subset
 from medembed.sweep.config import AUTOENCODER, BASELINE_KINDS, CNN, EncoderSpec, EnsembleSpec, SweepConfig, source_label
@@ -190,7 +190,7 @@ class _Sweep:
 
     def run_ensemble(self, cells: list[CellKey], spec: EnsembleSpec, members: tuple[EncoderSpec, ...]) -> None:
         """An ensemble's cells on one source: the members' stores (joined by image id when several)."""
-        from medembed.scorers.ensemble import load_joined_splits, make_ensemble
+        from medembed.scorers.ensemble import make_ensemble
 
         todo = self._todo(cells)
         if not todo:

@@ -8,6 +8,7 @@ import numpy as np
 
 from medembed.errors import MedembedError
 from medembed.protocol.splits import Split
+from medembed.runs.inputs import run_inputs
 from medembed.transfer.conformal import fit_conformal, prediction_sets, set_names
 from medembed.options.transfer import TransferOptions
 from medembed.transfer.reference import NO_EMBEDDINGS, run_reference
@@ -30,7 +31,7 @@ def annotate(run: Any, rows: Split, p: np.ndarray, options: TransferOptions | No
     notes = []
     quantiles = fit_conformal(reference.val_p, reference.val_y, options.alpha, options.class_conditional)
     names = set_names(prediction_sets(p, quantiles))
-    scored = ood_scores(reference, rows.X if run.record.consumes == "embeddings" else None, options.false_alarm)
+    scored = ood_scores(reference, rows.X if run_inputs(run).reads_embeddings else None, options.false_alarm)
     if scored is None:
         notes.append(f"no OOD scores: {NO_EMBEDDINGS}")
     for k, image_id in enumerate(rows.image_id):

@@ -24,6 +24,7 @@ from medembed.protocol.metrics import aggregate_studies, binary_metrics, resampl
 from medembed.protocol.steps import Calibration, evaluate_split
 from medembed.options.protocol import ProtocolOptions
 from medembed.protocol.report import markdown_report, plot_figures, write_metrics_json
+from medembed.runs.inputs import RunInputs, labelled, run_inputs
 from medembed.runs.record import Run, load_run, report_context
 from medembed.protocol.splits import Split
 from medembed.transfer.conformal import fit_conformal, prediction_sets, set_names
@@ -43,7 +44,6 @@ from medembed.transfer.sections import (
     subgroups_markdown,
 )
 from medembed.transfer.subgroups import check_columns, subgroup_metrics
-from medembed.transfer.targets import labelled, target_rows
 from medembed.options.transfer import ALL_ROWS
 
 EXTERNAL_DIR = "external"
@@ -83,7 +83,7 @@ def compare_metrics(source: dict[str, tuple], target: dict[str, tuple], n_resamp
 def drift_checks(run: Run, reference: SiteReference, rows: Split, p: np.ndarray, options: TransferOptions) -> dict[str, Any]:
     """Shift test of the rows' embeddings vs the train sample, and predicted prevalence vs the run's val."""
     result: dict[str, Any] = {"prevalence": prevalence_shift(reference.val_p, p, run.calibration.image_threshold)}
-    matrix = embedding_matrix(rows.X) if run.record.consumes == "embeddings" else None
+    matrix = embedding_matrix(rows.X) if run_inputs(run).reads_embeddings else None
     if reference.has_embeddings and matrix is not None:
         result["shift"] = asdict(shift_test(reference.train_sample, matrix, options.permutations, seed=run.record.protocol.seed))
     else:
@@ -99,7 +99,8 @@ def evaluate_on(run_dir: Path, target: Path, *, root: Path | None = None, split:
     run = load_run(run_dir)
     protocol: ProtocolOptions = run.record.protocol
     n_resamples = protocol.n_resamples if n_resamples is None else n_resamples
-    rows, notes = target_rows(run, target, root, split, options.columns_from)
+    inputs = run_inputs(run)
+    rows, notes = inputs.target(target, root, split, options.columns_from)
     check_columns(rows, options.columns)
     reference = run_reference(run)
     p = run.probabilities(rows)
@@ -108,7 +109,7 @@ def evaluate_on(run_dir: Path, target: Path, *, root: Path | None = None, split:
         "thresholds": {"image": run.calibration.image_threshold, "study": run.calibration.study_threshold},
         "drift": drift_checks(run, reference, rows, p, options),
     }
-    scored = ood_scores(reference, rows.X if run.record.consumes == "embeddings" else None, options.false_alarm)
+    scored = ood_scores(reference, rows.X if inputs.reads_embeddings else None, options.false_alarm)
     if scored is not None:
         scores, cut = scored
         result["ood"] = {"false_alarm": options.false_alarm, "threshold": cut, "flagged": float((scores > cut).mean()), "n": len(scores)}
@@ -119,7 +120,7 @@ def evaluate_on(run_dir: Path, target: Path, *, root: Path | None = None, split:
     sections = []
     if len(known) and len(np.unique(known.y)) == 2:
         p_known = p[rows.y >= 0]
-        source = run_rows_or_none(run)
+        source = source_test_rows(inputs)
         metrics = evaluate_split(p_known, known, run.calibration, _with_resamples(protocol, n_resamples), seed=protocol.seed)
         result["metrics"] = metrics
         result["labelled"] = len(known)
@@ -155,12 +156,10 @@ def _with_resamples(protocol: ProtocolOptions, n_resamples: int) -> ProtocolOpti
     return replace(protocol, n_resamples=n_resamples)
 
 
-def run_rows_or_none(run: Run) -> Split | None:
+def source_test_rows(inputs: RunInputs) -> Split | None:
     """The run's own test rows, or None when its inputs are not readable here."""
-    from medembed.fit import run_rows
-
     try:
-        return run_rows(run, "test")
+        return inputs.rows("test")
     except MedembedError:
         return None
 

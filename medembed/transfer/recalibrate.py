@@ -24,6 +24,7 @@ from medembed.protocol.metrics import binary_metrics
 from medembed.protocol.steps import Calibration, calibrate_on_val, evaluate_split
 from medembed.options.protocol import ProtocolOptions
 from medembed.protocol.report import markdown_table, write_metrics_json
+from medembed.runs.inputs import labelled, run_inputs
 from medembed.runs.record import Evaluation, Run, load_run, write_run
 from medembed.scorers.contract import positive_scores
 from medembed.protocol.splits import Split
@@ -31,7 +32,6 @@ from medembed.options.transfer import TransferOptions
 from medembed.transfer.reference import REFERENCE_DIR, run_reference
 from medembed.transfer.sections import source_sections
 from medembed.transfer.subgroups import check_columns
-from medembed.transfer.targets import labelled, target_rows
 from medembed.options.recalibrate import RecalibrateOptions
 
 OPERATING = ("sensitivity", "specificity", "kappa", "ppv", "auroc")
@@ -115,7 +115,7 @@ def recalibrate(run_dir: Path, target: Path, out: Path, options: RecalibrateOpti
     options = options or RecalibrateOptions()
     transfer = transfer or TransferOptions()
     run = load_run(run_dir)
-    rows, notes = target_rows(run, target, root, options.split, transfer.columns_from)
+    rows, notes = run_inputs(run).target(target, root, options.split, transfer.columns_from)
     rows = labelled(rows)
     if not len(rows):
         raise MedembedError(f"{target}: no labelled rows; recalibration needs labels on some target images")

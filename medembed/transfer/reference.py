@@ -22,6 +22,7 @@ import numpy as np
 from medembed._files import atomic_write_json, read_json
 from medembed.errors import MedembedError
 from medembed.protocol.splits import Split
+from medembed.runs.inputs import run_inputs
 from medembed.transfer.ood import MahalanobisOOD, embedding_matrix
 
 REFERENCE_DIR = "reference"
@@ -110,11 +111,10 @@ def run_reference(run: Any) -> SiteReference:
     directory = reference_dir(run.directory)
     if (directory / "reference.json").is_file():
         return SiteReference.load(directory)
-    from medembed.fit import run_rows  # the fit module writes runs with a reference: imported late, no cycle
-
+    inputs = run_inputs(run)
     try:
-        val = run_rows(run, "val")
-        train = run_rows(run, "train") if run.record.consumes == "embeddings" else None
+        val = inputs.rows("val")
+        train = inputs.rows("train") if inputs.reads_embeddings else None
     except MedembedError as error:
         raise MedembedError(
             f"{run.directory}: the run has no {REFERENCE_DIR}/ (it predates them) and its own inputs cannot be read to build one: {error}"

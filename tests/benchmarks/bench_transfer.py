@@ -34,7 +34,7 @@ from medembed.options.extract import ExtractOptions
 from medembed.encoders.runtime import build_encoder
 from medembed.extract.runner import extract
 from medembed.options.fit import FitOptions
-from medembed.fit import fit_run, run_rows
+from medembed.fit import fit_run
 from medembed.data.manifest import Manifest, read_manifest
 from medembed.runs.record import load_run
 from medembed.scorers.contract import positive_scores
@@ -45,7 +45,7 @@ from medembed.transfer.ood import embedding_matrix, ood_threshold
 from medembed.options.recalibrate import RecalibrateOptions
 from medembed.transfer.recalibrate import recalibration_curve
 from medembed.transfer.reference import run_reference
-from medembed.transfer.targets import labelled, target_rows
+from medembed.runs.inputs import labelled, run_inputs
 
 WORK = Path("work/transfer")
 SOURCE_STORE = Path("work/fracatlas-effl0.h5")
@@ -164,7 +164,7 @@ def operating_point_table(run_dir: Path, seeds: int) -> list[str]:
     target images not labelled), with the clean test's operating point as the goal. Two refits: the run's own
     rule (f1) with Platt calibration, and the threshold that restores the source's val specificity."""
     run = load_run(run_dir)
-    clean, val = run_rows(run, "test"), run_rows(run, "val")
+    clean, val = run_inputs(run).rows("test"), run_inputs(run).rows("val")
     goal = binary_metrics(clean.y, run.probabilities(clean), run.calibration.image_threshold)
     source_specificity = binary_metrics(val.y, run.probabilities(val), run.calibration.image_threshold)["specificity"]
     refits = {
@@ -180,7 +180,7 @@ def operating_point_table(run_dir: Path, seeds: int) -> list[str]:
              "| target | N | refit | sensitivity (source → refit) | specificity (source → refit) | kappa (source → refit) |",
              "|---|---:|---|---:|---:|---:|"]
     for corruption in TARGETS:
-        rows, _ = target_rows(run, target_store(corruption))
+        rows, _ = run_inputs(run).target(target_store(corruption))
         rows = labelled(rows)
         raw = positive_scores(run.scorer, rows.X, {"body_part": rows.body_part})
         full = binary_metrics(rows.y, run.probabilities(rows), run.calibration.image_threshold)
@@ -198,7 +198,7 @@ def conformal_table(run_dir: Path, seeds: int) -> list[str]:
     """Coverage vs nominal on test: the run's own val/test, and averaged over seeded re-draws of val/test from
     their pooled images (split-conformal's exchangeable setting); also at each shifted target."""
     run = load_run(run_dir)
-    val, test = run_rows(run, "val"), run_rows(run, "test")
+    val, test = run_inputs(run).rows("val"), run_inputs(run).rows("test")
     p_val, p_test = run.probabilities(val), run.probabilities(test)
     pooled_p, pooled_y = np.r_[p_val, p_test], np.r_[val.y, test.y]
     lines = ["### Conformal coverage on test", "",
@@ -219,7 +219,7 @@ def conformal_table(run_dir: Path, seeds: int) -> list[str]:
     lines += ["", "At the shifted targets (val of the source, no recalibration; marginal quantiles):", "",
               "| target | coverage at alpha 0.1 | coverage at alpha 0.05 |", "|---|---:|---:|"]
     for corruption in TARGETS:
-        rows = labelled(target_rows(run, target_store(corruption))[0])
+        rows = labelled(run_inputs(run).target(target_store(corruption))[0])
         p = run.probabilities(rows)
         cells = [f"{coverage(prediction_sets(p, fit_conformal(p_val, val.y, a)), rows.y)['coverage']:.3f}" for a in (0.1, 0.05)]
         lines.append(f"| {corruption}-{TARGET_SEVERITY} | " + " | ".join(cells) + " |")
@@ -231,7 +231,7 @@ def ood_table(run_dir: Path) -> list[str]:
     run = load_run(run_dir)
     reference = run_reference(run)
     model = reference.ood_model()
-    test = run_rows(run, "test")
+    test = run_inputs(run).rows("test")
     inside = model.score(embedding_matrix(test.X))
     cut = ood_threshold(reference.val_ood, 0.05)
     lines = ["### OOD score: FracAtlas test vs foreign inputs", "",
@@ -259,8 +259,8 @@ def drift_table(run_dir: Path, permutations: int) -> list[str]:
              f"MMD² of the rows' embeddings vs the run's train sample ({len(reference.train_sample)}), {permutations} permutations "
              f"(smallest possible p = {1 / (1 + permutations):.4f}); called abnormal at the source threshold vs {(reference.val_p >= run.calibration.image_threshold).mean():.1%} on val.", "",
              "| rows | images | MMD² | p-value | called abnormal | true prevalence |", "|---|---:|---:|---:|---:|---:|"]
-    test = run_rows(run, "test")
-    sets = [("clean FracAtlas test", test)] + [(f"{c}-{TARGET_SEVERITY}", labelled(target_rows(run, target_store(c))[0])) for c in TARGETS]
+    test = run_inputs(run).rows("test")
+    sets = [("clean FracAtlas test", test)] + [(f"{c}-{TARGET_SEVERITY}", labelled(run_inputs(run).target(target_store(c))[0])) for c in TARGETS]
     for name, rows in sets:
         shift = shift_test(reference.train_sample, embedding_matrix(rows.X), permutations, seed=0)
         prevalence = prevalence_shift(reference.val_p, run.probabilities(rows), run.calibration.image_threshold)

@@ -16,7 +16,8 @@ import pytest
 
 from medembed.errors import MedembedError
 from medembed.options.fit import FitOptions
-from medembed.fit import fit_run, run_rows
+from medembed.fit import fit_run
+from medembed.runs.inputs import run_inputs
 from medembed.protocol.report import compare_table, read_metrics_json
 from medembed.runs.record import load_run, report_context
 from tests.cli.test_entry_point import run_cli
@@ -103,7 +104,7 @@ def _load_and_score(run_dir: Path, rows=None) -> None:
     """The library's load path: load_run, the rows the run scores (from its own inputs unless given), calibrated
     probabilities, the report's context."""
     run = load_run(run_dir)
-    rows = rows if rows is not None else run_rows(run, "test")
+    rows = rows if rows is not None else run_inputs(run).rows("test")
     p = run.probabilities(rows)
     assert p.shape == (len(rows),) and np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all(), p
     report_context(run.record)
@@ -127,7 +128,7 @@ def test_every_mutated_field_of_every_run_kind_loads_or_is_refused_in_one_line(s
     for kind, (_, scorer_files) in KINDS.items():
         work = tmp_path / kind
         shutil.copytree(runs[kind], work)
-        rows = run_rows(load_run(work), "test")
+        rows = run_inputs(load_run(work)).rows("test")
         for relative in ["run.json", *scorer_files]:
             if relative == "run.json" and kind not in ("logreg", "ensemble"):
                 continue  # one schema for every kind: fuzzed on a head run and an ensemble's (its member stores)

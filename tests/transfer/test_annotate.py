@@ -7,12 +7,12 @@ from medembed.transfer.annotate import annotate
 from medembed.transfer.conformal import fit_conformal, prediction_sets, set_names
 from medembed.options.transfer import TransferOptions
 from medembed.transfer.reference import reference_dir, SiteReference
-from medembed.transfer.targets import target_rows
+from medembed.runs.inputs import run_inputs
 
 
 def test_sets_and_ood_flags_follow_the_reference(head_run, target_store):
     run = load_run(head_run)
-    rows, _ = target_rows(run, target_store)
+    rows, _ = run_inputs(run).target(target_store)
     p = run.probabilities(rows)
     cells, notes = annotate(run, rows, p, TransferOptions(alpha=0.2, false_alarm=0.1))
     assert notes == [] and set(cells) == set(rows.image_id)
@@ -32,7 +32,7 @@ def test_a_run_whose_inputs_are_gone_still_predicts_and_says_why(head_run, tmp_p
     shutil.rmtree(copy / "reference")
     run = load_run(copy)
     run.record.inputs["stores"] = [str(tmp_path / "gone.h5")]
-    rows, _ = target_rows(load_run(head_run), head_run.parent / "source.h5")
+    rows, _ = run_inputs(load_run(head_run)).target(head_run.parent / "source.h5")
     cells, notes = annotate(run, rows, run.probabilities(rows))
     assert all(c == ["", "", ""] for c in cells.values())
     assert len(notes) == 1 and "no prediction sets or OOD scores" in notes[0] and "gone.h5" in notes[0]

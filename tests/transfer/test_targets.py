@@ -8,7 +8,7 @@ import pytest
 from medembed.errors import MedembedError
 from medembed.runs.record import load_run
 from medembed.store import make_fingerprint
-from medembed.transfer.targets import simulated_shift, target_rows
+from medembed.runs.inputs import run_inputs, simulated_shift
 from tests.test_fit import write_store
 
 SPEC = {"size": 224, "mean": [0.5], "version": 1}
@@ -22,7 +22,7 @@ def test_simulated_shift_is_the_runs_preprocessing_plus_a_corruption_only():
 
 
 def test_target_store_rows_carry_the_manifest_columns(head_run, target_store):
-    rows, notes = target_rows(load_run(head_run), target_store)
+    rows, notes = run_inputs(load_run(head_run)).target(target_store)
     assert len(rows) == 240 and notes == []
     assert set(rows.extra["site"]) == {"north", "south"}
 
@@ -30,22 +30,22 @@ def test_target_store_rows_carry_the_manifest_columns(head_run, target_store):
 def test_another_encoders_store_is_refused(head_run, tmp_path):
     other = write_store(tmp_path / "other.h5", fingerprint=make_fingerprint(encoder="other", model_id="m", embedding_kind="pooled", preprocess_hash="p", dtype="float32"))
     with pytest.raises(MedembedError, match="other.h5: embeddings differ.*encoder"):
-        target_rows(load_run(head_run), other)
+        run_inputs(load_run(head_run)).target(other)
 
 
 def test_a_manifest_for_an_embedding_run_and_a_bad_split_are_one_line(head_run, target_store, tmp_path):
     with pytest.raises(MedembedError, match="extract the manifest into a store first"):
-        target_rows(load_run(head_run), tmp_path / "m.csv")
+        run_inputs(load_run(head_run)).target(tmp_path / "m.csv")
     with pytest.raises(MedembedError, match="split must be all or one of"):
-        target_rows(load_run(head_run), target_store, split="holdout")
+        run_inputs(load_run(head_run)).target(target_store, split="holdout")
     with pytest.raises(MedembedError, match="no rows to score in split 'train'"):
-        target_rows(load_run(head_run), target_store, split="train")
+        run_inputs(load_run(head_run)).target(target_store, split="train")
 
 
 def test_columns_from_a_manifest_join_by_image_id(head_run, target_store, tmp_path):
     manifest = tmp_path / "views.csv"
     manifest.write_text("image_id,path,view\np0_img0,a.png,lateral\np1_img1,b.png,frontal\n")
-    rows, _ = target_rows(load_run(head_run), target_store, columns_from=manifest)
+    rows, _ = run_inputs(load_run(head_run)).target(target_store, columns_from=manifest)
     view = dict(zip(rows.image_id, rows.extra["view"]))
     assert view["p0_img0"] == "lateral" and view["p1_img1"] == "frontal" and view["p2_img0"] == ""
     assert np.array_equal(np.unique(rows.extra["site"]), ["north", "south"])  # the store's own columns are kept
