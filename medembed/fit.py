@@ -23,7 +23,7 @@ from medembed.runs.record import Evaluation, RunRecord, write_run
 from medembed.protocol.splits import load_joined_splits, load_splits, split_sizes
 from medembed.store import open_store
 from medembed.transfer.sections import fitted_extras
-from medembed.options.fit import AUTO_LEVEL, FitOptions
+from medembed.scorers.options import AUTO_LEVEL, FitOptions
 
 
 def choose_level(stores: list[Path], options: FitOptions) -> tuple[str, dict[str, Any]]:

@@ -11,7 +11,7 @@ import pytest
 from medembed.protocol.splits import join_stores, load_joined_splits
 from medembed.scorers.ensemble import EnsembleScorer, _folds, split_head_params
 from medembed.errors import MedembedError
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.evaluate import evaluate_run
 from medembed.fit import fit_run
 from medembed.data.manifest import Manifest

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.evaluate import evaluate_run
 from medembed.fit import fit_run
 from medembed.runs.record import load_run

@@ -14,7 +14,7 @@ from medembed.errors import MedembedError
 from medembed.options.extract import ExtractOptions
 from medembed.encoders.runtime import build_encoder
 from medembed.extract.runner import extract
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.evaluate import evaluate_run
 from medembed.fit import fit_run
 from medembed.runs.inputs import run_inputs

@@ -10,7 +10,7 @@ from medembed.errors import MedembedError
 from medembed.options.extract import ExtractOptions
 from medembed.encoders.runtime import build_encoder
 from medembed.extract.runner import extract
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.fit import fit_run
 from medembed.data.manifest import read_manifest
 from medembed.predict import predict

@@ -10,7 +10,7 @@ from medembed.encoders import get_encoder
 from medembed.errors import MedembedError
 from medembed.options.extract import ExtractOptions
 from medembed.extract.runner import extract
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.fit import fit_run
 from medembed.data.manifest import Manifest, build_fracatlas, read_manifest, write_manifest
 from medembed.options.robustness import RobustnessOptions

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import pytest
 
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.fit import fit_run
 from medembed.store import StoreError, StoreWriter, make_fingerprint, open_store
 

@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from medembed.errors import MedembedError
 from medembed.protocol.metrics import aggregate_studies
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.evaluate import evaluate_run
 from medembed.fit import fit_run
 from medembed.scorers.heads import make_head

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, SiglipConfig, S
 from medembed.encoders import get_encoder
 from medembed.options.extract import ExtractOptions
 from medembed.extract.runner import extract
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.data.manifest import Manifest, build_fracatlas
 from medembed.store import open_store
 from medembed.scorers.zeroshot import (

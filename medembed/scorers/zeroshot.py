@@ -45,7 +45,7 @@ from medembed.encoders._hf import SAFETENSORS_SINGLE, HFCheckpoint
 from medembed._files import read_json
 from medembed.errors import MedembedError
 from medembed.scorers.heads._weights import load_finite, tensor_header
-from medembed.protocol.report import write_metrics_json
+from medembed._files import atomic_write_json
 
 CLASSES = ("normal", "abnormal")
 DEFAULT_PROMPTS: dict[str, list[str]] = {
@@ -247,7 +247,7 @@ class PromptClassifier:
         }
         tensors |= {"logit_scale": torch.tensor([self.logit_scale]), "logit_bias": torch.tensor([self.logit_bias])}
         save_file(tensors, str(out / TEXT_EMBEDDINGS_FILE), metadata={"score": SCORE_RULE})
-        write_metrics_json({"score": SCORE_RULE, "prompts": self.prompts}, out / PROMPTS_FILE)
+        atomic_write_json(out / PROMPTS_FILE, {"score": SCORE_RULE, "prompts": self.prompts})
 
     @classmethod
     def load(cls, directory: Path) -> PromptClassifier:

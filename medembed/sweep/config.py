@@ -70,7 +70,7 @@ from medembed.encoders import available_encoders
 from medembed.errors import MedembedError
 from medembed.options.protocol import AGGREGATIONS
 from medembed.options.extract import ExtractOptions
-from medembed.options.fit import HEAD_NAMES, TOKEN_HEADS
+from medembed.scorers.options import HEAD_NAMES, TOKEN_HEADS
 from medembed.scorers.heads import make_head
 from medembed.sweep.budgets import check_fraction
 

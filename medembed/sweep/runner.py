@@ -37,7 +37,7 @@ from medembed._files import read_json
 from medembed.errors import MedembedError
 from medembed.encoders.runtime import build_encoder
 from medembed.extract.runner import extract
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.fit import level_head_params
 from medembed.scorers.heads import make_head
 from medembed.data.manifest import Manifest, read_manifest

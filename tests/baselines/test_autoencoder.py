@@ -18,7 +18,7 @@ from medembed.scorers.baselines.autoencoder import (
 )
 from medembed.options.baselines import AutoencoderOptions
 from medembed.errors import MedembedError
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.fit import fit_run
 from medembed.data.manifest import read_manifest
 from medembed.encoders import get_encoder

@@ -18,7 +18,7 @@ from medembed.scorers.baselines.cnn import KIND, load_cnn
 from medembed.options.baselines import CNNOptions
 from medembed.encoders.efficientnet_lite import EfficientNetLite0Encoder
 from medembed.errors import MedembedError
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.data.manifest import read_manifest, write_manifest
 from tests.baselines.conftest import TRUNCATED_ID
 

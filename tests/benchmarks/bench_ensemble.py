@@ -19,7 +19,7 @@ from pathlib import Path
 
 from _fit_rows import metric_cells, timed_fit
 
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 
 SEEDS = 3
 

@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from medembed.options.fit import HEAD_NAMES
+from medembed.scorers.options import HEAD_NAMES
 from medembed.scorers.heads import make_head
 
 NOTEBOOK = "notebook"

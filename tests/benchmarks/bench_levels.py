@@ -23,7 +23,7 @@ import numpy as np
 
 from _fit_rows import metric_cells, timed_fit
 
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.store import open_store
 
 SEEDS = 3

@@ -33,7 +33,7 @@ from medembed.protocol.metrics import binary_metrics
 from medembed.options.extract import ExtractOptions
 from medembed.encoders.runtime import build_encoder
 from medembed.extract.runner import extract
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.fit import fit_run
 from medembed.data.manifest import Manifest, read_manifest
 from medembed.runs.record import load_run

@@ -16,7 +16,7 @@ import pytest
 from medembed.options.baselines import AutoencoderOptions
 from medembed.options.baselines import CNNOptions
 from medembed.options.extract import ExtractOptions
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.fit import fit_run
 from medembed.data.manifest import Manifest
 from medembed.options.protocol import ProtocolOptions

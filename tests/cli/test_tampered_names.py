@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.fit import fit_run
 from tests.cli.test_entry_point import run_cli
 from tests.test_fit import write_store

@@ -6,7 +6,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-from medembed.options.fit import HEAD_NAMES
+from medembed.scorers.options import HEAD_NAMES
 from medembed.scorers.heads import Head, make_head
 
 

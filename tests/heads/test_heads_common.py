@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from medembed.errors import MedembedError
-from medembed.options.fit import HEAD_NAMES
+from medembed.scorers.options import HEAD_NAMES
 from medembed.scorers.heads import HeadLoadError, load_head, make_head
 
 
@@ -19,7 +19,7 @@ def test_registry_lists_the_three_heads():
 
 
 def test_every_head_the_options_name_is_registered():
-    from medembed.options.fit import TOKEN_HEADS
+    from medembed.scorers.options import TOKEN_HEADS
     from medembed.scorers.heads import _HEADS
 
     assert set(HEAD_NAMES + TOKEN_HEADS) | {"sklearn"} == set(_HEADS)

@@ -7,7 +7,7 @@ import pytest
 from sklearn.base import clone
 
 from medembed.errors import MedembedError
-from medembed.options.fit import HEAD_NAMES
+from medembed.scorers.options import HEAD_NAMES
 from medembed.scorers.heads import load_head, make_head
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.fit import fit_run
 from medembed.runs.inputs import run_inputs
 from medembed.protocol.report import compare_table, read_metrics_json

@@ -119,7 +119,7 @@ def test_unreadable_files(tmp_path):
 
 
 def test_defaults_are_fits(tmp_path):
-    from medembed.options.fit import FitOptions
+    from medembed.scorers.options import FitOptions
 
     config = load_config(write(tmp_path, 'manifest = "m.csv"\nout = "o"\nheads = ["mlp"]\n[[encoders]]\nname = "efficientnet-lite0"'))
     defaults = FitOptions()

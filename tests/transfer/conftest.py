@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.fit import fit_run
 from tests.baselines.conftest import fracatlas_subset  # noqa: F401  (the baselines' 71-image FracAtlas manifest)
 from tests.test_fit import write_store

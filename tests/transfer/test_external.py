@@ -70,7 +70,7 @@ def _token_store(path, n, splits, shift):
 
 
 def test_a_token_head_run_reads_its_level_at_the_target(tmp_path):
-    from medembed.options.fit import FitOptions
+    from medembed.scorers.options import FitOptions
     from medembed.fit import fit_run
 
     fit_run([_token_store(tmp_path / "s.h5", 60, ("train", "val", "test"), 0.0)], tmp_path / "run", FitOptions(n_resamples=0, head="concat", level="final@2x2"))

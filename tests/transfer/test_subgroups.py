@@ -5,7 +5,8 @@ import pytest
 
 from medembed.errors import MedembedError
 from medembed.protocol.splits import Split
-from medembed.transfer.subgroups import parse_columns, row_column, subgroup_figure, subgroup_metrics
+from medembed.options.transfer import parse_columns
+from medembed.transfer.subgroups import row_column, subgroup_figure, subgroup_metrics
 
 
 def _rows(site):

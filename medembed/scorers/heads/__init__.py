@@ -24,7 +24,7 @@ _HEADS: dict[str, type[Head]] = {
     head.name: head
     for head in (LogisticRegressionHead, MLPHead, XGBoostHead, SklearnHead, AttentionTokenHead, ConcatTokenHead, AdapterHead)
 }
-# The names users choose from (medembed.options.fit.HEAD_NAMES, TOKEN_HEADS) are checked against this registry by
+# The names users choose from (medembed.scorers.options.HEAD_NAMES, TOKEN_HEADS) are checked against this registry by
 # tests/heads/test_heads_common.py; the registry itself never imports the options.
 _KNOWN = ", ".join(name for name in _HEADS if name != SklearnHead.name)
 
