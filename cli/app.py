@@ -1,10 +1,24 @@
-"""The `medembed` command tree. Each command parses options and calls one library function; `cli.main` runs it."""
+"""The `medembed` command tree. Each command parses options and calls one library function; `main` runs it.
+
+Installed as `medembed.cli`; a checkout imports the same folder as `cli`: the modules import each other
+relatively, so either name works."""
 
 from __future__ import annotations
 
 import typer
 
-from cli import baseline_cmds, encoders_cmds, extract_cmds, fit_cmds, manifest_cmds, store_cmds, sweep_cmds, transfer_cmds, zeroshot_cmds
+from . import (
+    baseline_cmds,
+    encoders_cmds,
+    extract_cmds,
+    fit_cmds,
+    heads_cmds,
+    manifest_cmds,
+    store_cmds,
+    sweep_cmds,
+    transfer_cmds,
+    zeroshot_cmds,
+)
 
 app = typer.Typer(
     help="Detect abnormalities in musculoskeletal radiographs with frozen foundation-model embeddings.\n\n"
@@ -15,5 +29,5 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(manifest_cmds.app, name="manifest")
-for module in (extract_cmds, fit_cmds, zeroshot_cmds, baseline_cmds, sweep_cmds, store_cmds, encoders_cmds, transfer_cmds):
+for module in (extract_cmds, fit_cmds, heads_cmds, zeroshot_cmds, baseline_cmds, sweep_cmds, store_cmds, encoders_cmds, transfer_cmds):
     module.register(app)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from cli._generate import command
-from medembed.options.baselines import AutoencoderOptions
-from medembed.options.baselines import CNNOptions
+from medembed.options.baselines import AutoencoderOptions, CNNOptions
 from medembed.options.protocol import ProtocolOptions
+
+from ._generate import command
 
 app = typer.Typer(
     help="Baselines on the same manifest, splits, calibration and metrics as `medembed fit`: a fine-tuned CNN, "
@@ -19,7 +19,7 @@ app = typer.Typer(
 
 
 def cnn(
-    manifest: Path = typer.Argument(..., help="Manifest CSV with train/val/test splits."),
+    manifest: Path = typer.Argument(..., metavar="MANIFEST", help="Manifest CSV with train/val/test splits."),
     root: Path = typer.Option(..., "--root", help="Folder the manifest's paths are relative to."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (like `medembed fit`'s)."),
     options: CNNOptions = None,
@@ -43,7 +43,7 @@ def cnn(
 
 
 def autoencoder(
-    manifest: Path = typer.Argument(..., help="Manifest CSV with train/val/test splits."),
+    manifest: Path = typer.Argument(..., metavar="MANIFEST", help="Manifest CSV with train/val/test splits."),
     root: Path = typer.Option(..., "--root", help="Folder the manifest's paths are relative to."),
     out: Path = typer.Option(..., "--out", "-o", help="Embedding store to write (must not exist); weights go beside it."),
     options: AutoencoderOptions = None,

@@ -7,10 +7,10 @@ import json
 
 import typer
 
-from cli._generate import command
-from medembed.options.encoders import EncoderChoice
 from medembed.encoders import available_encoders, encoder_levels_help
-from medembed.options.encoders import CheckOptions
+from medembed.options.encoders import CheckOptions, EncoderChoice
+
+from ._generate import command
 
 app = typer.Typer(help="Inspect and check the frozen encoders.", no_args_is_help=True)
 

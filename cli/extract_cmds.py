@@ -6,13 +6,14 @@ from pathlib import Path
 
 import typer
 
-from cli._generate import command
 from medembed.options.encoders import EncoderChoice
 from medembed.options.extract import ExtractOptions
 
+from ._generate import command
+
 
 def extract(
-    manifest: Path = typer.Argument(..., help="Manifest CSV (paths relative to --root)."),
+    manifest: Path = typer.Argument(..., metavar="MANIFEST", help="Manifest CSV (paths relative to --root)."),
     root: Path = typer.Option(..., "--root", help="Folder the manifest's paths are relative to."),
     out: Path = typer.Option(..., "--out", "-o", help="HDF5 store to write or resume."),
     choice: EncoderChoice = None,
@@ -31,9 +32,9 @@ def extract(
     """
     from tqdm import tqdm
 
+    from medembed.data.manifest import read_manifest
     from medembed.encoders.runtime import build_encoder
     from medembed.extract.runner import extract as run_extract
-    from medembed.data.manifest import read_manifest
 
     encoder_options = choice.encoder_options() | ({"lenient_decoding": True} if lenient else {})
     table = read_manifest(manifest)

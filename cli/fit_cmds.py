@@ -6,11 +6,16 @@ from pathlib import Path
 
 import typer
 
-from cli._generate import command
-from medembed.options.extract import ExtractOptions
+from medembed.options.extract import (
+    EVALUATE_EXTRACT_SKIPS,
+    PREDICT_EXTRACT_SKIPS,
+    ExtractOptions,
+)
 from medembed.options.fit import FitOptions
 from medembed.options.robustness import RobustnessOptions
 from medembed.options.transfer import PREDICT_SKIPS, TransferOptions
+
+from ._generate import command
 
 
 def print_headline(metrics: dict) -> None:
@@ -27,7 +32,7 @@ def print_headline(metrics: dict) -> None:
 
 
 def fit(
-    stores: list[Path] = typer.Argument(..., help="One or more embedding stores with the same fingerprint (with --ensemble: one store per encoder, joined by image id)."),
+    stores: list[Path] = typer.Argument(..., metavar="STORES", help="One or more embedding stores with the same fingerprint (with --ensemble: one store per encoder, joined by image id)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (an earlier run there is replaced only once the new one is complete)."),
     options: FitOptions = None,
 ) -> None:
@@ -55,7 +60,7 @@ def fit(
 
 
 def evaluate(
-    run: Path = typer.Argument(..., help="A run directory of any kind (fit, baseline cnn, zeroshot)."),
+    run: Path = typer.Argument(..., metavar="RUN", help="A run directory of any kind (fit, baseline cnn, zeroshot)."),
     store: list[Path] = typer.Option(None, "--store", help="Evaluate on these stores instead of the run's own (same fingerprint)."),
     split: str = typer.Option(None, help="Split to evaluate: train | val | test (default test; with --on: all, or one split of the target)."),
     bootstrap: int = typer.Option(None, "--bootstrap", help="Bootstrap resamples (default: the run's)."),
@@ -79,7 +84,7 @@ def evaluate(
       medembed evaluate runs/frac-mlp --on other-hospital.h5 --by site,sex
     """
     if on is not None:
-        from cli.transfer_cmds import evaluate_on
+        from .transfer_cmds import evaluate_on
 
         evaluate_on(run, on, root, split or "all", bootstrap, transfer)
         return
@@ -118,8 +123,8 @@ def _evaluate_corrupt(run: Path, corrupt: str, severity: str, manifest: Path, ro
 
 
 def predict(
-    run: Path = typer.Argument(..., help="A run directory of any kind (fit, baseline cnn, zeroshot)."),
-    inputs: list[Path] = typer.Argument(..., help="Image files, folders of images, or one manifest CSV."),
+    run: Path = typer.Argument(..., metavar="RUN", help="A run directory of any kind (fit, baseline cnn, zeroshot)."),
+    inputs: list[Path] = typer.Argument(..., metavar="INPUTS", help="Image files, folders of images, or one manifest CSV."),
     out: Path = typer.Option(None, "--out", "-o", help="CSV of image probabilities and decisions (default: standard output)."),
     extract: ExtractOptions = None,
     transfer: TransferOptions = None,
@@ -145,7 +150,7 @@ def predict(
 
 
 def compare(
-    runs: list[Path] = typer.Argument(..., help="Run directories of any kind (each with metrics.json)."),
+    runs: list[Path] = typer.Argument(..., metavar="RUNS", help="Run directories of any kind (each with metrics.json)."),
     level: str = typer.Option("study", help="image | study"),
     out: Path = typer.Option(None, "--out", "-o", help="Also write the table to this Markdown file."),
 ) -> None:
@@ -170,6 +175,6 @@ def compare(
 def register(app: typer.Typer) -> None:
     """Add the stage-2 commands to the top-level app."""
     command(app)(fit)
-    command(app)(evaluate)
-    command(app, skip={TransferOptions: PREDICT_SKIPS})(predict)
+    command(app, skip={ExtractOptions: EVALUATE_EXTRACT_SKIPS})(evaluate)
+    command(app, skip={ExtractOptions: PREDICT_EXTRACT_SKIPS, TransferOptions: PREDICT_SKIPS})(predict)
     app.command()(compare)

@@ -1,4 +1,4 @@
-"""`medembed` entry point: runs the command tree of `cli.app` and turns every failure into an exit code and one line.
+"""`medembed` entry point: runs the command tree of `.app` and turns every failure into an exit code and one line.
 
 Usage errors print click's usage message and exit 2; library errors (MedembedError) print one line and exit 2;
 Ctrl-C exits 130, from the first instruction on (the handler is in place before typer or any command module is
@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> None:
 def _run(argv: list[str] | None, debug: bool) -> Any:
     import typer
 
-    from cli.app import app
     from medembed.errors import MedembedError
+
+    from .app import app
 
     try:
         return app(args=argv, prog_name="medembed", standalone_mode=False)
@@ -64,9 +65,10 @@ def _run(argv: list[str] | None, debug: bool) -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    """`cli.main.app`, the command tree, built on first use (tests and in-process runners take it from here)."""
+    """`main.app` (`medembed.cli.main.app`, or `cli.main.app` from a checkout), the command tree, built on first use
+    (tests and in-process runners take it from here)."""
     if name == "app":
-        from cli.app import app
+        from .app import app
 
         return app
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,7 @@ def _written(manifest, out: Path, notes: list[str] = ()) -> None:
 
 @app.command()
 def fracatlas(
-    root: Path = typer.Argument(..., help="The FracAtlas folder (with dataset.csv and images/)."),
+    root: Path = typer.Argument(..., metavar="ROOT", help="The FracAtlas folder (with dataset.csv and images/)."),
     out: Path = OUT,
     seed: int = typer.Option(0, help="Seed of the train/val/test split (the committed canonical manifest uses 0)."),
 ) -> None:
@@ -43,7 +43,7 @@ def fracatlas(
 
 @app.command()
 def mura(
-    root: Path = typer.Argument(..., help="The folder holding MURA-v1.1/ (or MURA-v1.1 itself)."),
+    root: Path = typer.Argument(..., metavar="ROOT", help="The folder holding MURA-v1.1/ (or MURA-v1.1 itself)."),
     out: Path = OUT,
     seed: int = typer.Option(0, help="Seed of the val split carved from train."),
     val_fraction: float = typer.Option(0.1, help="Fraction of train images moved to val, taken as whole patients."),
@@ -59,7 +59,7 @@ def mura(
 
 @app.command()
 def folders(
-    root: Path = typer.Argument(..., help="root/<class>/... or root/<split>/<class>/..."),
+    root: Path = typer.Argument(..., metavar="ROOT", help="root/<class>/... or root/<split>/<class>/..."),
     out: Path = OUT,
     label: list[str] = typer.Option(None, "--label", help="Folder-to-label mapping, e.g. --label normal=0 --label fracture=1."),
 ) -> None:
@@ -75,7 +75,7 @@ def folders(
 
 @app.command("csv")
 def from_csv(
-    csv_path: Path = typer.Argument(..., help="Your CSV, one row per image."),
+    csv_path: Path = typer.Argument(..., metavar="CSV", help="Your CSV, one row per image."),
     out: Path = OUT,
     column: list[str] = typer.Option(None, "--column", help="manifest_column=your_column, e.g. --column image_id=ID --column path=file."),
     label_value: list[str] = typer.Option(None, "--label-value", help="your_value=0|1, e.g. --label-value abnormal=1."),

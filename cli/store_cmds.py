@@ -8,9 +8,8 @@ from pathlib import Path
 import typer
 
 
-
 def info(
-    store: Path = typer.Argument(..., help="An HDF5 embedding store."),
+    store: Path = typer.Argument(..., metavar="STORE", help="An HDF5 embedding store."),
     as_json: bool = typer.Option(False, "--json/--no-json", help="Print the summary as JSON."),
     verify: bool = typer.Option(False, "--verify/--no-verify", help="Also read every chunk and check checksums, alignment and values (exit 1 on a problem)."),
 ) -> None:
@@ -37,7 +36,7 @@ def info(
 
 
 def merge(
-    shards: list[Path] = typer.Argument(..., help="Shard stores with one fingerprint and disjoint ids."),
+    shards: list[Path] = typer.Argument(..., metavar="SHARDS", help="Shard stores with one fingerprint and disjoint ids."),
     out: Path = typer.Option(..., "--out", "-o", help="The merged store to write (an existing one is resumed); the one input itself: consolidate it in place."),
 ) -> None:
     """Merge shard stores (e.g. one per torchrun rank) into one plain store, or consolidate a segmented store.

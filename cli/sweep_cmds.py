@@ -8,7 +8,7 @@ import typer
 
 
 def sweep(
-    config: Path = typer.Argument(..., help="Sweep config (TOML): manifest, encoders, heads, budgets, seeds, baselines."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="Sweep config (TOML): manifest, encoders, heads, budgets, seeds, baselines."),
     baselines: bool = typer.Option(True, help="Run the config's baselines (CNN fine-tuning, autoencoder); --no-baselines skips them."),
 ) -> None:
     """Run every cell of a sweep not yet in OUT/results.csv (rerun to resume), then write results.md and figures.

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import typer
 
-from cli._generate import command
-from medembed.options.transfer import TransferOptions
 from medembed.options.recalibrate import RecalibrateOptions
+from medembed.options.transfer import TransferOptions
+
+from ._generate import command
 
 
 def evaluate_on(run: Path, target: Path, root: Path | None, split: str, bootstrap: int | None, transfer: TransferOptions) -> None:
@@ -32,8 +33,8 @@ def evaluate_on(run: Path, target: Path, root: Path | None, split: str, bootstra
 
 
 def recalibrate(
-    run: Path = typer.Argument(..., help="A run directory of any kind."),
-    target: Path = typer.Argument(..., help="The target site's store (a manifest CSV with --root for image runs), with labels on some rows."),
+    run: Path = typer.Argument(..., metavar="RUN", help="A run directory of any kind."),
+    target: Path = typer.Argument(..., metavar="TARGET", help="The target site's store (a manifest CSV with --root for image runs), with labels on some rows."),
     out: Path = typer.Option(..., "--out", "-o", help="The recalibrated run directory to write."),
     root: Path = typer.Option(None, "--root", help="For image runs: the folder the target manifest's paths are relative to."),
     options: RecalibrateOptions = None,

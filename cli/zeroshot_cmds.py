@@ -6,13 +6,14 @@ from pathlib import Path
 
 import typer
 
-from cli._generate import command
 from medembed.options.protocol import ProtocolOptions
 from medembed.options.zeroshot import ZeroShotOptions
 
+from ._generate import command
+
 
 def zeroshot(
-    stores: list[Path] = typer.Argument(..., help="One or more medsiglip stores (pooled output) with the same fingerprint."),
+    stores: list[Path] = typer.Argument(..., metavar="STORES", help="One or more medsiglip stores (pooled output) with the same fingerprint."),
     model: str = typer.Option(..., "--model", help="Hub id or local directory of the full SigLIP checkpoint the store was extracted with."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write."),
     protocol: ProtocolOptions = None,
@@ -22,8 +23,9 @@ def zeroshot(
 
     Example: medembed zeroshot mura-medsiglip.h5 --model google/medsiglip-448 --threshold kappa --out runs/mura-zeroshot
     """
-    from cli.fit_cmds import print_headline
     from medembed.zeroshot import zeroshot_run
+
+    from .fit_cmds import print_headline
 
     metrics = zeroshot_run(stores, model, out, protocol, options)
     print_headline(metrics)

@@ -1011,8 +1011,15 @@ def describe_preprocess(spec_json: str) -> str:
         return "(not a plain spec: see the JSON)"
 
 
+SPLIT_ORDER = ("train", "val", "test")  # `medembed info` lists these first, in the protocol's order, then any others
+NO_SPLIT = "(none)"  # summary()'s name for the rows without a split, listed last
+
+
 def format_summary(summary: Mapping) -> list[str]:
-    """The lines `medembed info` prints for `EmbeddingStore.summary()`: counts, fingerprint, provenance, splits."""
+    """The lines `medembed info` prints for `EmbeddingStore.summary()`: counts, fingerprint, provenance, splits.
+
+    Keys stand in a 13-character column (`medembed info --verify` adds `verify` to it); the fingerprint's keys,
+    some longer, in their own column inside it."""
     pending = summary.get("pending_rows", 0)
     note = ""
     if summary.get("being_written"):
@@ -1035,11 +1042,16 @@ def format_summary(summary: Mapping) -> list[str]:
             f"{'layout':<12} {summary['segments']} segment(s) in {summary['segments_dir']}/ "
             f"(`medembed merge {summary['path']} --out {summary['path']}` consolidates them into one file)"
         )
-    lines += [f"{key:<12} {value}" for key, value in summary["fingerprint"].items()]
+    fingerprint = summary["fingerprint"]
+    width = max(map(len, fingerprint), default=0)
+    for k, (key, value) in enumerate(fingerprint.items()):
+        lines.append(f"{'fingerprint' if k == 0 else '':<12} {key:<{width}}  {value if value != '' else '-'}")
     attrs = summary.get("attrs", {})
     if "preprocess" in attrs:
         lines += [f"{'preprocess':<12} {attrs['preprocess']}", f"{'':<12} = {describe_preprocess(attrs['preprocess'])}"]
-    lines += [f"{key:<12} {attrs[key]}" for key in ("medembed_version", "created") if key in attrs]
+    if "created" in attrs or "medembed_version" in attrs:
+        written = " ".join([str(attrs.get("created", "")), f"by medembed {attrs['medembed_version']}" if "medembed_version" in attrs else ""])
+        lines.append(f"{'created':<12} {written.strip()}")
     if "checksum" in summary:
         lines.append(f"{'checksum':<12} {summary['checksum']}" + ("" if summary["checksum"] != "none" else " (written before checksums)"))
     if summary.get("damaged"):
@@ -1051,9 +1063,13 @@ def format_summary(summary: Mapping) -> list[str]:
         lines.append(f"{'provenance':<12} " + ", ".join(f"{key} {value or '?'}" for key, value in provenance.items()))
     else:
         lines.append(f"{'provenance':<12} (not recorded: store written before medembed recorded it)")
-    lines.append(f"{'split':<8}{'rows':>8}{'normal':>8}{'abnormal':>10}{'unknown':>9}")
-    for split, counts in summary["splits"].items():
-        lines.append(f"{split:<8}{counts['rows']:>8}{counts['normal']:>8}{counts['abnormal']:>10}{counts['unknown']:>9}")
+    splits = summary["splits"]
+    names = sorted(splits, key=lambda name: SPLIT_ORDER.index(name) if name in SPLIT_ORDER else len(SPLIT_ORDER) + (name == NO_SPLIT))
+    column = max([len("split"), *map(len, names)]) + 2
+    lines.append(f"{'split':<{column}}{'rows':>8}{'normal':>8}{'abnormal':>10}{'unknown':>9}")
+    for split in names:
+        counts = splits[split]
+        lines.append(f"{split:<{column}}{counts['rows']:>8}{counts['normal']:>8}{counts['abnormal']:>10}{counts['unknown']:>9}")
     return lines
 
 

@@ -149,11 +149,17 @@ def test_format_summary_prints_what_info_prints_plus_provenance(tmp_path):
     lines = format_summary(summary)
     assert lines[0] == f"store        {path}"
     assert lines[1] == "rows         6" and lines[2] == f"dim, dtype   {DIM}, float16" and lines[3] == "failed       1"
-    assert "precision    bf16" in lines and "config_sha256 c0ffee" in lines and "checksum     fletcher32" in lines
+    start = next(k for k, line in enumerate(lines) if line.startswith("fingerprint  "))
+    fingerprint = lines[start:start + len(FP)]
+    assert sorted(line[13:].split()[0] for line in fingerprint) == sorted(FP)  # every key, in one column after `fingerprint`
+    assert len({line.rindex("  ") for line in fingerprint}) == 1  # values in one column, after long keys too
+    assert fingerprint[0].split() == ["fingerprint", "config_sha256", "c0ffee"] and ["precision", "bf16"] in [line.split() for line in fingerprint]
+    assert "checksum     fletcher32" in lines
     provenance = next(line for line in lines if line.startswith("provenance"))
     assert "torch " in provenance and "gpu cpu" in provenance
     assert lines[-4].split() == ["split", "rows", "normal", "abnormal", "unknown"]
-    assert lines[-1].split() == ["val", "2", "1", "1", "0"]
+    assert [line.split()[0] for line in lines[-3:]] == ["train", "val", "test"]  # the protocol's order
+    assert lines[-2].split() == ["val", "2", "1", "1", "0"]
     json.dumps(summary)  # `medembed info --json` prints it
 
 

@@ -49,3 +49,15 @@ class ExtractOptions:
         check_choice("store_dtype", self.store_dtype, ("float16", "float32"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise MedembedError(f"option device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+
+
+# ExtractOptions fields that `predict` and `evaluate --corrupt` get no flag for: they re-read images with a run's own
+# encoder into a cache store, and the run fixes what its embeddings are (score_images sets precision and
+# store_dtype from the run's fingerprint); --profile, --retry-failed and --limit are about writing a store.
+RUN_FIXED = ("precision", "store_dtype")
+STORE_WRITING = ("profile", "retry_failed", "limit")
+# predict's inputs are re-expressed relative to their common folder (absolute paths are taken as given), so the
+# path checks have nothing to refuse; evaluate --corrupt reads the run's own manifest under --root as extract did,
+# and keeps --allow-absolute and --allow-outside-root for a manifest that needed them there.
+PREDICT_EXTRACT_SKIPS = RUN_FIXED + STORE_WRITING + ("allow_absolute", "allow_outside_root")
+EVALUATE_EXTRACT_SKIPS = RUN_FIXED + STORE_WRITING

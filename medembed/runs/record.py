@@ -25,7 +25,7 @@ import numpy as np
 
 from medembed import __version__
 from medembed._csv import text_cell
-from medembed._files import atomic_write_json, atomic_write_text, loads_json, read_json, replaced_directory
+from medembed._files import atomic_write_json, atomic_write_text, loads_json, read_json, replaced_directory, restore_replaced
 from medembed.protocol.calibrate import Calibrator
 from medembed.errors import MedembedError
 from medembed.protocol.metrics import aggregate_studies
@@ -227,7 +227,8 @@ class Run:
 
 
 def read_record(run_dir: Path) -> RunRecord:
-    """A run directory's validated run.json."""
+    """A run directory's validated run.json (first restoring a run a writer killed mid-swap left aside)."""
+    restore_replaced(Path(run_dir))
     path = Path(run_dir) / RUN_FILE
     if not Path(run_dir).is_dir():
         raise MedembedError(f"{run_dir}: no such run directory")
