@@ -8,7 +8,8 @@ import json
 import typer
 
 from medembed.encoders import available_encoders, encoder_levels_help
-from medembed.options.encoders import CheckOptions, EncoderChoice
+from medembed.encoders.choice import EncoderChoice
+from medembed.options.encoders import CheckOptions
 
 from ._generate import command
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medembed.options.encoders import EncoderChoice
+from medembed.encoders.choice import EncoderChoice
 from medembed.options.extract import ExtractOptions
 
 from ._generate import command

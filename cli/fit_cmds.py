@@ -11,7 +11,7 @@ from medembed.options.extract import (
     PREDICT_EXTRACT_SKIPS,
     ExtractOptions,
 )
-from medembed.options.fit import FitOptions
+from medembed.scorers.options import FitOptions
 from medembed.options.robustness import RobustnessOptions
 from medembed.options.transfer import PREDICT_SKIPS, TransferOptions
 

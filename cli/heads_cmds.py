@@ -52,7 +52,7 @@ def heads(
 def head_entries() -> list[dict[str, Any]]:
     """One entry per head and study pooling: name, how fit chooses it, what it reads, a summary, its parameters
     (name -> default as -p writes it) and the constructor arguments fit sets itself."""
-    from medembed.options.fit import HEAD_NAMES, TOKEN_HEADS
+    from medembed.scorers.options import HEAD_NAMES, TOKEN_HEADS
     from medembed.scorers.heads import make_head
     from medembed.scorers.study_pooling import POOLINGS, make_study_pooling
 

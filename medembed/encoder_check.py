@@ -3,7 +3,7 @@ encoders still give the embeddings they gave when this was committed?
 
 `check_encoder(name, ...)` runs the bundled test images (`bundled_images()`: 8-bit grey non-square PNG
 (300 x 420, with line pairs that alias without antialiasing), 16-bit PNG (64 x 52), square RGB PNG, grey JPEG (470 x 452:
-libjpeg's DCT draft decode), 12-bit MONOCHROME1 DICOM; about 30 KB in `assets/`) through
+libjpeg's DCT draft decode), 12-bit MONOCHROME1 DICOM; about 30 KB in `encoders/assets/`) through
 
 - medembed's `PreprocessSpec` (what every store uses), and, where the checkpoint ships a
   preprocessor_config.json (SigLIP, Gemma 3 / MedGemma, DINOv2 / RAD-DINO via hf-vision), through the
@@ -13,7 +13,7 @@ libjpeg's DCT draft decode), 12-bit MONOCHROME1 DICOM; about 30 KB in `assets/`)
   absolute difference between the two inputs in the model's input units (and in 8-bit grey levels), both
   being `[3, S, S]`, and the cosine similarity of the encoder's embeddings of the two inputs;
 - for the offline encoders (EfficientNet-Lite0/1/2) a comparison with the golden embeddings in
-  `assets/golden.json` (first 32 dims, 16 block means over all dims, L2 norm, per image), within the
+  `encoders/assets/golden.json` (first 32 dims, 16 block means over all dims, L2 norm, per image), within the
   precision's tolerance (`GOLDEN_TOLERANCE`), so a changed decoder, resize or library that moves an embedding
   is caught. `write_golden()` regenerates the file (after a deliberate change, with a note why).
 
@@ -36,7 +36,7 @@ import torch
 from medembed.encoders.base import Encoder, EncoderError
 from medembed.options.encoders import CHECK_PRECISIONS, CheckOptions
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parent / "encoders" / "assets"  # the bundled test images and golden embeddings
 GOLDEN_FILE = ASSETS / "golden.json"
 IMAGE_NAMES = ("grey8_nonsquare.png", "grey16.png", "rgb.png", "grey.jpg", "mono1_12bit.dcm")
 GOLDEN_ENCODERS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
@@ -308,7 +308,7 @@ def _library_versions() -> dict[str, str]:
 
 
 def write_test_images(directory: Path = ASSETS) -> list[Path]:
-    """(Re)create the bundled test images, deterministically (how assets/ was made; they are committed, so a
+    """(Re)create the bundled test images, deterministically (how encoders/assets/ was made; they are committed, so a
     changed encoder library cannot change them): structured phantoms (a gradient, an ellipse "bone", noise)."""
     from PIL import Image
 

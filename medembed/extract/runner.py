@@ -14,7 +14,7 @@ the manifest passes its own error checks (duplicate ids, bad labels or splits, l
 refreshes the stored manifest columns (label, split, ...) of rows already embedded, so an edited manifest
 does not need a re-extraction.
 
-Several GPUs: ``torchrun --nproc-per-node N -m cli.main extract ...`` (or the ``medembed`` entry point
+Several GPUs: ``torchrun --nproc-per-node N -m medembed.cli.main extract ...`` (or the ``medembed`` entry point
 under torchrun) gives each rank a disjoint shard of the manifest written to its own shard store; rank 0
 merges the shards into the output store at the end.
 """

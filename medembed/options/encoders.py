@@ -20,6 +20,3 @@ class CheckOptions:
 
     def __post_init__(self) -> None:
         check_choice("precision", self.precision, CHECK_PRECISIONS)
-
-
-from medembed.encoders.choice import EncoderChoice  # noqa: E402,F401  TEMPORARY shim until cli/ is switched

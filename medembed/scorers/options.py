@@ -36,6 +36,9 @@ class FitOptions(ProtocolOptions):
         check_positive("seeds", self.seeds)
         if not isinstance(self.head_params, dict):
             raise MedembedError(f"option head_params must be a mapping, got {self.head_params!r}")
+        seeded = [key for key in self.head_params if key == "seed" or str(key).endswith(".seed")]
+        if seeded:  # every fit seeds its scorer itself: seed, seed+1, ... for --seeds N
+            raise MedembedError(f"-p {seeded[0]}=...: a scorer's seed is fit's --seed (with --seeds N: seed..seed+N-1), not a -p parameter")
         if (self.study_pooling or self.ensemble) and self.level:
             raise MedembedError(f"--level {self.level} is read by token heads; {'--study-pooling' if self.study_pooling else '--ensemble'} reads the pooled embeddings")
         from medembed.scorers.heads import make_head  # validation builds the head: imported when options are made, not for --help

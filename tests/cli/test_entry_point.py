@@ -241,3 +241,10 @@ def test_every_switch_can_be_turned_off():
         assert names, command
         for name in names:
             assert re.search(rf"--{name}\s+--no-{name}\b", shown), (command, name)
+
+
+def test_a_seed_given_as_a_head_parameter_is_one_line_naming_seed(work):
+    done = run_cli("fit", work / "s.h5", "-p", "seed=3", "--out", work / "seeded")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: -p seed=...: a scorer's seed is fit's --seed (with --seeds N: seed..seed+N-1), not a -p parameter"
+    ], done.stderr
