@@ -14,7 +14,7 @@ import torch
 
 from medembed.data.manifest import SPLITS
 from medembed.errors import MedembedError
-from medembed.options.baselines import CNNOptions, check_cnn_options
+from medembed.options.baselines import CNNOptions, CNNRunOptions, check_cnn_options
 from medembed.options.protocol import ProtocolOptions
 from medembed.protocol.splits import Split, manifest_splits, split_sizes
 from medembed.protocol.steps import fit_and_evaluate
@@ -78,7 +78,7 @@ def run_cnn_baseline(
     )
     record = RunRecord(
         kind=CNNScorer.kind, scorer=KIND, consumes=CNNScorer.consumes, fingerprint=fingerprint,
-        options=asdict(protocol) | {"head": KIND, "head_params": asdict(options), "seeds": 1},
+        options=CNNRunOptions(**asdict(protocol), head=KIND, head_params=asdict(options)),
         image_threshold=fitted.calibration.image_threshold, study_threshold=fitted.calibration.study_threshold,
         calibration=fitted.calibration.calibrator.to_dict(), split_sizes=split_sizes(splits),
         inputs={"manifest": str(Path(manifest_path).resolve()), "image_root": str(Path(root).resolve())},

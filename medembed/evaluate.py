@@ -3,6 +3,7 @@ the transfer sections; rewrites its metrics, report, figures and predictions."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def evaluate_run(
     options = run.record.protocol
     if n_resamples is not None:
         check_positive("bootstrap", n_resamples, minimum=0)
-        options.n_resamples = n_resamples
+        options = replace(options, n_resamples=n_resamples)
     rows = run_inputs(run).rows(split, stores)
     p = run.probabilities(rows)
     transfer = transfer or TransferOptions()

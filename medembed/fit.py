@@ -8,7 +8,7 @@ Train on ``train``, choose everything (the head's hyperparameters, probability c
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +63,9 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any
         fit_params = {"groups": splits["train"].patient_id}
     else:
         level_choice = None
-        if options.level == AUTO_LEVEL:
-            options.level, level_choice = choose_level(stores, options)
+        if options.level == AUTO_LEVEL:  # the chosen level is what the run records (the caller's options stay as given)
+            chosen, level_choice = choose_level(stores, options)
+            options = replace(options, level=chosen)
         splits, fingerprint, notes = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed, level=options.level or None)
         head_params = level_head_params(options.head, options.level, stores[0], options.head_params)
         new_scorer = lambda seed: make_head(options.head, seed=seed, **head_params)  # noqa: E731
@@ -89,7 +90,7 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any
         scorer=f"{options.ensemble}:{options.head}" if options.ensemble else f"study-pooling:{options.study_pooling}" if options.study_pooling else options.head,
         consumes="embeddings",
         fingerprint=fingerprint,
-        options=asdict(options),
+        options=options,
         image_threshold=best.calibration.image_threshold,
         study_threshold=best.calibration.study_threshold,
         calibration=best.calibration.calibrator.to_dict(),

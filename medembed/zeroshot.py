@@ -4,7 +4,6 @@ on val, evaluate on test, and write the run directory. The estimator is `medembe
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,7 @@ def zeroshot_run(
     store = open_store(stores[0])
     record = RunRecord(
         kind=ZeroShotScorer.kind, scorer="zeroshot", consumes=ZeroShotScorer.consumes, fingerprint=fingerprint,
-        options=asdict(protocol), image_threshold=fitted.calibration.image_threshold,
+        options=protocol, image_threshold=fitted.calibration.image_threshold,
         study_threshold=fitted.calibration.study_threshold, calibration=fitted.calibration.calibrator.to_dict(),
         # Zero-shot never looks at train: val chooses the threshold and calibration, test is evaluated.
         split_sizes=split_sizes({name: splits[name] for name in ("val", "test")}),

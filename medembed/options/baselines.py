@@ -3,10 +3,13 @@ resources a baseline trains with). Stored in run.json / the store's encoder opti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from medembed.errors import MedembedError
-from medembed.options import option
+from medembed.options import check_positive, from_dict, option
+from medembed.options.protocol import ProtocolOptions
+
+CNN_KIND = "cnn-efficientnet-lite0"  # the CNN baseline's scorer name in run.json
 
 
 @dataclass
@@ -64,3 +67,25 @@ class AutoencoderOptions(TrainingResources):
     lr: float = option(1e-3, "AdamW learning rate.")
     weight_decay: float = option(1e-4, "AdamW's decoupled weight decay.")
     store_dtype: str = option("float32", "Store dtype of the embeddings: float16 | float32.", flag="--dtype")
+
+
+@dataclass
+class CNNRunOptions(ProtocolOptions):
+    """What a CNN baseline run records as its options: the protocol's, and the CNN's own as `head_params` of the
+    `head` it is (one seed), the shape every run kind's options share in run.json."""
+
+    head: str = CNN_KIND
+    head_params: dict = field(default_factory=dict)
+    seeds: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.head != CNN_KIND:
+            raise MedembedError(f"option head of a CNN run must be {CNN_KIND!r}, got {self.head!r:.60}")
+        check_positive("seeds", self.seeds)
+        from_dict(CNNOptions, self.head_params, "option head_params")
+
+    @property
+    def cnn(self) -> CNNOptions:
+        """The CNN's training options."""
+        return CNNOptions(**self.head_params)

@@ -63,7 +63,7 @@ class StoreInputs:
     @property
     def level(self) -> str:
         """The token level the run's head reads ("" for pooled embeddings)."""
-        return str(self.run.record.options.get("level") or "")
+        return self.run.record.level
 
     def encoder(self) -> Encoder:
         """The run's encoder rebuilt from run.json (once), refused unless it reproduces the run's store fingerprint."""

@@ -17,6 +17,7 @@ import csv
 import io
 import math
 import os
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,9 +32,11 @@ from medembed.errors import MedembedError
 from medembed.protocol.metrics import aggregate_studies
 from medembed.options import from_dict
 from medembed.protocol.steps import Calibration
+from medembed.options.baselines import CNNRunOptions
 from medembed.options.protocol import ProtocolOptions
 from medembed.protocol.report import markdown_report, plot_figures, write_metrics_json
 from medembed.scorers.contract import CONSUMES, KINDS, Scorer, load_scorer, positive_scores
+from medembed.scorers.options import FitOptions
 from medembed.protocol.splits import Split
 from medembed.store import describe_preprocess
 
@@ -52,7 +55,7 @@ class RunRecord:
     scorer: str  # e.g. "logreg", "sklearn:sklearn.svm.SVC", "cnn-efficientnet-lite0", "zeroshot"
     consumes: str
     fingerprint: dict[str, str]
-    options: dict[str, Any]  # the protocol options (and, for fit, the head, its params and seeds)
+    options: ProtocolOptions  # the typed options of the run's kind (RUN_OPTIONS): FitOptions for fit's kinds
     image_threshold: float
     study_threshold: float
     calibration: dict[str, Any]
@@ -67,9 +70,13 @@ class RunRecord:
 
     @property
     def protocol(self) -> ProtocolOptions:
-        """The protocol options the run was made with."""
-        names = set(ProtocolOptions.__dataclass_fields__)
-        return ProtocolOptions(**{k: v for k, v in self.options.items() if k in names})
+        """The protocol options the run was made with (a copy: changing it changes nothing of the record)."""
+        return ProtocolOptions(**{name: getattr(self.options, name) for name in ProtocolOptions.__dataclass_fields__})
+
+    @property
+    def level(self) -> str:
+        """The token level the run's head reads ("" for pooled embeddings and kinds without levels)."""
+        return self.options.level if isinstance(self.options, FitOptions) else ""
 
     @property
     def decisions(self) -> Calibration:
@@ -110,26 +117,36 @@ def validate_record(document: Any, path: Path) -> RunRecord:
         value = float(document[key])
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise MedembedError(f"{path}: {key} {document[key]!r} is not a probability in [0, 1]")
-    record = RunRecord(**document)
+    record = RunRecord(**(document | {"options": _typed_options(document["kind"], document["options"], path)}))
     try:
         Calibrator.from_dict(record.calibration)
     except (MedembedError, KeyError, TypeError, ValueError) as error:
         raise MedembedError(f"{path}: calibration: {error}") from None
-    protocol = {k: v for k, v in record.options.items() if k in ProtocolOptions.__dataclass_fields__}
-    _check_option_types(protocol, path)
-    from_dict(ProtocolOptions, protocol, f"{path}: options")
-    for check in (_check_inputs, _check_fingerprint, _check_level, _check_split_sizes, _check_notes, _check_preprocess):
+    for check in (_check_inputs, _check_fingerprint, _check_split_sizes, _check_notes, _check_preprocess):
         check(record, path)
     return record
 
 
-def _check_option_types(options: dict[str, Any], path: Path) -> None:
-    """options: each protocol option of the JSON type of its default (before the options' own range checks)."""
-    for name, value in options.items():
-        default = ProtocolOptions.__dataclass_fields__[name].default
-        kinds = (int, float) if isinstance(default, float) else (type(default),) if default is not None and not callable(default) else None
+# The options each run kind records, read back into their dataclass (run.json format 2 keeps them as an object).
+RUN_OPTIONS: dict[str, type[ProtocolOptions]] = {
+    "head": FitOptions, "ensemble": FitOptions, "study-pooling": FitOptions, "cnn": CNNRunOptions, "zeroshot": ProtocolOptions,
+}
+
+
+def _typed_options(kind: str, options: dict[str, Any], path: Path) -> ProtocolOptions:
+    """run.json's options as the dataclass of the run's kind: each field of its JSON type first (so a tampered
+    value is named, not a TypeError deep in a check), then the dataclass's own validation."""
+    cls = RUN_OPTIONS[kind]
+    for option in dataclasses.fields(cls):
+        if option.name not in options:
+            continue
+        value = options[option.name]
+        default = option.default if option.default is not dataclasses.MISSING else option.default_factory()
+        kinds = (int, float) if isinstance(default, float) else (type(default),) if default is not None else None
         if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
-            raise MedembedError(f"{path}: options.{name} must be {_type_name(kinds)}, got {value!r:.60}")
+            raise MedembedError(f"{path}: options.{option.name} must be {_type_name(kinds)}, got {value!r:.60}")
+    _check_level(options.get("level", ""), path)
+    return from_dict(cls, options, f"{path}: options")
 
 
 MAX_PATH = 4096  # longer store or manifest paths than the OS allows are refused here, not by the file system
@@ -165,9 +182,8 @@ def _check_fingerprint(record: RunRecord, path: Path) -> None:
         raise MedembedError(f"{path}: fingerprint.dtype {dtype!r:.40} is not a store dtype ({', '.join(STORE_DTYPES)})")
 
 
-def _check_level(record: RunRecord, path: Path) -> None:
+def _check_level(level: Any, path: Path) -> None:
     """options.level: "" or token level names (each looked up in the store's own levels when read)."""
-    level = record.options.get("level", "")
     if not isinstance(level, str):
         raise MedembedError(f"{path}: options.level must be a string of level names, got {level!r:.60}")
     if not level:

@@ -135,7 +135,7 @@ def recalibrate(run_dir: Path, target: Path, out: Path, options: RecalibrateOpti
     }
     record = replace(
         run.record,
-        options={**run.record.options, "calibration": fitted.protocol.calibration, "threshold": fitted.protocol.threshold},
+        options=replace(run.record.options, calibration=fitted.protocol.calibration, threshold=fitted.protocol.threshold),
         image_threshold=fitted.calibration.image_threshold, study_threshold=fitted.calibration.study_threshold,
         calibration=fitted.calibration.calibrator.to_dict(),
         notes=[*run.record.notes, *notes, f"recalibrated from {Path(run_dir).name} on {len(sample)} labelled images of {Path(target).name} "

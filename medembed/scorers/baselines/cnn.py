@@ -49,9 +49,9 @@ from medembed.errors import MedembedError
 from medembed.encoders.runtime import resolve_device
 from medembed.data.images import PreprocessSpec
 from medembed.data.manifest import Manifest
-from medembed.options.baselines import CNNOptions, check_cnn_options
+from medembed.options.baselines import CNN_KIND, CNNOptions, check_cnn_options
 
-KIND = "cnn-efficientnet-lite0"
+KIND = CNN_KIND
 
 
 class EfficientNetClassifier(nn.Module):
