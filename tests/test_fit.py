@@ -139,3 +139,12 @@ def test_fit_refuses_a_store_an_extraction_is_still_writing(tmp_path):
         with pytest.raises(MedembedError, match="still writing"):
             fit_run([store], tmp_path / "run", FitOptions(**FAST))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_reads_back_its_typed_options(tmp_path):
+    """run.json's options come back as the dataclass fit was given, not a loose dict."""
+    options = FitOptions(head="logreg", threshold="youden", seeds=2, **FAST)
+    fit_run([write_store(tmp_path / "s.h5")], tmp_path / "run", options)
+    record = load_run(tmp_path / "run").record
+    assert isinstance(record.options, FitOptions) and record.options == options
+    assert record.protocol.threshold == "youden" and record.level == ""

@@ -86,7 +86,9 @@ def test_fit_level_evaluate_and_predict_reproduce_the_store(killed_then_resumed,
 def test_fit_level_auto_chooses_on_val_and_mismatches_are_refused(killed_then_resumed, tmp_path):
     out, _ = killed_then_resumed
     run = tmp_path / "auto"
-    fit_run([out], run, FitOptions(head="concat", level="auto", n_resamples=0))
+    options = FitOptions(head="concat", level="auto", n_resamples=0)
+    fit_run([out], run, options)
+    assert options.level == "auto"  # the run records the chosen level; the caller's options stay as given
     record = json.loads((run / "run.json").read_text())
     assert set(record["details"]["level_selection"]["val_auroc"]) == set(LEVELS)
     assert record["options"]["level"] == record["details"]["level_selection"]["chosen"]
