@@ -15,7 +15,6 @@ from medembed.store import (
     StoreError,
     StoreWarning,
     StoreWriter,
-    _encode_record,
     collect_provenance,
     fingerprint_mismatch,
     format_summary,
@@ -24,6 +23,7 @@ from medembed.store import (
     open_store,
     read_stores,
 )
+from medembed.store.wal import _encode_record
 
 from tests.test_store import DIM, abandon, rows
 

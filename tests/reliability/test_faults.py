@@ -30,7 +30,8 @@ import h5py
 import numpy as np
 import pytest
 
-from medembed.store import _RECORD_HEAD, _RECORD_MAGIC, open_store
+from medembed.store import open_store
+from medembed.store.wal import _RECORD_HEAD, _RECORD_MAGIC
 
 MEDEMBED = Path(sys.executable).parent / "medembed"
 ENCODER = ["--encoder", "efficientnet-lite0", "--option", "size=64", "--workers", "0"]

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from medembed import store as store_module
+from medembed.store import writer as store_module
 from medembed.store import StoreError, StoreWriter, format_summary, make_fingerprint, open_store
 
 DIM = 8
