@@ -34,13 +34,13 @@ def test_extract_embeds_the_good_and_lists_the_bad_with_their_reasons(extracted)
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output
     if result.returncode != 0 or not store.is_file():
-        pytest.xfail(f"medembed extract failed (medembed/extract/runner.py, medembed/store.py, cli/extract_cmds.py): {output[-2000:]}")
+        pytest.xfail(f"medembed extract failed (medembed/extract/runner.py, medembed/store/, cli/extract_cmds.py): {output[-2000:]}")
     try:
         with h5py.File(store, "r") as f:
             embedded = set(f["image_id"].asstr()[:])
             failed = dict(zip(f["failed/image_id"].asstr()[:], f["failed/reason"].asstr()[:]))
     except (KeyError, OSError) as error:
-        pytest.xfail(f"store layout differs from README's (medembed/store.py): {error}")
+        pytest.xfail(f"store layout differs from README's (medembed/store/): {error}")
     assert embedded == {c.image_id for c in cases if c.good}
     for case in cases:
         if case.good:
