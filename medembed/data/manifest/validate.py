@@ -124,11 +124,21 @@ def _rows_of(keys: np.ndarray, wanted: Collection[str]) -> np.ndarray:
 
 
 def _groups_with_several(keys: np.ndarray, values: np.ndarray, mask: np.ndarray) -> dict[str, list[str]]:
-    """Key -> its distinct values, for each key whose rows within ``mask`` hold more than one value."""
-    seen: dict[str, set[str]] = {}
-    for key, value in zip(keys[mask], values[mask]):
-        seen.setdefault(key, set()).add(value)
-    return {key: sorted(found) for key, found in seen.items() if len(found) > 1}
+    """Key -> its distinct values (sorted), for each key whose rows within ``mask`` hold more than one value;
+    keys in the order of their first row."""
+    keys, values = keys[mask], values[mask]
+    if len(keys) == 0:
+        return {}
+    key_names, first, key_index = np.unique(keys, return_index=True, return_inverse=True)
+    value_names, value_index = np.unique(values, return_inverse=True)
+    n_values = len(value_names)
+    pairs = np.unique(key_index.ravel().astype(np.int64) * n_values + value_index.ravel())  # sorted by key, value
+    pair_key = pairs // n_values
+    several = np.flatnonzero(np.bincount(pair_key, minlength=len(key_names)) > 1)
+    found: dict[int, list[str]] = {int(k): [] for k in several[np.argsort(first[several], kind="stable")]}
+    for pair in pairs[np.isin(pair_key, several)].tolist():
+        found[pair // n_values].append(value_names[pair % n_values])
+    return {key_names[k]: found_values for k, found_values in found.items()}
 
 
 def _conflict_problem(code: str, what: str, keys: np.ndarray, values: np.ndarray, mask: np.ndarray) -> list[Problem]:
@@ -215,20 +225,26 @@ def _check_values(manifest: Manifest) -> list[Problem]:
         invalid = ~np.isin(split, (*SPLITS, ""))
         what = f"split must be {', '.join(SPLITS)} or empty"
         problems += _rows_problem("error", "invalid_split", what, invalid, split)
-        problems += _rows_problem("warning", "unsplit_rows", "rows without a split", split == "")
+        problems += _rows_problem("warning", "unsplit_rows", "rows without a split (medembed manifest split assigns them)", split == "")
     else:
-        problems.append(Problem("warning", "no_split_column", "no split column: splits must be assigned to fit"))
+        problems.append(Problem("warning", "no_split_column", "no split column: assign splits to fit (medembed manifest split, or --ratios when building)"))
+    return problems
+
+
+def leakage_problems(manifest: Manifest) -> list[Problem]:
+    """The validation's leakage errors: patients in more than one split, studies spanning splits."""
+    split, patient, study = manifest.split, manifest.patient_id, manifest.study_ids()
+    in_split = np.isin(split, SPLITS)  # invalid split values are reported on their own
+    leakage = "patient(s) in more than one split (leakage)"
+    problems = _conflict_problem("patient_in_several_splits", leakage, patient, split, in_split & (patient != ""))
+    problems += _conflict_problem("study_in_several_splits", "study(ies) spanning splits", study, split, in_split)
     return problems
 
 
 def _check_groups(manifest: Manifest) -> list[Problem]:
-    split, label = manifest.split, manifest.column_or_empty("label")
-    patient, study = manifest.patient_id, manifest.study_ids()
-    in_split = np.isin(split, SPLITS)  # invalid split values are reported on their own
+    label, study = manifest.column_or_empty("label"), manifest.study_ids()
     labelled = np.isin(label, ("0", "1"))
-    leakage = "patient(s) in more than one split (leakage)"
-    problems = _conflict_problem("patient_in_several_splits", leakage, patient, split, in_split & (patient != ""))
-    problems += _conflict_problem("study_in_several_splits", "study(ies) spanning splits", study, split, in_split)
+    problems = leakage_problems(manifest)
     disagreeing = "study(ies) whose images disagree on the label"
     problems += _conflict_problem("study_label_conflict", disagreeing, study, label, labelled)
     return problems
