@@ -7,8 +7,8 @@ import json
 
 import typer
 
-from medembed.encoders import available_encoders, encoder_levels_help
 from medembed.encoders.choice import EncoderChoice
+from medembed.encoders.registry import HUB, available_encoders, registered_encoder
 from medembed.options.encoders import CheckOptions
 
 from ._generate import command
@@ -17,12 +17,30 @@ app = typer.Typer(help="Inspect and check the frozen encoders.", no_args_is_help
 
 
 def list_encoders() -> None:
-    """List the registered encoders and the levels each can store as tokens (extract --levels).
+    """List the registered encoders: offline or from the hub, default model, input size, embedding dimension and
+    the levels each can store as tokens (extract --levels).
 
     Example: medembed encoders list
     """
+    header = ("name", "runs", "default model", "input px", "dim", "levels")
+    rows = [header]
     for name in available_encoders():
-        typer.echo(f"{name}\n  levels: {encoder_levels_help(name)}")
+        entry = registered_encoder(name)
+        mark = "*" if entry.source == HUB else ""
+        size, dim = (f"{value}{mark}" if value is not None else "model's" for value in (entry.input_size, entry.dim))
+        rows.append((name, entry.source, entry.model_text, size, dim, entry.levels_summary))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header) - 1)]
+    for row in rows:
+        typer.echo("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[-1]]).rstrip())
+    typer.echo(
+        "\noffline: runs with no network (weights installed with medembed, or trained here by medembed baseline).\n"
+        "hub: a Hugging Face checkpoint, downloaded into the Hugging Face cache on first use; with no network, pass\n"
+        "  --model DIR (a downloaded copy: hf download ID --local-dir DIR) or use an offline encoder.\n"
+        "*: the default checkpoint's (another --model's are read from its config.json); model's: the model given decides."
+    )
+    typer.echo("\nlevels (extract --levels):")
+    for name in available_encoders():
+        typer.echo(f"  {name}: {registered_encoder(name).levels}")
 
 
 def check(

@@ -34,11 +34,13 @@ def extract(
 
     from medembed.data.manifest import read_manifest
     from medembed.encoders.runtime import build_encoder
-    from medembed.extract.runner import extract as run_extract
 
     encoder_options = choice.encoder_options() | ({"lenient_decoding": True} if lenient else {})
     table = read_manifest(manifest)
     built = build_encoder(choice.encoder, encoder_options)
+    # Imported after the encoder is built: a hub model that cannot be had fails before torch is imported.
+    from medembed.extract.runner import extract as run_extract
+
     with tqdm(total=len(table), unit="img", desc=f"extract {choice.encoder}", dynamic_ncols=True) as bar:
         summary = run_extract(table, root, built, out, options, on_progress=bar.update, encoder_options=encoder_options)
     typer.echo(summary.format())

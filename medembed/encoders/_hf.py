@@ -1,4 +1,4 @@
-"""Shared Hugging Face plumbing: checkpoint resolution (local dir or hub cache, offline flags), loading, ViT FLOPs.
+"""Shared Hugging Face plumbing: loading, ViT FLOPs and levels (checkpoint resolution is `_hub`, re-exported here).
 
 Used by the SigLIP, MedGemma and generic encoders so that each of them only says what it builds and
 how it pools.
@@ -6,127 +6,20 @@ how it pools.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
-from medembed.encoders.base import EncoderError, file_sha256, freeze
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
-_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-
-
-def offline_mode() -> bool:
-    """True when HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set (read now, not at import time)."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().lower() in ("1", "true", "yes", "on")
-
-
-@dataclass(frozen=True)
-class HFCheckpoint:
-    """A checkpoint named by a local directory or a hub id (+ revision), resolved file by file.
-
-    Hub files come from (or go to) the regular Hugging Face cache; with `local_files_only` (or the
-    offline environment flags) nothing is downloaded and a missing file is a clear EncoderError.
-    """
-
-    model_id: str
-    revision: str | None = None
-    cache_dir: str | None = None
-    local_files_only: bool | None = None
-
-    @property
-    def is_local(self) -> bool:
-        """Whether `model_id` is an existing directory (then revision and cache are unused)."""
-        return Path(self.model_id).expanduser().is_dir()
-
-    @property
-    def offline(self) -> bool:
-        """Explicit `local_files_only`, else the environment's offline flag."""
-        return offline_mode() if self.local_files_only is None else bool(self.local_files_only)
-
-    def file(self, filename: str, *, required: bool = True) -> Path | None:
-        """Local path of `filename` in the checkpoint; None when absent and not `required`."""
-        if self.is_local:
-            path = Path(self.model_id).expanduser() / filename
-            if path.is_file():
-                return path
-            if required:
-                raise EncoderError(f"{self.model_id}: checkpoint directory has no {filename}")
-            return None
-        return self._hub_file(filename, required)
-
-    def _hub_file(self, filename: str, required: bool) -> Path | None:
-        try:
-            return Path(
-                hf_hub_download(
-                    self.model_id,
-                    filename,
-                    revision=self.revision,
-                    cache_dir=self.cache_dir,
-                    local_files_only=self.offline,
-                )
-            )
-        except EntryNotFoundError as error:
-            if not required:
-                return None
-            hint = " (offline: download it first, or pass a local directory)" if self.offline else ""
-            raise EncoderError(f"{self.model_id}: cannot find {filename}{hint}") from error
-        except HFValidationError as error:
-            raise EncoderError(f"{self.model_id}: neither a local directory nor a valid hub id") from error
-        except OSError as error:  # network failures, gated or missing repositories
-            raise EncoderError(f"{self.model_id}: cannot fetch {filename} ({error})") from error
-
-    def config_dict(self) -> dict[str, Any]:
-        """The parsed config.json."""
-        return read_json(self.file("config.json"))
-
-    def config_sha256(self) -> str:
-        """sha256 of the config.json bytes (the architecture: layers, sizes, image size, ...)."""
-        return file_sha256(self.file("config.json"))
-
-    def weight_map(self) -> dict[str, str] | None:
-        """Tensor name -> shard file name from the safetensors index; None for a single-file checkpoint."""
-        index = self.file(SAFETENSORS_INDEX, required=False)
-        return None if index is None else read_json(index)["weight_map"]
-
-    def weight_files(self) -> list[Path]:
-        """All safetensors files of the checkpoint (every shard, or the single file)."""
-        weight_map = self.weight_map()
-        if weight_map is not None:
-            return [self.file(name) for name in sorted(set(weight_map.values()))]
-        single = self.file(SAFETENSORS_SINGLE, required=False)
-        if single is None:
-            raise EncoderError(f"{self.model_id}: no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} (need safetensors)")
-        return [single]
-
-    def directory(self) -> Path:
-        """The local directory holding the checkpoint's files (hub: the cached snapshot)."""
-        return self.file("config.json").parent
-
-    def resolved_revision(self) -> str:
-        """The hub commit the files came from ("local" for a directory; the requested revision if unknown)."""
-        if self.is_local:
-            return "local"
-        snapshot = self.directory().name
-        return snapshot if _COMMIT_RE.match(snapshot) else (self.revision or "main")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """Parse a JSON file, naming the file when it is malformed."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise EncoderError(f"{path}: cannot read JSON ({error})") from error
+from medembed.encoders._hub import (  # noqa: F401 - re-exported: the encoders and zero-shot import them from here
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    HFCheckpoint,
+    hub_problem,
+    offline_mode,
+    read_json,
+)
+from medembed.encoders.base import EncoderError, freeze
 
 
 def load_pretrained(

@@ -1,19 +1,23 @@
 """The encoder runtime: an encoder built from a store's or run's recorded options, the device and autocast
 precision it runs in, and the store fingerprint of what it makes (extract, predict, the baselines and the
-encoder check share these)."""
+encoder check share these). torch is imported where it is used, so that building a hub encoder whose checkpoint
+cannot be had fails before torch is imported (see `get_encoder`)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from medembed.encoders import Encoder, get_encoder
+from medembed.encoders import get_encoder
 from medembed.errors import MedembedError
 from medembed.options.extract import PRECISIONS
 from medembed.store import FINGERPRINT_KEYS, collect_provenance, make_fingerprint
+
+if TYPE_CHECKING:
+    import torch
+
+    from medembed.encoders.base import Encoder
 
 
 def build_encoder(name: str, options: dict[str, Any] | None = None) -> Encoder:
@@ -31,10 +35,12 @@ def build_encoder(name: str, options: dict[str, Any] | None = None) -> Encoder:
 
 def resolve_device(device: str) -> torch.device:
     """'auto' -> CUDA when available (this rank's GPU under torchrun), else CPU."""
+    import torch
+
     if device == "auto":
         if torch.cuda.is_available():
             # Ranks beyond the GPU count share them (e.g. two processes on one GPU).
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         return torch.device("cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
@@ -61,6 +67,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The torch autocast dtype of a precision name (None: no autocast, float32)."""
+    import torch
+
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[resolve_precision(precision, device)]
 
 
@@ -76,5 +84,7 @@ def store_fingerprint(encoder: Encoder, store_dtype: str, precision: str = "fp32
 
 def run_provenance(device: torch.device) -> dict[str, str]:
     """What a store records about the environment computing it (not identity): package versions and the GPU."""
+    import torch
+
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return collect_provenance(gpu=gpu)

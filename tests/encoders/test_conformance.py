@@ -190,4 +190,4 @@ def test_cli_hf_check_and_list(checkpoints):
     assert "max pixel diff" in result.output and "cosine" in result.output
     listed = runner.invoke(app, ["encoders", "list"])
     assert "efficientnet-lite2" in listed.output.split()
-    assert "levels: stem, block0..block15, final" in listed.output  # efficientnet-lite0's, for extract --levels
+    assert "efficientnet-lite0: stem, block0..block15, final" in listed.output  # its levels, for extract --levels
