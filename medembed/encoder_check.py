@@ -28,13 +28,17 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from medembed.encoders.base import Encoder, EncoderError
+from medembed.encoders.registry import EncoderError
 from medembed.options.encoders import CHECK_PRECISIONS, CheckOptions
+
+if TYPE_CHECKING:
+    import torch
+
+    from medembed.encoders.base import Encoder
 
 ASSETS = Path(__file__).parent / "encoders" / "assets"  # the bundled test images and golden embeddings
 GOLDEN_FILE = ASSETS / "golden.json"
@@ -135,6 +139,8 @@ def check_encoder(
     if model_id is not None:
         built_options["model_id"] = model_id
     encoder = build_encoder(name, built_options)
+    import torch  # once the encoder is built: an unreachable hub has failed in one line before torch loads
+
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
     processor = _checkpoint_processor(encoder)
@@ -166,6 +172,8 @@ def check_encoder(
 
 
 def _embed(encoder: Encoder, pixels: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
+    import torch
+
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         return encoder.embed(pixels[None].to(device)).float().cpu().numpy()[0].astype(np.float64)
@@ -201,6 +209,8 @@ def _compare_with_processor(
     device: torch.device,
     precision: str,
 ) -> None:
+    import torch
+
     rgb = decoded if decoded.ndim == 3 else np.repeat(decoded[..., None], 3, axis=2)
     eight_bit = np.round(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
     theirs = processor(images=eight_bit, return_tensors="pt")["pixel_values"][0].float()
@@ -277,6 +287,8 @@ def _compare_with_golden(check: ImageCheck, record: dict[str, Any], path: Path, 
 def write_golden(path: Path = GOLDEN_FILE) -> dict[str, Any]:
     """Recompute golden.json: the default EfficientNet-Lite0/1/2 in fp32 on the CPU over `bundled_images()`,
     one image per forward. Run only after a deliberate change, and say in the commit why embeddings moved."""
+    import torch
+
     from medembed.encoders import get_encoder
 
     threads = torch.get_num_threads()
