@@ -4,7 +4,6 @@ every CSV medembed writes, numbers stay numbers, and medembed's own readers give
 import csv
 import shutil
 
-import numpy as np
 import pytest
 
 from medembed._csv import read_text_cell, text_cell
