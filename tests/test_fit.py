@@ -148,3 +148,9 @@ def test_a_run_reads_back_its_typed_options(tmp_path):
     record = load_run(tmp_path / "run").record
     assert isinstance(record.options, FitOptions) and record.options == options
     assert record.protocol.threshold == "youden" and record.level == ""
+
+
+def test_bootstrap_resamples_are_bounded():
+    """A tampered run.json (or a typo) cannot make evaluate bootstrap for days."""
+    with pytest.raises(MedembedError, match="at most 100,000"):
+        FitOptions(n_resamples=10**9)

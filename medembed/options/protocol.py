@@ -12,6 +12,7 @@ OPTIMISED_RULES = ("f1", "youden", "kappa")
 TARGET_RULES = ("sensitivity", "specificity")
 CALIBRATIONS = ("none", "platt", "isotonic")
 AGGREGATIONS = ("mean", "max")
+MAX_RESAMPLES = 100_000  # bootstrap resamples: 1,000 is the default; percentile intervals settle long before this
 
 
 @dataclass(frozen=True)
@@ -62,4 +63,6 @@ class ProtocolOptions:
         if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
             raise MedembedError(f"option val_fraction must be in (0, 1); got {self.val_fraction!r}")
         check_positive("n_resamples", self.n_resamples, minimum=0)
+        if self.n_resamples > MAX_RESAMPLES:  # a tampered run.json must not make `evaluate` bootstrap for days
+            raise MedembedError(f"option n_resamples (--bootstrap) must be at most {MAX_RESAMPLES:,}; got {self.n_resamples!r}")
         check_positive("seed", self.seed, minimum=0)
