@@ -41,6 +41,7 @@ def zeroshot_run(
     """
     options = options or ZeroShotOptions()
     protocol = protocol or ProtocolOptions()
+    protocol = ProtocolOptions(**{name: getattr(protocol, name) for name in ProtocolOptions.__dataclass_fields__})  # FitOptions too
     prompts = load_prompts(options.prompts)
     stores = [Path(s) for s in stores]
     encoder = get_encoder(

@@ -218,3 +218,18 @@ def test_a_zeroshot_run_round_trips_through_evaluate_compare_predict(setup, tmp_
 
     test = setup["manifest"].subset(setup["manifest"].split == "test")
     assert_round_trip(setup["run"], test.resolve(setup["root"])[:3], tmp_path)
+
+
+def test_a_format_2_zeroshot_run_that_recorded_fit_options_still_loads(setup, tmp_path):
+    """Zero-shot runs made from fit's options recorded its head fields beside the protocol's; they load, typed."""
+    import json
+    import shutil
+
+    from medembed.options.protocol import ProtocolOptions
+    from medembed.runs.record import load_run
+
+    run = shutil.copytree(setup["run"], tmp_path / "old")
+    document = json.loads((run / "run.json").read_text())
+    document["options"] |= {"head": "logreg", "head_params": {}, "seeds": 1, "ensemble": "", "ensemble_folds": 5, "level": "", "study_pooling": ""}
+    (run / "run.json").write_text(json.dumps(document))
+    assert type(load_run(run).record.options) is ProtocolOptions

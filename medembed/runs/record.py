@@ -137,6 +137,8 @@ def _typed_options(kind: str, options: dict[str, Any], path: Path) -> ProtocolOp
     """run.json's options as the dataclass of the run's kind: each field of its JSON type first (so a tampered
     value is named, not a TypeError deep in a check), then the dataclass's own validation."""
     cls = RUN_OPTIONS[kind]
+    if cls is ProtocolOptions:  # zero-shot runs written from fit's options kept its other fields, which never applied
+        options = {name: value for name, value in options.items() if name in ProtocolOptions.__dataclass_fields__ or name not in FitOptions.__dataclass_fields__}
     for option in dataclasses.fields(cls):
         if option.name not in options:
             continue
