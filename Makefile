@@ -37,8 +37,8 @@ update-constraints: ## Resolve the newest dependencies pyproject.toml allows in 
 	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 	rm -rf $(FRESH_VENV)
 
-test: install ## Run the test suite
-	$(BIN)/python -m pytest -q
+test: install ## Run the test suite (one worker per core; each test file stays on one worker, so its fixtures are built once)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 STORE := $(WORK)/fracatlas-effl0.h5
 HEADS := logreg mlp xgboost
