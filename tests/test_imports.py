@@ -29,7 +29,7 @@ def test_every_library_module_imports_without_typer():
 LIGHT = """
 import importlib, pkgutil, sys
 import medembed.options
-names = ["medembed.cli.main", "medembed.cli.app", "medembed.encoders.registry", "medembed.encoders.choice", "medembed.scorers.options"] + [m.name for m in pkgutil.walk_packages(medembed.options.__path__, "medembed.options.")]
+names = ["medembed", "medembed.api", "medembed.cli.main", "medembed.cli.app", "medembed.encoders.registry", "medembed.encoders.choice", "medembed.scorers.options"] + [m.name for m in pkgutil.walk_packages(medembed.options.__path__, "medembed.options.")]
 for name in names:
     importlib.import_module(name)
 heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "sklearn", "scipy", "matplotlib", "transformers", "xgboost", "h5py"})
@@ -39,12 +39,13 @@ print(" ".join(heavy) or "none")
 
 
 def test_the_cli_and_every_option_module_import_without_heavy_libraries():
-    """`medembed --help` builds every command from the option types: none of them may pull torch, scikit-learn,
-    scipy, matplotlib, transformers, XGBoost or h5py (they are imported where they are used)."""
+    """`import medembed` (its Python API loads on first use) and `medembed --help`, which builds every command from
+    the option types: none of them may pull torch, scikit-learn, scipy, matplotlib, transformers, XGBoost or h5py
+    (they are imported where they are used)."""
     done = subprocess.run(
         [sys.executable, "-c", LIGHT], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     count, heavy = done.stdout.strip().splitlines()[-2:]
-    assert int(count) >= 12  # medembed.cli.main and .app, the registry, the encoder choice, fit's options and the option modules
+    assert int(count) >= 14  # medembed and its Python API, medembed.cli.main and .app, the registry, the encoder choice, fit's options and the option modules
     assert heavy == "none", f"imported at start-up: {heavy}"

@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -63,6 +64,24 @@ class EmbeddingTable:
         return EmbeddingTable(
             self.embeddings[rows], self.image_id[rows], {k: v[rows] for k, v in self.columns.items()}
         )
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        """The table as named arrays (the table's own, not copies): `embeddings` [N, D] float16 | float32,
+        `image_id` [N] str, `label` [N] int8 (-1 unknown), `study_id`, `patient_id`, `body_part`, `split` and
+        every extra manifest column [N] str."""
+        return {"embeddings": self.embeddings, "image_id": self.image_id, **self.columns}
+
+    def to_pandas(self) -> Any:
+        """The table as a pandas DataFrame, one row per image: `image_id`, the manifest columns, and `embedding`
+        holding each row's [D] array (`np.stack(frame["embedding"])` gives the [N, D] matrix back).
+        pandas is optional: without it, a MedembedError says how to install it."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise MedembedError("to_pandas needs pandas, which is not installed: pip install pandas (or use to_numpy())") from None
+        frame = pd.DataFrame({"image_id": self.image_id, **self.columns})
+        frame["embedding"] = list(self.embeddings)
+        return frame
 
 
 def _one_line(error: BaseException) -> str:

@@ -1,6 +1,6 @@
 """Light classifiers trained on frozen embeddings, behind one interface, with pickle-free save/load.
 
-    head = make_head("logreg", class_weight="balanced").fit(X, y, X_val, y_val)
+    head = make_head("logreg", class_weight="balanced").fit(X, y, eval_set=[(X_val, y_val)])
     head.save(run_dir / "head")
     probabilities = load_head(run_dir / "head").predict_proba(X_test)[:, 1]
 """
