@@ -1,38 +1,24 @@
 """medembed: abnormality detection in musculoskeletal radiographs with frozen foundation-model embeddings.
 
-The library is importable without the CLI's dependencies (typer, tqdm). Data flows one way:
-manifest -> images -> encoders -> store -> extract -> heads -> calibrate -> evaluate -> report -> fit -> predict;
-zeroshot, robustness, baselines and sweep build on that chain.
+The packages are the pipeline: data (manifests, images) -> store -> encoders -> extract -> protocol (splits,
+calibration, metrics) -> scorers -> runs; the workflows (fit, evaluate, predict, robustness, transfer, sweep) sit on
+top and the CLI (`medembed.cli`) on them. The library imports without the CLI's dependencies (typer, tqdm).
 
-The Python API (`medembed.api`) is exported here and loaded on first use, so `import medembed` stays light:
-`open_store`, `load_run`, `extract`, `fit`, `evaluate`, `predict`.
+For notebooks and scripts, `medembed.api` has every command as a function (`from medembed import api`;
+`api.extract`, `api.fit`, `api.evaluate`, `api.predict`, `api.open_store`, `api.load_run`). `open_store` and
+`load_run` are also here, loaded on first use so that `import medembed` stays light.
 """
 
-import importlib
-import sys
-import types
+from typing import Any
 
 __version__ = "0.1.0"
-
-_API = frozenset({"open_store", "load_run", "extract", "fit", "evaluate", "predict"})
-__all__ = ["__version__", "evaluate", "extract", "fit", "load_run", "open_store", "predict"]
+__all__ = ["__version__", "load_run", "open_store"]
 
 
-class _Package(types.ModuleType):
-    """The package whose API names always mean the API's functions.
+def __getattr__(name: str) -> Any:
+    """`open_store` and `load_run` from `medembed.api`, imported on first use (h5py, numpy)."""
+    if name in ("open_store", "load_run"):
+        from medembed import api
 
-    `extract`, `fit`, `evaluate` and `predict` are also submodules, and importing a submodule binds its name on the
-    package, so a plain module `__getattr__` would hand out the module instead whenever the submodule was imported
-    first. Submodules are still imported as usual (`from medembed.fit import fit_run`), just not reached as
-    attributes of the package (`medembed.fit.fit_run`)."""
-
-    def __getattribute__(self, name: str):
-        if name in _API:
-            return getattr(importlib.import_module("medembed.api"), name)
-        return super().__getattribute__(name)
-
-    def __dir__(self):
-        return sorted(set(super().__dir__()) | _API)
-
-
-sys.modules[__name__].__class__ = _Package
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

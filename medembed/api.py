@@ -1,10 +1,10 @@
-"""The Python API for notebooks: each CLI command as one function, exported from `medembed`.
+"""The Python API for notebooks: each CLI command as one function (`open_store` and `load_run` also from `medembed`).
 
-    import medembed
-    medembed.extract("manifest.csv", root="fracatlas", out="frac.h5")
-    data = medembed.open_store("frac.h5").read().to_numpy()
-    run = medembed.fit("frac.h5", "runs/frac", head="logreg", bootstrap=200)
-    rows = medembed.predict(run, "new_xrays/")
+    from medembed import api
+    api.extract("manifest.csv", root="fracatlas", out="frac.h5")
+    data = api.open_store("frac.h5").read().to_numpy()
+    run = api.fit("frac.h5", "runs/frac", head="logreg", bootstrap=200)
+    rows = api.predict(run, "new_xrays/")
 
 Every path may be a `str` or a `pathlib.Path`. Options are keywords named as the CLI's flags
 (`bootstrap=` for `--bootstrap`, `param=` for `-p`, `workers=` for `--workers`, `dtype=` for `--dtype`) or as the
