@@ -11,7 +11,7 @@ For notebooks and scripts, `medembed.api` has every command as a function (`from
 
 from typing import Any
 
-__version__ = "0.1.0"
+from medembed._version import __version__
 __all__ = ["__version__", "load_run", "open_store"]
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from medembed import __version__
+from medembed._version import __version__
 from medembed._csv import text_cell
 from medembed._files import atomic_write_json, atomic_write_text, loads_json, read_json, replaced_directory, restore_replaced
 from medembed.protocol.calibrate import Calibrator

@@ -37,7 +37,7 @@ from urllib.parse import unquote
 import h5py
 import numpy as np
 
-from medembed import __version__
+from medembed._version import __version__
 from medembed.errors import MedembedError
 
 SCHEMA_VERSION = 2  # 2: the segmented layout (an index file); plain files are still written as 1

@@ -27,7 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from medembed import __version__
+from medembed._version import __version__
 from medembed._files import ExclusiveLock, LockBusy
 from medembed.options.extract import DTYPES
 from medembed.store.reader import (

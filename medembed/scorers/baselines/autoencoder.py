@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medembed import __version__
+from medembed._version import __version__
 from medembed.scorers.baselines._data import cache_images, failed_note, read_checked_manifest, unit_pixels
 from medembed.scorers.baselines._training import (
     EarlyStopping,
