@@ -1,5 +1,6 @@
 """Tiny, randomly initialised checkpoints saved with save_pretrained (sharded safetensors) and loaded offline."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,16 @@ def _build_tiny_gemma3(directory: Path) -> Gemma3ForConditionalGeneration:
     model = Gemma3ForConditionalGeneration(config).eval()
     model.save_pretrained(directory, max_shard_size="20KB")
     return model
+
+
+CACHED_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, tiny_siglip):
+    """A Hugging Face cache holding `acme/tiny-siglip` at CACHED_COMMIT, laid out as huggingface_hub writes it."""
+    repo = tmp_path / "models--acme--tiny-siglip"
+    shutil.copytree(tiny_siglip[0], repo / "snapshots" / CACHED_COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(CACHED_COMMIT)
+    return tmp_path

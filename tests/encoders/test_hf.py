@@ -8,18 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from medembed.encoders import EncoderError, get_encoder
 from medembed.encoders._hf import HFCheckpoint, offline_mode
+from tests.encoders.conftest import CACHED_COMMIT as COMMIT
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture
-def hub_cache(tmp_path, tiny_siglip):
-    """A Hugging Face cache holding `acme/tiny-siglip` at COMMIT, laid out as huggingface_hub writes it."""
-    repo = tmp_path / "models--acme--tiny-siglip"
-    shutil.copytree(tiny_siglip[0], repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    return tmp_path
 
 
 @pytest.mark.parametrize("revision", [None, COMMIT])

@@ -2,7 +2,6 @@
 the cause and the fix, at once; a model in the local cache still loads with the hub unreachable."""
 
 import re
-import shutil
 import threading
 
 import httpx2
@@ -17,8 +16,8 @@ from huggingface_hub.errors import (
 
 from medembed.encoders import EncoderError, _hub, get_encoder
 from medembed.encoders._hub import HFCheckpoint, describe_hub_error, hub_problem
+from tests.encoders.conftest import CACHED_COMMIT as COMMIT
 
-COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 CLOSED = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
 
 
@@ -31,16 +30,6 @@ def unreachable_hub(monkeypatch):
     # hf_hub_url formats this template (read from HF_ENDPOINT at import), not ENDPOINT
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", CLOSED + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(_hub, "_HUB_PROBES", {})
-
-
-@pytest.fixture
-def hub_cache(tmp_path, tiny_siglip):
-    """`acme/tiny-siglip` at COMMIT in a Hugging Face cache, laid out as huggingface_hub writes it."""
-    repo = tmp_path / "models--acme--tiny-siglip"
-    shutil.copytree(tiny_siglip[0], repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    return tmp_path
 
 
 def test_unreachable_hub_without_a_cached_copy_names_the_cause_and_the_fix(unreachable_hub, tmp_path):
