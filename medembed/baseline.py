@@ -53,8 +53,7 @@ def run_cnn_baseline(
     when given, keeps only those train images (a sweep's label budget). `log` receives one line per stage and epoch.
     """
     options = options or CNNOptions()
-    protocol = protocol or ProtocolOptions()
-    protocol = ProtocolOptions(**{k: getattr(protocol, k) for k in ProtocolOptions.__dataclass_fields__})
+    protocol = ProtocolOptions.of(protocol or ProtocolOptions())  # also when given fit's options
     log = log or (lambda line: None)
     check_cnn_options(options)
     out = Path(out)

@@ -40,8 +40,7 @@ def zeroshot_run(
     Returns the test metrics.
     """
     options = options or ZeroShotOptions()
-    protocol = protocol or ProtocolOptions()
-    protocol = ProtocolOptions(**{name: getattr(protocol, name) for name in ProtocolOptions.__dataclass_fields__})  # FitOptions too
+    protocol = ProtocolOptions.of(protocol or ProtocolOptions())  # also when given fit's options
     prompts = load_prompts(options.prompts)
     stores = [Path(s) for s in stores]
     encoder = get_encoder(

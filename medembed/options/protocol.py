@@ -56,6 +56,11 @@ class ProtocolOptions:
     n_resamples: int = option(1000, "Bootstrap resamples for the 95% intervals (0: none).", flag="--bootstrap")
     seed: int = option(0, "Seed of the scorer's fit, the carved val split and the bootstrap.")
 
+    @classmethod
+    def of(cls, options: ProtocolOptions) -> ProtocolOptions:
+        """The protocol's own fields of `options` (FitOptions and the other run options extend it), as a new object."""
+        return cls(**{name: getattr(options, name) for name in cls.__dataclass_fields__})
+
     def __post_init__(self) -> None:
         parse_threshold_rule(self.threshold)
         check_choice("calibration", self.calibration, CALIBRATIONS)

@@ -30,10 +30,10 @@ import numpy as np
 
 from medembed.data.manifest import SPLITS, Manifest, read_manifest
 from medembed.errors import MedembedError
-from medembed.options.extract import ExtractOptions
+from medembed.options.extract import DTYPES, ExtractOptions
 from medembed.options.transfer import ALL_ROWS
 from medembed.protocol.splits import Split, level_tokens, load_joined_splits, load_splits, manifest_splits
-from medembed.runs.record import RUN_FILE, STORE_DTYPES, Run
+from medembed.runs.record import RUN_FILE, Run
 from medembed.store import EmbeddingStore, EmbeddingTable, fingerprint_mismatch, open_store, read_stores
 
 if TYPE_CHECKING:  # both import torch, which reading a run's own rows never needs
@@ -238,8 +238,8 @@ def rebuild_encoder(fingerprint: dict[str, str], encoder_options: dict[str, Any]
 
     where = Path(run_dir) / RUN_FILE
     name, dtype = fingerprint.get("encoder"), fingerprint.get("dtype")
-    if not isinstance(name, str) or not name or dtype not in STORE_DTYPES:
-        raise MedembedError(f"{where}: the fingerprint must name the encoder and a store dtype ({', '.join(STORE_DTYPES)}), got {name!r:.40} and {dtype!r:.40}")
+    if not isinstance(name, str) or not name or dtype not in DTYPES:
+        raise MedembedError(f"{where}: the fingerprint must name the encoder and a store dtype ({', '.join(DTYPES)}), got {name!r:.40} and {dtype!r:.40}")
     if not isinstance(encoder_options, dict):
         raise MedembedError(f"{where}: encoder_options must be an object")
     try:

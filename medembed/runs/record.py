@@ -33,6 +33,7 @@ from medembed.protocol.metrics import aggregate_studies
 from medembed.options import from_dict
 from medembed.protocol.steps import Calibration
 from medembed.options.baselines import CNNRunOptions
+from medembed.options.extract import DTYPES
 from medembed.options.protocol import ProtocolOptions
 from medembed.protocol.report import markdown_report, plot_figures, write_metrics_json
 from medembed.scorers.contract import CONSUMES, KINDS, Scorer, load_scorer, positive_scores
@@ -41,7 +42,6 @@ from medembed.protocol.splits import Split
 from medembed.store import describe_preprocess
 
 RUN_FILE = "run.json"
-STORE_DTYPES = ("float16", "float32")  # what `extract --dtype` writes
 SCORER_DIR = "scorer"
 FORMAT_VERSION = 2
 
@@ -71,7 +71,7 @@ class RunRecord:
     @property
     def protocol(self) -> ProtocolOptions:
         """The protocol options the run was made with (a copy: changing it changes nothing of the record)."""
-        return ProtocolOptions(**{name: getattr(self.options, name) for name in ProtocolOptions.__dataclass_fields__})
+        return ProtocolOptions.of(self.options)
 
     @property
     def level(self) -> str:
@@ -180,8 +180,8 @@ def _check_fingerprint(record: RunRecord, path: Path) -> None:
             if not record.fingerprint.get(key):
                 raise MedembedError(f"{path}: fingerprint.{key} is missing; an embedding run records the store it was fitted on")
     dtype = record.fingerprint.get("dtype")
-    if dtype and record.kind != "ensemble" and dtype not in STORE_DTYPES:
-        raise MedembedError(f"{path}: fingerprint.dtype {dtype!r:.40} is not a store dtype ({', '.join(STORE_DTYPES)})")
+    if dtype and record.kind != "ensemble" and dtype not in DTYPES:
+        raise MedembedError(f"{path}: fingerprint.dtype {dtype!r:.40} is not a store dtype ({', '.join(DTYPES)})")
 
 
 def _check_level(level: Any, path: Path) -> None:
