@@ -18,17 +18,16 @@ from typing import Any, Callable
 
 import typer
 
-from medembed.options import FLAG, HELP, HIDDEN, parse_key_values, parse_value
+from medembed.options import FLAG, HELP, HIDDEN, long_flags, parse_key_values, parse_value
 
 _SIMPLE = (bool, int, float, str, Path)
 
 
 def _flags(field: dataclasses.Field, kind: Any = None) -> list[str]:
-    declared = (field.metadata.get(FLAG) or "").split()
-    long = [flag for flag in declared if flag.startswith("--")] or ["--" + field.name.replace("_", "-")]
+    long = long_flags(field)
     if kind is bool:  # every switch can be turned both ways, whatever its default: --augment/--no-augment
         long = [f"{flag}/--no-{flag.removeprefix('--')}" for flag in long]
-    return long + [flag for flag in declared if not flag.startswith("--")]
+    return long + [flag for flag in (field.metadata.get(FLAG) or "").split() if not flag.startswith("--")]
 
 
 def _cli_type(annotation: Any) -> tuple[Any, Callable[[Any], Any]]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from medembed.encoders.choice import EncoderChoice
 from medembed.errors import MedembedError
-from medembed.options import FLAG, parse_key_values
+from medembed.options import long_flags, parse_key_values
 from medembed.options.extract import PREDICT_EXTRACT_SKIPS, ExtractOptions
 from medembed.options.transfer import PREDICT_SKIPS, TransferOptions
 from medembed.scorers.options import FitOptions
@@ -69,9 +69,8 @@ def _keywords(cls: type, skip: Sequence[str] = ()) -> dict[str, str]:
         if field.name in skip:
             continue
         names[field.name] = field.name
-        for flag in (field.metadata.get(FLAG) or "").split():
-            if flag.startswith("--"):
-                names[flag.removeprefix("--").replace("-", "_")] = field.name
+        for flag in long_flags(field):
+            names[flag.removeprefix("--").replace("-", "_")] = field.name
     return names
 
 

@@ -27,6 +27,13 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | No
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def long_flags(field: dataclasses.Field) -> list[str]:
+    """The option's long CLI flags: those its `flag` declares, or `--field-name` (what the CLI, the API's keyword
+    names and the help all derive from)."""
+    declared = (field.metadata.get(FLAG) or "").split()
+    return [flag for flag in declared if flag.startswith("--")] or ["--" + field.name.replace("_", "-")]
+
+
 def parse_value(text: str) -> Any:
     """A `key=value` value typed as JSON where it parses (numbers, true/false, null, lists), else the string."""
     try:
