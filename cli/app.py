@@ -9,11 +9,13 @@ import typer
 
 from . import (
     baseline_cmds,
+    compare_cmds,
     encoders_cmds,
     extract_cmds,
     fit_cmds,
     heads_cmds,
     manifest_cmds,
+    predict_cmds,
     store_cmds,
     sweep_cmds,
     transfer_cmds,
@@ -29,5 +31,5 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(manifest_cmds.app, name="manifest")
-for module in (extract_cmds, fit_cmds, heads_cmds, zeroshot_cmds, baseline_cmds, sweep_cmds, store_cmds, encoders_cmds, transfer_cmds):
+for module in (extract_cmds, fit_cmds, predict_cmds, compare_cmds, heads_cmds, zeroshot_cmds, baseline_cmds, sweep_cmds, store_cmds, encoders_cmds, transfer_cmds):
     module.register(app)

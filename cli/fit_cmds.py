@@ -1,4 +1,4 @@
-"""`medembed fit`, `evaluate`, `predict`, `compare`: stage 2, heads on a store, and what works on any run."""
+"""`medembed fit` and `evaluate`: stage 2, heads on a store, and re-evaluating any run."""
 
 from __future__ import annotations
 
@@ -6,14 +6,10 @@ from pathlib import Path
 
 import typer
 
-from medembed.options.extract import (
-    EVALUATE_EXTRACT_SKIPS,
-    PREDICT_EXTRACT_SKIPS,
-    ExtractOptions,
-)
+from medembed.options.extract import EVALUATE_EXTRACT_SKIPS, ExtractOptions
 from medembed.scorers.options import FitOptions
 from medembed.options.robustness import RobustnessOptions
-from medembed.options.transfer import PREDICT_SKIPS, TransferOptions
+from medembed.options.transfer import TransferOptions
 
 from ._generate import command
 
@@ -122,59 +118,7 @@ def _evaluate_corrupt(run: Path, corrupt: str, severity: str, manifest: Path, ro
     typer.echo(f"report: {run / 'robustness.md'}")
 
 
-def predict(
-    run: Path = typer.Argument(..., metavar="RUN", help="A run directory of any kind (fit, baseline cnn, zeroshot)."),
-    inputs: list[Path] = typer.Argument(..., metavar="INPUTS", help="Image files, folders of images, or one manifest CSV."),
-    out: Path = typer.Option(None, "--out", "-o", help="CSV of image probabilities and decisions (default: standard output)."),
-    extract: ExtractOptions = None,
-    transfer: TransferOptions = None,
-) -> None:
-    """Score new images with a fitted run: its own encoder or model, calibration and thresholds.
-
-    Examples:
-
-      medembed predict runs/frac-mlp new_xrays/ --out predictions.csv
-
-      medembed predict runs/frac-mlp scan1.png scan2.dcm > predictions.csv
-    """
-    from medembed.predict import predict as run_predict
-
-    summary = run_predict(run, inputs, out, extract, transfer)
-    typer.echo(f"{summary.scored} of {summary.images} images scored, {summary.abnormal} called abnormal, {summary.failed} could not be read", err=out is None)
-    flagged = "" if summary.ood_flagged is None else f", {summary.ood_flagged} flagged out of distribution"
-    typer.echo(f"{summary.referred} referred (conformal set not one class){flagged}", err=out is None)
-    for note in summary.notes:
-        typer.echo(f"note: {note}", err=True)
-    if out is not None:
-        typer.echo(f"wrote {summary.images_csv}" + (f" and {summary.studies_csv}" if summary.studies_csv else ""))
-
-
-def compare(
-    runs: list[Path] = typer.Argument(..., metavar="RUNS", help="Run directories of any kind (each with metrics.json)."),
-    level: str = typer.Option("study", help="image | study"),
-    out: Path = typer.Option(None, "--out", "-o", help="Also write the table to this Markdown file."),
-) -> None:
-    """Print a Markdown table of several runs side by side (AUROC, kappa, sensitivity, specificity, F1 with CIs).
-
-    Example: medembed compare runs/frac-logreg runs/frac-mlp runs/cnn runs/zeroshot
-    """
-    from medembed._files import atomic_write_text
-    from medembed.protocol.report import compare_table, read_metrics_json
-    from medembed.runs.record import read_record
-
-    if level not in ("image", "study"):
-        raise typer.BadParameter(f"expected image or study; got {level!r}", param_hint="--level")
-    for run in runs:
-        read_record(run)  # a directory that is not a valid run fails here, naming it
-    table = compare_table({run.name: read_metrics_json(run / "metrics.json") for run in runs}, level=level)
-    typer.echo(f"{level} level\n\n{table}")
-    if out:
-        atomic_write_text(out, table)
-
-
 def register(app: typer.Typer) -> None:
     """Add the stage-2 commands to the top-level app."""
     command(app)(fit)
     command(app, skip={ExtractOptions: EVALUATE_EXTRACT_SKIPS})(evaluate)
-    command(app, skip={ExtractOptions: PREDICT_EXTRACT_SKIPS, TransferOptions: PREDICT_SKIPS})(predict)
-    app.command()(compare)

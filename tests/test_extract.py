@@ -156,4 +156,4 @@ def test_cli_batch_size_auto_and_profile_through_the_entry_point(tmp_path, small
                 "--encoder", "efficientnet-lite0", "--option", "size=64", "--out", str(tmp_path / "c.h5"), "--workers", "0"]
     done = subprocess.run([*medembed, "--batch-size", "auto", "--profile", "--limit", "6"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "batch 4, preprocessing on the decoding workers" in done.stdout and "bound by" in done.stdout and "ms/batch" in done.stdout
+    assert "batch 4, preprocessing on the cpu device" in done.stdout and "bound by" in done.stdout and "ms/batch" in done.stdout

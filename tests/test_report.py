@@ -9,7 +9,8 @@ from PIL import Image
 
 from medembed.errors import MedembedError
 from medembed.protocol.metrics import evaluate_predictions, summarize_seeds
-from medembed.protocol.report import markdown_report, plot_figures, write_metrics_json
+from medembed.protocol.figures import plot_figures
+from medembed.protocol.report import markdown_report, write_metrics_json
 
 
 def _leaf(value: float, low: float | None = None, high: float | None = None) -> dict:
@@ -146,7 +147,7 @@ def test_reports_accept_a_result_reloaded_from_metrics_json(tmp_path):
 def test_body_part_figure_draws_an_interval_that_excludes_its_point_estimate(tmp_path):
     # A percentile bootstrap interval can lie wholly above (or below) its point estimate: few resamples of a
     # skewed metric. Drawn as distances from the bar's top these were negative and matplotlib refused them.
-    from medembed.protocol.report import _body_part_figure
+    from medembed.protocol.figures import _body_part_figure
 
     result = _result()
     parts = result["image"]["by_body_part"]
@@ -163,7 +164,7 @@ def test_body_part_figure_draws_an_interval_that_excludes_its_point_estimate(tmp
 
 
 def test_a_figure_that_cannot_be_written_is_a_warning_and_the_others_are_written(tmp_path):
-    from medembed.protocol.report import FigureWarning
+    from medembed.protocol.figures import FigureWarning
 
     y, p, parts = _scores()
     (tmp_path / "roc_image.png").mkdir()  # savefig cannot write over a folder

@@ -337,7 +337,7 @@ def _run(
     """Embed `todo` into `writer` through the overlapped loop; `summary` counts only what the store holds."""
     autocast = _autocast_dtype(options.precision, device)
     encoder.load(device)
-    compact = preprocess_on_device(spec, options.preprocess_on, device)
+    compact = preprocess_on_device(spec, options.preprocess_on)
     embed = _embed_function(encoder, options.compile, device)
     batch_size = resolve_batch_size(options.batch_size, encoder, spec, device, autocast)
     summary.batch_size = batch_size
@@ -392,13 +392,15 @@ def _run(
         torch.set_num_threads(threads)
 
 
-def preprocess_on_device(spec: PreprocessSpec | CorruptedPreprocess, place: str, device: torch.device) -> bool:
+def preprocess_on_device(spec: PreprocessSpec | CorruptedPreprocess, place: str) -> bool:
     """Whether pad/resize/normalise run on the model's device (workers then only decode): "device" or
-    "workers" as asked; "auto" on CUDA only. A corrupted variant (corruptions act on the decoded float
-    image, in the workers) always preprocesses in the workers."""
+    "workers" as asked; "auto" is the device on CUDA and on a CPU alike, where it measured faster too
+    (`tests/benchmarks/bench_extract.py --part cpu`: workers that only decode leave the cores to the model).
+    A corrupted variant (corruptions act on the decoded float image, in the workers) always preprocesses
+    in the workers."""
     if not isinstance(spec, PreprocessSpec):
         return False
-    return place == "device" or (place == "auto" and device.type == "cuda")
+    return place in ("device", "auto")
 
 
 def resolve_batch_size(requested: int | str | None, encoder: Encoder, spec: PreprocessSpec | CorruptedPreprocess,

@@ -33,7 +33,7 @@ class ExtractOptions:
     precision: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32; recorded in the store's fingerprint.")
     store_dtype: str = option("float16", "Store dtype: float16 | float32.", flag="--dtype")
     compile: bool = option(False, "torch.compile the encoder (GPU, long runs); on CUDA with CUDA graphs, every batch padded to one static shape.")
-    preprocess_on: str = option("auto", "Where pad/resize/normalise run: device (the model's, from compact pixels the workers decode), workers (decoding workers, float32 tensors), or auto (device on CUDA, workers on a CPU: measured in tests/benchmarks/bench_extract.py).")
+    preprocess_on: str = option("auto", "Where pad/resize/normalise run: device (the model's, from compact pixels the workers decode), workers (decoding workers, float32 tensors), or auto (the device, on CUDA and on a CPU alike: faster on both in tests/benchmarks/bench_extract.py; corrupted variants preprocess in the workers).")
     profile: bool = option(False, "Print the per-stage timing table (decode wait, H2D, preprocess, model, D2H, write) and write it beside the store as <out>.profile.json.")
     retry_failed: bool = option(False, "Try again the images an earlier run listed as failed.")
     limit: int | None = option(None, "Embed at most this many new images (smoke tests, benchmarks).")

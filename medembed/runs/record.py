@@ -35,7 +35,8 @@ from medembed.protocol.steps import Calibration
 from medembed.options.baselines import CNNRunOptions
 from medembed.options.extract import DTYPES
 from medembed.options.protocol import ProtocolOptions
-from medembed.protocol.report import markdown_report, plot_figures, write_metrics_json
+from medembed.protocol.figures import plot_figures
+from medembed.protocol.report import markdown_report, write_metrics_json
 from medembed.scorers.contract import CONSUMES, KINDS, Scorer, load_scorer, positive_scores
 from medembed.scorers.options import FitOptions
 from medembed.protocol.splits import Split

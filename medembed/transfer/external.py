@@ -23,7 +23,8 @@ from medembed.errors import MedembedError
 from medembed.protocol.metrics import aggregate_studies, binary_metrics, resampled_metrics
 from medembed.protocol.steps import Calibration, evaluate_split
 from medembed.options.protocol import ProtocolOptions
-from medembed.protocol.report import markdown_report, plot_figures, write_metrics_json
+from medembed.protocol.figures import plot_figures
+from medembed.protocol.report import markdown_report, write_metrics_json
 from medembed.runs.inputs import RunInputs, labelled, run_inputs
 from medembed.runs.record import Run, load_run, report_context
 from medembed.protocol.splits import Split

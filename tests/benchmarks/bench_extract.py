@@ -6,7 +6,7 @@ Three parts (run: make bench-extract):
         spec) and 896 px (MedGemma's), the old CPU path (decode + pad/resize/normalise to float32 [3, S, S],
         then the stacking collate) against the new one (decode to compact integer pixels, then the packing
         collate; the preprocessing runs on the GPU). Median of --repeats passes over the files. Target >= 3x.
-        Also the cost of the device preprocessing when that device is this CPU (how auto chooses on a CPU).
+        Also the cost of the device preprocessing when that device is this CPU.
   cpu   EfficientNet-Lite0 (real ImageNet weights) over FracAtlas through `medembed.extract.runner`, preprocessing in
         the workers and on the device (this CPU), and a plain single-process PIL + torch loop.
   gpu   (CUDA only) the MedSigLIP-448 architecture and the MedGemma-4B vision tower at 896 px, built from
