@@ -161,7 +161,7 @@ def test_the_cli_fits_ensembles_and_refuses_in_one_line(stores, tmp_path):
     assert not (tmp_path / "refused").exists()
 
 
-def test_an_ensemble_of_two_real_encoders_round_trips_through_evaluate_compare_and_predict(tmp_path, fracatlas_root):
+def test_an_ensemble_of_two_real_encoders_round_trips_through_evaluate_compare_and_predict(tmp_path, fracatlas_root, monkeypatch):
     from medembed.encoders import get_encoder
     from medembed.options.extract import ExtractOptions
     from medembed.extract.runner import extract
@@ -178,9 +178,10 @@ def test_an_ensemble_of_two_real_encoders_round_trips_through_evaluate_compare_a
         stores.append(tmp_path / f"{name}.h5")
     fit_run(stores, tmp_path / "run", FitOptions(head="logreg", ensemble="mean", n_resamples=0))
     test = small.subset(small.split == "test")
+    monkeypatch.setenv("MEDEMBED_CACHE", str(tmp_path / "cache"))  # predict's cache folder (the CLI's default)
     assert_round_trip(tmp_path / "run", test.resolve(fracatlas_root)[:3], tmp_path)
-    caches = sorted(p.name for p in tmp_path.glob("p.*.h5"))
-    assert len(caches) == 2 and caches[0].endswith(".member0.h5"), caches
+    caches = sorted(p.name for p in (tmp_path / "cache").glob("*/*.h5"))  # one store per member, none beside --out
+    assert len(caches) == 2 and caches[0].endswith(".member0.embeddings.h5") and not list(tmp_path.glob("p*.h5")), caches
     shutil.rmtree(tmp_path / "images")
 
 

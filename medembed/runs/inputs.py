@@ -142,7 +142,7 @@ class JoinedStoreInputs:
     def score(self, manifest: Manifest, root: Path, cache: Path, options: ExtractOptions, preprocess: Any = None,
               encoders: list[Encoder] | None = None) -> Scored:
         """The rows of `manifest` every member could embed, their embeddings joined as the ensemble consumes them;
-        one resumable cache store per member beside `cache`."""
+        one resumable cache store per member in `cache`'s folder (`member_cache`)."""
         if preprocess is not None:
             raise MedembedError(f"{self.run.directory} is an ensemble of several encoders; corrupted re-reads (--corrupt) take single-encoder runs")
         members = self.members()
@@ -150,8 +150,7 @@ class JoinedStoreInputs:
         rows = Split.from_manifest(manifest)
         tables, failed, summary = [], {}, None
         for k, (member, encoder) in enumerate(zip(members, encoders)):
-            member_cache = Path(cache).with_name(f"{Path(cache).stem}.member{k}{Path(cache).suffix}")
-            summary, store = _extract_into(member_cache, manifest, root, encoder, options, member["fingerprint"], member.get("encoder_options", {}))
+            summary, store = _extract_into(member_cache(cache, k), manifest, root, encoder, options, member["fingerprint"], member.get("encoder_options", {}))
             table = store.read()
             tables.append((table.image_id, table.embeddings))
             for image_id, reason in store.failed().items():
@@ -254,6 +253,13 @@ def rebuild_encoder(fingerprint: dict[str, str], encoder_options: dict[str, Any]
             "install the same model weights and medembed version"
         )
     return encoder
+
+
+def member_cache(cache: Path, k: int) -> Path:
+    """Ensemble member `k`'s cache store, in the folder of `cache` (predict's cache folder, never another):
+    x.embeddings.h5 -> x.member<k>.embeddings.h5."""
+    head, _, rest = Path(cache).name.partition(".")
+    return Path(cache).with_name(f"{head}.member{k}.{rest}" if rest else f"{head}.member{k}")
 
 
 def embedding_precision(fingerprint: dict[str, str]) -> str:
