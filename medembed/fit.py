@@ -27,27 +27,46 @@ from medembed.scorers.options import AUTO_LEVEL, FitOptions
 
 
 def choose_level(stores: list[Path], options: FitOptions) -> tuple[str, dict[str, Any]]:
-    """The store level whose `options.head` (first seed) reaches the best AUROC on val, and what was tried.
-    Train fits, val chooses: test is never read."""
+    """The store level whose `options.head` (first seed) reaches the best AUROC on val, and what was tried (levels
+    the head cannot read, e.g. a pooled grid for the adapter, are listed as skipped with why). Train fits, val
+    chooses: test is never read."""
     tried: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    costs: dict[str, Any] = {}
     for level in open_store(stores[0]).token_shapes:
+        try:
+            params = level_head_params(options.head, level, stores[0], options.head_params)
+        except MedembedError as error:  # the adapter starts only from a full-grid stem or block level
+            skipped[level] = str(error)
+            continue
         splits, _, _ = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed, level=level)
-        head = make_head(options.head, seed=options.seed, **options.head_params)
+        head = make_head(options.head, seed=options.seed, **params)
         head.fit(splits["train"].X, splits["train"].y, eval_set=[(splits["val"].X, splits["val"].y)])
         tried[level] = float(roc_auc_score(splits["val"].y, head.predict_proba(splits["val"].X)[:, 1]))
+        if "cost" in head.selection_:
+            costs[level] = head.selection_["cost"]
     if not tried:
-        raise MedembedError(f"{stores[0]}: --level auto needs a store with token levels (extract --levels or --tokens)")
+        levels = ", ".join(open_store(stores[0]).token_shapes)
+        raise MedembedError(
+            f"{stores[0]}: --level auto found no level head {options.head!r} can read (the store's levels: {levels or 'none; extract --levels or --tokens'})"
+            + (f"; e.g. {next(iter(skipped.values()))}" if skipped else "")
+        )
     best = max(tried, key=tried.get)
-    return best, {"searched": "level", "val_auroc": tried, "chosen": best}
+    return best, {"searched": "level", "val_auroc": tried, "chosen": best, **({"skipped": skipped} if skipped else {}), **({"cost": costs} if costs else {})}
 
 
 def level_head_params(head: str, level: str, store: Path, params: dict[str, Any]) -> dict[str, Any]:
-    """`params`, plus for the adapter the encoder, its options and the level it starts from (from the store)."""
+    """`params`, plus for the adapter the encoder, its options and the level it starts from (from the store),
+    refused in one line (before any tokens are read) when the adapter cannot start from that level."""
     if head != "adapter":
         return params
+    from medembed.scorers.heads.adapter import adapter_start
+
     opened = open_store(store)
     encoder_options = json.loads(str(opened.attrs.get("encoder_options", "{}")))
-    return {"encoder": opened.fingerprint["encoder"], "encoder_options": encoder_options, "level": level} | params
+    filled = {"encoder": opened.fingerprint["encoder"], "encoder_options": encoder_options, "level": level} | params
+    adapter_start(filled["encoder"], filled["encoder_options"], filled["level"])
+    return filled
 
 
 def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any]:
@@ -66,8 +85,8 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any
         if options.level == AUTO_LEVEL:  # the chosen level is what the run records (the caller's options stay as given)
             chosen, level_choice = choose_level(stores, options)
             options = replace(options, level=chosen)
+        head_params = level_head_params(options.head, options.level, stores[0], options.head_params)  # refuses first
         splits, fingerprint, notes = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed, level=options.level or None)
-        head_params = level_head_params(options.head, options.level, stores[0], options.head_params)
         new_scorer = lambda seed: make_head(options.head, seed=seed, **head_params)  # noqa: E731
         fit_params = None
         if level_choice:

@@ -96,7 +96,6 @@ def test_fit_level_auto_chooses_on_val_and_mismatches_are_refused(killed_then_re
     for head, level, message in [
         ("attention", "", "name one with --level"),
         ("logreg", "block14", "reads the pooled embeddings"),
-        ("adapter", "auto", "not auto"),
     ]:
         with pytest.raises(MedembedError, match=message):
             FitOptions(head=head, level=level)

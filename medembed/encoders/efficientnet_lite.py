@@ -156,15 +156,33 @@ class EfficientNetLiteEncoder(Encoder):
             maps[FINAL] = x
         return x.mean(dim=(2, 3)).float(), maps
 
+    def adapter_levels(self) -> list[str]:
+        """The levels a fine-tuned tail can start from: the stem and every block output (at its full grid)."""
+        return self.level_names()[:-1]
+
     def tail(self, level: str, pretrained: bool = True) -> torch.nn.Module:
-        """A trainable copy of the network after `level` (a block output): the remaining MBConv blocks, the head
-        conv and its batch norm, mapping that level's map `[B, C, H, W]` to the pooled `[B, 1280]` embedding.
-        `pretrained`: copied from the loaded weights; else the architecture only (to load saved weights into)."""
-        names = self.level_names()
-        if level not in names[1:-1]:
-            raise EncoderError(f"{self.name}: the adapter starts after a block output (block0..block{len(names) - 3}), not {level!r}")
+        """A trainable copy of the network after `level` (the stem or a block output): the remaining MBConv blocks,
+        the head conv and its batch norm, mapping that level's map `[B, C, H, W]` to the pooled `[B, 1280]`
+        embedding. `pretrained`: copied from the loaded weights; else the architecture only (to load saved weights into)."""
         network = self._require_loaded(self._model) if pretrained else self._build()
-        return EfficientNetTail(network, int(level.removeprefix("block")) + 1).float().to(memory_format=torch.contiguous_format)
+        return EfficientNetTail(network, self._first_block(level)).float().to(memory_format=torch.contiguous_format)
+
+    def tail_cost(self, level: str) -> dict[str, float | int]:
+        """What the tail after `level` costs per image at this input size, counted on the meta device (nothing
+        allocated, no weights read): `forward_flops` (torch's FLOP counter, 2 per multiply-add) and `parameters`."""
+        channels, height, width = self.level_map_shapes()[level]
+        with torch.device("meta"):
+            tail = EfficientNetTail(self._meta_network(), self._first_block(level))
+            with FlopCounterMode(display=False) as counter:
+                tail(torch.zeros(1, channels, height, width))
+        return {"forward_flops": float(counter.get_total_flops()), "parameters": int(sum(p.numel() for p in tail.parameters()))}
+
+    def _first_block(self, level: str) -> int:
+        """Index of the first MBConv block after `level` ("stem": 0, "blockN": N + 1)."""
+        if level not in self.adapter_levels():
+            names = self.level_names()
+            raise EncoderError(f"{self.name}: a tail starts after the stem or a block output (stem, block0..block{len(names) - 3}), not {level!r}")
+        return 0 if level == "stem" else int(level.removeprefix("block")) + 1
 
     def config_sha256(self) -> str:
         """sha256 of the architecture as the installed code defines it (there is no config.json): the code

@@ -71,5 +71,3 @@ def check_level_head(head: str, level: str) -> None:
         raise MedembedError(f"head {head!r} reads a token level; name one with --level (e.g. block14, final@2x2, auto)")
     if level and head not in TOKEN_HEADS:
         raise MedembedError(f"head {head!r} reads the pooled embeddings; --level {level} needs one of {', '.join(TOKEN_HEADS)}")
-    if level == AUTO_LEVEL and head == "adapter":
-        raise MedembedError("the adapter starts from one block's output; name it with --level (e.g. block14), not auto")
