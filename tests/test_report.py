@@ -114,8 +114,9 @@ def test_plot_figures_writes_real_pngs(tmp_path):
     ]
     for path in paths:
         with Image.open(path) as image:
-            assert image.format == "PNG" and image.size == (600, 540)
+            assert image.format == "PNG" and image.width == 1050 and round(image.info["dpi"][0]) == 300  # 3.5 in at 300 dpi
             assert len(np.unique(np.asarray(image.convert("L")))) > 10  # something was drawn
+        assert path.with_suffix(".pdf").read_bytes().startswith(b"%PDF-")  # and the vector copy beside it
 
 
 def test_plot_figures_without_body_parts_skips_the_bar_chart(tmp_path):

@@ -35,7 +35,7 @@ from medembed.protocol.steps import Calibration
 from medembed.options.baselines import CNNRunOptions
 from medembed.options.extract import DTYPES
 from medembed.options.protocol import ProtocolOptions
-from medembed.protocol.figures import plot_figures
+from medembed.protocol.figures import FigureContext, plot_figures
 from medembed.protocol.report import markdown_report, write_metrics_json
 from medembed.scorers.contract import CONSUMES, KINDS, Scorer, load_scorer, positive_scores
 from medembed.scorers.options import FitOptions
@@ -294,13 +294,15 @@ def write_run(out: Path, record: RunRecord, scorer: Scorer, evaluation: Evaluati
     """Write a complete run directory `out` (replacing an earlier one only once everything is written)."""
     with replaced_directory(out) as staging:
         scorer.save(staging / SCORER_DIR)
-        write_evaluation(staging, record, evaluation, title=Path(out).name, extras=extras)
+        write_evaluation(staging, record, evaluation, title=Path(out).name, extras=extras, scorer=scorer)
         atomic_write_json(staging / RUN_FILE, asdict(record))
 
 
-def write_evaluation(directory: Path, record: RunRecord, evaluation: Evaluation, title: str | None = None, extras: Extras | None = None) -> None:
-    """metrics.json, report.md, figures and predictions.csv of one evaluated split, into `directory`; `extras`
-    writes its own files there and adds its sections to report.md."""
+def write_evaluation(directory: Path, record: RunRecord, evaluation: Evaluation, title: str | None = None, extras: Extras | None = None,
+                     scorer: Scorer | None = None, image_root: Path | None = None) -> None:
+    """metrics.json, report.md, figures, predictions.csv and report.html of one evaluated split, into `directory`;
+    `extras` writes its own files there and adds its sections to report.md. report.html's case gallery reads the
+    images under `image_root` (default: the root the run's store recorded); `scorer` draws a token head's attention."""
     directory = Path(directory)
     p, rows, metrics = evaluation.p, evaluation.rows, evaluation.metrics
     calibration, options = record.decisions, record.protocol
@@ -311,16 +313,21 @@ def write_evaluation(directory: Path, record: RunRecord, evaluation: Evaluation,
     figures = directory / "figures"
     figures.mkdir(exist_ok=True)
     body_parts = rows.body_part if (rows.body_part != "").all() else None
-    plot_figures(rows.y, p, calibration.image_threshold, figures, level="image", body_parts=body_parts, result=metrics["image"])
+    figure_context = FigureContext(title or directory.name, record.scorer, record.fingerprint.get("encoder", ""), options.threshold)
+    plot_figures(rows.y, p, calibration.image_threshold, figures, level="image", body_parts=body_parts, result=metrics["image"], context=figure_context)
     studies = aggregate_studies(p, rows.y, rows.study_id, how=options.aggregation, attributes={"body_part": rows.body_part})
     study_parts = studies.attributes["body_part"] if body_parts is not None else None
-    plot_figures(studies.y, studies.p, calibration.study_threshold, figures, level="study", body_parts=study_parts, result=metrics["study"])
+    plot_figures(studies.y, studies.p, calibration.study_threshold, figures, level="study", body_parts=study_parts, result=metrics["study"], context=figure_context)
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer)
     writer.writerow(["image_id", "study_id", "label", "probability", "abnormal"])
     for image_id, study_id, label, prob in zip(rows.image_id, rows.study_id, rows.y, p):
         writer.writerow([text_cell(image_id), text_cell(study_id), int(label), f"{prob:.6f}", int(prob >= calibration.image_threshold)])
     atomic_write_text(directory / "predictions.csv", buffer.getvalue())
+    from medembed.runs.html import write_html_report_safely
+
+    write_html_report_safely(directory, record, p, rows, metrics, title=f"medembed run: {title or directory.name}", context=report_context(record),
+                             scorer=scorer, image_root=image_root)
 
 
 def report_context(record: RunRecord) -> dict[str, str]:

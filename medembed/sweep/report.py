@@ -119,10 +119,17 @@ def _learning_curve_table(summary: dict[Cell, dict[str, dict]], encoder: str, me
 
 
 def learning_curve_figure(summary: dict[Cell, dict[str, dict]]) -> Figure:
-    """HEADLINE metrics against the number of labelled training images (log x): one line per encoder x head,
-    its mean over seeds with a ± sd band."""
+    """HEADLINE metrics against the number of labelled training images (log x, ticked at the sweep's real
+    budgets: images and share of the training labels): one line per encoder x head, its mean over seeds with a
+    ± sd band (the legend says so)."""
+    from matplotlib.patches import Patch
+
     figure = Figure(figsize=(13, 4.5), layout="constrained")
     axes_by_metric = figure.subplots(1, len(HEADLINE))
+    ticks = {}  # budget -> mean labelled images at that budget (over the cells that ran it)
+    for (_, _, budget), cell in summary.items():
+        ticks.setdefault(budget, []).append(cell["train_images"]["mean"])
+    seeds = max((cell[metric]["n_seeds"] for cell in summary.values() for metric in HEADLINE if metric in cell), default=0)
     for axes, metric in zip(axes_by_metric, HEADLINE):
         for (encoder, head), cells in _series(summary).items():
             x = np.array([cell["train_images"]["mean"] for cell in cells])
@@ -130,9 +137,14 @@ def learning_curve_figure(summary: dict[Cell, dict[str, dict]]) -> Figure:
             sd = np.nan_to_num(np.array([cell[metric]["sd"] for cell in cells]))
             line = axes.plot(x, mean, "o-", markersize=3, label=f"{encoder} · {head}")[0]
             axes.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.15, linewidth=0)
-        axes.set(xscale="log", xlabel="Labelled training images", ylabel=f"{METRIC_LABELS[metric]} ({LEVEL} level)", title=METRIC_LABELS[metric])
+        axes.set(xscale="log", xlabel="Labelled training images (share of the training labels)",
+                 ylabel=f"{METRIC_LABELS[metric]} ({LEVEL} level)", title=f"{METRIC_LABELS[metric]}, mean over {seeds} seed{'s' if seeds != 1 else ''}")
+        if ticks:
+            budgets = sorted(ticks)
+            axes.set_xticks([float(np.mean(ticks[b])) for b in budgets], [f"{np.mean(ticks[b]):.0f}\n({percent(b)})" for b in budgets])
+            axes.minorticks_off()
         axes.grid(alpha=0.3, which="both")
-    _legend(figure, axes_by_metric[-1])
+    _legend(figure, axes_by_metric[-1], extra=[Patch(color="grey", alpha=0.3, label=f"band: ± 1 sd over {seeds} seeds")] if seeds > 1 else [])
     return figure
 
 
@@ -149,11 +161,19 @@ def heads_encoders_figure(summary: dict[Cell, dict[str, dict]]) -> Figure:
             leaves = [summary.get((encoder, head, full), {}).get(metric) for head in heads]
             mean = np.array([leaf["mean"] if leaf else math.nan for leaf in leaves])
             sd = np.nan_to_num(np.array([leaf["sd"] if leaf else math.nan for leaf in leaves]))
-            axes.bar(np.arange(len(heads)) + (k - (len(encoders) - 1) / 2) * width, np.nan_to_num(mean), width, yerr=sd, capsize=3, label=encoder)
+            x = np.arange(len(heads)) + (k - (len(encoders) - 1) / 2) * width
+            axes.bar(x, np.nan_to_num(mean), width, yerr=sd, capsize=3, label=encoder)
+            for position, value in zip(x, mean):
+                if not math.isfinite(value):  # a cell that did not run: said, not drawn as a bar at 0
+                    axes.text(position, 0.02, "n/a", ha="center", va="bottom", rotation=90, color="dimgrey")
+        images = [cell["train_images"]["mean"] for (_, _, b), cell in summary.items() if b == full]
         axes.set_xticks(np.arange(len(heads)), heads)
-        axes.set(ylabel=f"{METRIC_LABELS[metric]} ({LEVEL} level)", title=f"{METRIC_LABELS[metric]}, {percent(full)} of the training labels")
+        axes.set(ylabel=f"{METRIC_LABELS[metric]} ({LEVEL} level)",
+                 title=f"{METRIC_LABELS[metric]}, {percent(full)} of the training labels" + (f" ({np.mean(images):.0f} images)" if images else ""))
         axes.grid(alpha=0.3, axis="y")
-    _legend(figure, axes_by_metric[-1])
+    from matplotlib.lines import Line2D
+
+    _legend(figure, axes_by_metric[-1], extra=[Line2D([], [], color="black", marker="|", linestyle="none", markersize=10, label="error bar: ± 1 sd over seeds")])
     return figure
 
 
@@ -162,11 +182,13 @@ def percent(budget: float) -> str:
     return f"{100 * budget:g}%"
 
 
-def _legend(figure: Figure, axes: Any) -> None:
-    """One legend for both panels, right of them, where it hides no line or bar."""
+def _legend(figure: Figure, axes: Any, extra: list[Any] | None = None) -> None:
+    """One legend for both panels, right of them, where it hides no line or bar; `extra` handles (what a band
+    or error bar is) go last."""
     handles, labels = axes.get_legend_handles_labels()
     if handles:  # a sweep whose cells all failed to run draws nothing to label
-        figure.legend(handles, labels, loc="outside right upper", fontsize="small")
+        extra = extra or []
+        figure.legend(handles + extra, labels + [handle.get_label() for handle in extra], loc="outside right upper", fontsize="small")
 
 
 def _series(summary: dict[Cell, dict[str, dict]]) -> dict[tuple[str, str], list[dict[str, dict]]]:
