@@ -50,7 +50,7 @@ def fit(
     """
     from medembed.fit import fit_run
 
-    metrics = fit_run(stores, out, options)
+    metrics = fit_run(stores, out, options, log=typer.echo)
     print_headline(metrics)
     typer.echo(f"run written to {out} (report: {out / 'report.md'})")
 

@@ -42,9 +42,11 @@ def _run(argv: list[str] | None, debug: bool) -> Any:
     import typer
 
     from medembed.errors import MedembedError
+    from medembed.runs.provenance import set_command_line
 
     from .app import app
 
+    set_command_line(["medembed", *(sys.argv[1:] if argv is None else argv)])  # what run.json's provenance records
     try:
         return app(args=argv, prog_name="medembed", standalone_mode=False)
     except MedembedError as error:

@@ -178,8 +178,10 @@ def fit(stores: PathLike | Sequence[PathLike], out: PathLike, **options: Any) ->
     (values,) = _route(options, "fit", (FitOptions, ()))
     fit_options = _build(FitOptions, values, "fit")
     from medembed.fit import fit_run
+    from medembed.runs.provenance import invoked
 
-    fit_run(paths, out, fit_options)
+    with invoked("medembed.api.fit", stores=[str(p) for p in paths], out=str(out), **options):  # run.json's provenance
+        fit_run(paths, out, fit_options)
     return load_run(out)
 
 

@@ -8,6 +8,8 @@ Train on ``train``, choose everything (the head's hyperparameters, probability c
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ from medembed.errors import MedembedError
 from medembed.protocol.metrics import summarize_seeds
 from medembed.scorers.ensemble import make_ensemble
 from medembed.scorers.heads import make_head
-from medembed.protocol.steps import fit_and_evaluate
+from medembed.protocol.steps import fit_and_evaluate, val_shortfalls, val_size_warning
+from medembed.options.transfer import TransferOptions
+from medembed.transfer.conformal import conformal_shortfalls
 from medembed.runs.record import Evaluation, RunRecord, write_run
 from medembed.protocol.splits import load_joined_splits, load_splits, split_sizes
 from medembed.store import open_store
@@ -69,8 +73,9 @@ def level_head_params(head: str, level: str, store: Path, params: dict[str, Any]
     return filled
 
 
-def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any]:
-    """Fit, calibrate and evaluate on the stores; write the run directory `out`. Returns the test metrics."""
+def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fit, calibrate and evaluate on the stores; write the run directory `out`. Returns the test metrics. `log`
+    receives what the fit chose on its own (the level of --level auto)."""
     stores = [Path(s) for s in stores]
     for store in stores:
         if open_store(store).being_written():  # its splits would be a moving subset: refuse rather than fit on it
@@ -91,12 +96,19 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions) -> dict[str, Any
         fit_params = None
         if level_choice:
             notes.append(f"--level auto chose {options.level} (val AUROC {level_choice['val_auroc'][options.level]:.3f} of {len(level_choice['val_auroc'])} levels)")
+            if log:
+                log(notes[-1])
     if options.study_pooling:  # trained over train studies, early-stopped on val studies
         from medembed.scorers.study_pooling import make_study_pooling
 
         new_scorer = lambda seed: make_study_pooling(options.study_pooling, options.head_params, seed)  # noqa: E731
         fit_params = {"study_id": splits["train"].study_id, "eval_study_id": splits["val"].study_id}
     notes += [reason for reason in (open_store(s).partial_reason() for s in stores) if reason]
+    val_y = splits["val"].y  # what val is too small to choose (thresholds, calibration, the report's conformal sets)
+    small = val_size_warning(val_y, val_shortfalls(val_y, options) + conformal_shortfalls(val_y, TransferOptions().alphas))
+    if small:  # on the console and in the report's notes
+        warnings.warn(small, stacklevel=2)
+        notes.append(small)
     fitted = [
         fit_and_evaluate(new_scorer(options.seed + k), splits, options, options.seed + k, fit_params=fit_params)
         for k in range(options.seeds)

@@ -28,6 +28,38 @@ class Calibration:
     study_threshold: float
 
 
+# How many val images of each class the choices made on val need before they mean much (heuristics, see the README):
+# - a threshold rule picks one cut among the val scores; with k images of a class, that class's rate (sensitivity or
+#   specificity) moves in steps of 1/k and its standard error at 0.8 is sqrt(0.8 * 0.2 / k): 0.09 at k = 20, so the
+#   chosen threshold shifts from one val sample to the next below ~20 of the rarer class;
+# - Platt scaling fits 2 parameters: ~10 images of each class; isotonic regression fits a step per distinct score
+#   and overfits small sets (scikit-learn's guide: it does as well as Platt from ~1000 images): ~50 of each class.
+MIN_THRESHOLD_PER_CLASS = 20
+MIN_CALIBRATION_PER_CLASS = {"none": 0, "platt": 10, "isotonic": 50}
+
+
+def val_shortfalls(y: np.ndarray, options: ProtocolOptions) -> list[str]:
+    """What val (labels y [N]) is too small to choose well under `options`: each as "what (needs N; why)"; [] when
+    it suffices. A fixed threshold chooses nothing on val."""
+    rarer = int(min(y.sum(), len(y) - y.sum()))
+    found = []
+    if not options.threshold.startswith("fixed") and rarer < MIN_THRESHOLD_PER_CLASS:
+        found.append(f"the {options.threshold} threshold (needs >= {MIN_THRESHOLD_PER_CLASS} of each class to be stable)")
+    needed = MIN_CALIBRATION_PER_CLASS[options.calibration]
+    if rarer < needed:
+        found.append(f"{options.calibration} calibration (needs >= {needed} of each class)")
+    return found
+
+
+def val_size_warning(y: np.ndarray, shortfalls: list[str], split: str = "val") -> str:
+    """One line: the split's counts and what they are too few for ("" when nothing is short)."""
+    if not shortfalls:
+        return ""
+    abnormal = int(y.sum())
+    return (f"the {split} split is small: {len(y)} images ({abnormal} abnormal, {len(y) - abnormal} normal), too few for "
+            + "; ".join(shortfalls) + "; what it chooses may not carry over to test")
+
+
 def calibrate_on_val(raw_val: np.ndarray, val: Split, options: ProtocolOptions) -> Calibration:
     """Fit probability calibration on val scores [N], then the image and study thresholds on the calibrated ones."""
     calibrator = fit_calibrator(options.calibration, val.y, raw_val)

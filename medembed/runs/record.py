@@ -40,6 +40,7 @@ from medembed.protocol.report import markdown_report, write_metrics_json
 from medembed.scorers.contract import CONSUMES, KINDS, Scorer, load_scorer, positive_scores
 from medembed.scorers.options import FitOptions
 from medembed.protocol.splits import Split
+from medembed.runs.provenance import check_provenance, resolve_moved_inputs, run_provenance
 from medembed.store import describe_preprocess
 
 RUN_FILE = "run.json"
@@ -68,6 +69,7 @@ class RunRecord:
     details: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     medembed_version: str = __version__
+    provenance: dict[str, Any] = field(default_factory=dict)  # command line, library versions, git commit (write_run fills it)
 
     @property
     def protocol(self) -> ProtocolOptions:
@@ -92,6 +94,8 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "inputs": dict, "encoder_options": dict, "preprocess": str, "notes": list, "details": dict,
     "format_version": int, "medembed_version": str,
 }
+# Keys runs of older medembed versions lack; checked when present.
+_OPTIONAL_TYPES: dict[str, type | tuple[type, ...]] = {"provenance": dict}
 
 
 def validate_record(document: Any, path: Path) -> RunRecord:
@@ -107,7 +111,11 @@ def validate_record(document: Any, path: Path) -> RunRecord:
         value = document[key]
         if isinstance(value, bool) or not isinstance(value, kind):
             raise MedembedError(f"{path}: {key!r} must be {_type_name(kind)}, got {value!r:.60}")
-    unknown = sorted(set(document) - set(_TYPES))
+    for key, kind in _OPTIONAL_TYPES.items():
+        if key in document and not isinstance(document[key], kind):
+            raise MedembedError(f"{path}: {key!r} must be {_type_name(kind)}, got {document[key]!r:.60}")
+    check_provenance(document.get("provenance", {}), path)
+    unknown = sorted(set(document) - set(_TYPES) - set(_OPTIONAL_TYPES))
     if unknown:
         raise MedembedError(f"{path}: unexpected keys {unknown}")
     if document["kind"] not in KINDS:
@@ -253,7 +261,9 @@ def read_record(run_dir: Path) -> RunRecord:
         raise MedembedError(f"{run_dir}: no such run directory")
     if not path.is_file():
         raise MedembedError(f"{run_dir}: not a medembed run directory (no {RUN_FILE})")
-    return validate_record(read_json(path, "run.json"), path)
+    record = validate_record(read_json(path, "run.json"), path)
+    record.notes += resolve_moved_inputs(record.inputs, record.details, record.provenance, Path(run_dir))
+    return record
 
 
 def load_run(run_dir: Path) -> Run:
@@ -295,6 +305,8 @@ def write_run(out: Path, record: RunRecord, scorer: Scorer, evaluation: Evaluati
     with replaced_directory(out) as staging:
         scorer.save(staging / SCORER_DIR)
         write_evaluation(staging, record, evaluation, title=Path(out).name, extras=extras, scorer=scorer)
+        # always this invocation's: a record derived from another run (recalibrate) must not keep that run's
+        record = dataclasses.replace(record, provenance=run_provenance(Path(out), record.inputs, record.details))
         atomic_write_json(staging / RUN_FILE, asdict(record))
 
 

@@ -43,6 +43,27 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     return float(scores[rank - 1]) if rank <= len(scores) else math.inf
 
 
+def min_calibration_size(alpha: float) -> int:
+    """The fewest calibration scores with a finite quantile at `alpha`: ceil((n + 1)(1 - alpha)) <= n, i.e.
+    n >= 1 / alpha - 1 (9 at alpha 0.1, 19 at 0.05). Below it every set holds that class."""
+    return math.ceil(1 / check_alpha(alpha) - 1 - 1e-9)
+
+
+def conformal_shortfalls(y_cal: np.ndarray, alphas: tuple[float, ...]) -> list[str]:
+    """Which conformal quantiles the calibration labels y_cal [n] are too few for (marginal: all images; class-
+    conditional: each class's), as "what (needs N)"; [] when every quantile is finite."""
+    y = np.asarray(y_cal).astype(int)
+    counts = {"marginal": len(y), "class-conditional": int(min(y.sum(), len(y) - y.sum()))}
+    short = []
+    for alpha in alphas:
+        needed = min_calibration_size(alpha)
+        for variant, n in counts.items():
+            if n < needed:
+                per = "images" if variant == "marginal" else "of each class"
+                short.append(f"the {variant} conformal quantile at alpha {alpha:g} (needs >= {needed} {per} for a finite one: sets would hold every class)")
+    return short
+
+
 def fit_conformal(p_cal: np.ndarray, y_cal: np.ndarray, alpha: float, class_conditional: bool = False) -> ConformalQuantiles:
     """Quantiles from calibrated P(abnormal) p_cal [n] and labels y_cal [n] of the calibration (val) images."""
     y, p = check_scores(y_cal, p_cal)
