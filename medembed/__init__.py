@@ -5,8 +5,10 @@ calibration, metrics) -> scorers -> runs; the workflows (fit, evaluate, predict,
 top and the CLI (`medembed.cli`) on them. The library imports without the CLI's dependencies (typer, tqdm).
 
 For notebooks and scripts, `medembed.api` has every command as a function (`from medembed import api`;
-`api.extract`, `api.fit`, `api.evaluate`, `api.predict`, `api.open_store`, `api.load_run`). `open_store` and
-`load_run` are also here, loaded on first use so that `import medembed` stays light.
+`api.extract`, `api.fit`, `api.evaluate`, `api.predict` (a DataFrame), `api.open_store`, `api.load_run`); `fit` and
+`load_run` return an `api.Run` (`.metrics` as a DataFrame, `.predict_proba(X)`, `.predict(images)`). `open_store`
+and `load_run` are also here, loaded on first use so that `import medembed` stays light; `fit`, `predict`,
+`extract` and `evaluate` are not, as those names are medembed's modules (`medembed.fit` is the fit workflow).
 """
 
 from typing import Any

@@ -4,22 +4,23 @@
     api.extract("manifest.csv", root="fracatlas", out="frac.h5")
     data = api.open_store("frac.h5").read().to_numpy()
     run = api.fit("frac.h5", "runs/frac", head="logreg", bootstrap=200)
-    rows = api.predict(run, "new_xrays/")
+    run.metrics                          # DataFrame: (level, metric) x value, ci_low, ci_high (mean, sd over seeds)
+    run.predict_proba(data["embeddings"])  # [N, 2] calibrated probabilities of embeddings
+    frame = api.predict(run, "new_xrays/")  # DataFrame: one row per image
 
 Every path may be a `str` or a `pathlib.Path`. Options are keywords named as the CLI's flags
 (`bootstrap=` for `--bootstrap`, `param=` for `-p`, `workers=` for `--workers`, `dtype=` for `--dtype`) or as the
 option dataclasses' fields (`n_resamples=`, `head_params=`, ...): the dataclasses are the one description of
 what a command can be told, and they validate the values. Bad input is one MedembedError.
 
-This module imports only the option dataclasses; each function imports the stage it runs.
+This module imports only the option dataclasses; each function imports the stage it runs, and pandas is imported
+only to make a DataFrame (`pip install 'medembed[api]'`).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,10 +34,10 @@ from medembed.scorers.options import FitOptions
 
 if TYPE_CHECKING:
     from medembed.extract.runner import ExtractSummary
-    from medembed.runs.record import Run
+    from medembed.runs.record import Run as RecordRun
     from medembed.store import EmbeddingStore
 
-__all__ = ["evaluate", "extract", "fit", "load_run", "open_store", "predict"]
+__all__ = ["Run", "evaluate", "extract", "fit", "load_run", "open_store", "predict"]
 
 SPLITS = ("train", "val", "test")
 PathLike = str | os.PathLike
@@ -112,17 +113,114 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 def _run_dir(run: Any) -> Path:
     """The directory of a run given as a loaded run (what `fit` and `load_run` return) or as its path."""
-    from medembed.runs.record import Run
+    from medembed.runs import record
 
-    return run.directory if isinstance(run, Run) else _path(run, "run")
+    return run.directory if isinstance(run, (Run, record.Run)) else _path(run, "run")
 
 
-def _frame(rows: list[dict[str, Any]], what: str) -> Any:
-    try:
-        import pandas as pd
-    except ImportError:
-        raise MedembedError(f"{what} needs pandas, which is not installed: pip install pandas") from None
-    return pd.DataFrame(rows)
+# -- a run
+
+
+class Run:
+    """A run directory of any kind, loaded: what `fit` and `load_run` return.
+
+        directory, record, scorer, calibration   as `medembed.runs.record.Run` (record: run.json's options,
+                                                 thresholds, calibration)
+        metrics                                  metrics.json as a DataFrame (read each time: evaluate rewrites it)
+        predict_proba(X)                         calibrated probabilities of pooled embeddings [N, D] -> [N, 2]
+        predict(images_or_manifest, ...)         `api.predict` with this run
+    """
+
+    def __init__(self, loaded: RecordRun) -> None:
+        self._loaded = loaded
+
+    def __repr__(self) -> str:
+        record = self._loaded.record
+        return f"Run({str(self.directory)!r}, kind={record.kind!r}, scorer={record.scorer!r})"
+
+    @property
+    def directory(self) -> Path:
+        return self._loaded.directory
+
+    @property
+    def record(self) -> Any:
+        return self._loaded.record
+
+    @property
+    def scorer(self) -> Any:
+        return self._loaded.scorer
+
+    @property
+    def calibration(self) -> Any:
+        return self._loaded.calibration
+
+    @property
+    def metrics(self) -> Any:
+        """The run's metrics.json as a pandas DataFrame indexed by (level, metric): level "image" or "study", one
+        row per metric (auroc, sensitivity, ..., n, threshold); columns value, ci_low, ci_high (the bootstrap
+        interval, NaN without one) and, for a run of several seeds, mean, sd and n_seeds over the seeds."""
+        from medembed.protocol.report import LEVELS, read_metrics_json
+        from medembed.tables import import_pandas
+
+        pd = import_pandas("Run.metrics")
+        result = read_metrics_json(self.directory / "metrics.json")
+        over_seeds = result.get("over_seeds") or {}
+        nan = float("nan")
+        index, rows = [], []
+        for level in LEVELS:
+            if level not in result:
+                continue
+            seeds = (over_seeds.get(level) or {}).get("overall", {})
+            for metric, leaf in result[level]["overall"].items():
+                ci = leaf.get("ci") or [None, None]
+                row = {"value": leaf.get("value"), "ci_low": ci[0], "ci_high": ci[1]}
+                summary = seeds.get(metric) or (leaf if "mean" in leaf else None)
+                if over_seeds or "mean" in leaf:
+                    row |= {"mean": (summary or {}).get("mean"), "sd": (summary or {}).get("sd"), "n_seeds": (summary or {}).get("n_seeds")}
+                index.append((level, metric))
+                rows.append({key: nan if value is None else float(value) for key, value in row.items()})
+        return pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["level", "metric"]))
+
+    def predict_proba(self, X: Any, *, study_id: Any = None, body_part: Any = None) -> Any:
+        """Calibrated probabilities [N, 2] float64 (normal, abnormal; the sklearn convention) of embeddings `X`
+        [N, D] (an ensemble of stores: its members' embeddings side by side), as `predict` computes them from
+        images; `[:, 1] >= record.image_threshold` is its decision. For runs that score pooled embeddings: a CNN
+        (images), a token head (a level's tokens) or a study-pooling head (whole studies) are refused, with what
+        to use instead. `study_id` / `body_part` ([N] str) for a scorer that reads them."""
+        import numpy as np
+
+        from medembed.scorers.contract import positive_scores
+
+        record = self.record
+        if record.consumes != "embeddings":
+            raise MedembedError(f"{self.directory}: a {record.kind} run scores images, not embeddings; use run.predict(images)")
+        if record.level:
+            raise MedembedError(f"{self.directory}: a token head reads level {record.level!r}'s tokens [N, T, C], not pooled embeddings; use run.predict(images)")
+        try:
+            X = np.asarray(X, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise MedembedError(f"predict_proba: X must be a numeric [N, D] array; got {type(X).__name__}") from None
+        if X.ndim != 2:
+            raise MedembedError(f"predict_proba: X must be [N, D] embeddings (one row per image); got shape {X.shape}")
+        if not np.isfinite(X).all():
+            rows = np.flatnonzero(~np.isfinite(X).all(axis=1))
+            raise MedembedError(f"predict_proba: {len(rows)} rows of X are NaN or infinite, e.g. rows {rows[:5].tolist()}")
+        if not len(X):
+            return np.zeros((0, 2))
+        columns = {name: np.asarray(values).astype(str) for name, values in (("study_id", study_id), ("body_part", body_part)) if values is not None}
+        for name, values in columns.items():
+            if values.shape != (len(X),):
+                raise MedembedError(f"predict_proba: {name} must hold one value per row of X ({len(X)}); got shape {values.shape}")
+        try:
+            raw = positive_scores(self.scorer, X, columns)
+        except (ValueError, RuntimeError) as error:  # e.g. X of another width than the run's embeddings
+            raise MedembedError(f"predict_proba: X of shape {X.shape} does not fit this run's scorer ({str(error).splitlines()[0][:200]})") from None
+        p = np.asarray(self.calibration.calibrator.transform(raw), dtype=np.float64)
+        return np.column_stack([1 - p, p])
+
+    def predict(self, images_or_manifest: PathLike | Sequence[PathLike], **options: Any) -> Any:
+        """`api.predict(this run, images_or_manifest, **options)`: a DataFrame of one row per image."""
+        return predict(self, images_or_manifest, **options)
 
 
 # -- the commands
@@ -137,11 +235,11 @@ def open_store(path: PathLike) -> EmbeddingStore:
 
 
 def load_run(path: PathLike) -> Run:
-    """A run directory (any kind: fit, baseline cnn, zeroshot): `.record` (run.json: options, thresholds,
-    calibration), `.scorer`, `.directory`."""
+    """A run directory (any kind: fit, baseline cnn, zeroshot) as a `Run`: `.metrics`, `.predict_proba(X)`,
+    `.predict(images)`, `.record` (run.json: options, thresholds, calibration), `.scorer`, `.directory`."""
     from medembed.runs.record import load_run as load
 
-    return load(_path(path, "run"))
+    return Run(load(_path(path, "run")))
 
 
 def extract(manifest: PathLike, root: PathLike, encoder: str = "efficientnet-lite0", *, out: PathLike,
@@ -206,41 +304,38 @@ def evaluate(run: Any, *, stores: PathLike | Sequence[PathLike] | None = None, s
                         n_resamples=bootstrap, transfer=transfer)
 
 
-# predict's CSV columns that hold numbers (the rest are text); an empty cell is None (the image was not scored)
-_FLOATS, _INTS = ("probability", "ood_score"), ("abnormal", "ood")
-
-
-def predict(run: Any, images_or_manifest: PathLike | Sequence[PathLike], out: PathLike | None = None, *,
-            as_frame: bool = False, **options: Any) -> list[dict[str, Any]] | Any:
+def predict(run: Any, images_or_manifest: PathLike | Sequence[PathLike], root: PathLike | None = None,
+            cache_dir: PathLike | None = None, *, out: PathLike | None = None, **options: Any) -> Any:
     """`medembed predict`: score image files, folders of images or one manifest CSV with a run's own encoder,
-    calibration and thresholds. `out`: also write the CSV there (and `<out>_studies.csv` when studies are
-    known); the embedding cache is kept beside it, or, without `out`, discarded.
+    calibration and thresholds. `run` is a `Run` or its directory.
 
-    Returns one dict per image (image_id, path, study_id, probability, abnormal, error, prediction_set, ood_score,
-    ood; probability and abnormal None for an image that could not be read), or a pandas DataFrame of them with
-    `as_frame=True`. `options` are predict's flags (`batch_size=`, `workers=`, `device=`, `alpha=`, `ood_rate=`, ...)."""
+    `root`: the folder a manifest's relative paths are under (default: the manifest's folder); `cache_dir`: where
+    the embeddings are cached (default: `$MEDEMBED_CACHE`, `$XDG_CACHE_HOME/medembed/predict` or
+    `~/.cache/medembed/predict`); `out`: also write the table there (CSV, or Parquet for `.parquet`; studies to
+    `<out>_studies`). `options` are predict's other flags (`batch_size=`, `workers=`, `device=`, `alpha=`,
+    `ood_rate=`, ...).
+
+    Returns a pandas DataFrame, one row per image: image_id, path (as given), study_id, probability (NaN where the
+    image could not be read), abnormal, error, prediction_set, ood_score, ood, then a manifest's label and other
+    columns. `.attrs["notes"]`: what predict noted (e.g. no OOD scores, and why); `.attrs["cache"]`: the cache
+    store (None for image runs). The per-study table is what `out=` writes beside it."""
     directory, inputs = _run_dir(run), _paths(images_or_manifest, "images_or_manifest")
     running, transferring = _route(options, "predict", (ExtractOptions, PREDICT_EXTRACT_SKIPS), (TransferOptions, PREDICT_SKIPS))
     extract_options, transfer = _build(ExtractOptions, running, "predict"), _build(TransferOptions, transferring, "predict")
-    if as_frame:
-        _frame([], "predict(as_frame=True)")  # no pandas: say so before any image is read
-    from medembed._csv import read_text_cell
-    from medembed.predict import predict as run_predict
+    root = None if root is None else _path(root, "root")
+    cache_dir = None if cache_dir is None else _path(cache_dir, "cache_dir")
+    out = None if out is None else _path(out, "out")
+    from medembed.predict import score_images
+    from medembed.tables import import_pandas, sibling, table_format, table_frame, write_table
 
-    with tempfile.TemporaryDirectory(prefix="medembed-predict-") as scratch:
-        csv_path = _path(out, "out") if out is not None else Path(scratch) / "predictions.csv"
-        run_predict(directory, inputs, csv_path, extract_options, transfer)
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            rows = [
-                {key: _typed(key, read_text_cell(value)) for key, value in row.items()}
-                for row in csv.DictReader(f)
-            ]
-    return _frame(rows, "predict(as_frame=True)") if as_frame else rows
-
-
-def _typed(column: str, cell: str) -> Any:
-    if column in _FLOATS:
-        return float(cell) if cell != "" else None
-    if column in _INTS:
-        return int(cell) if cell != "" else None
-    return cell
+    import_pandas("api.predict")  # no pandas (or no pyarrow for a .parquet out): said before any image is read
+    table_format(out)
+    result = score_images(directory, inputs, extract_options, transfer, root=root, cache_dir=cache_dir)
+    if out is not None:
+        write_table(out, result.header, result.rows)
+        if result.study_rows:
+            write_table(sibling(out, "_studies"), result.study_header, result.study_rows)
+    frame = table_frame(result.header, result.rows, "api.predict")
+    frame.attrs["notes"] = list(result.notes)
+    frame.attrs["cache"] = None if result.cache is None else str(result.cache)
+    return frame

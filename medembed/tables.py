@@ -13,7 +13,7 @@ header name.
              formulas, and a program reading them gets the user's text back unchanged.
 
 Both are written atomically (a temporary file beside `path`, then a rename): a reader never sees half a table.
-pyarrow is imported only to write Parquet.
+`table_frame` hands the same table to pandas, typed alike. pyarrow and pandas are imported only where used.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from medembed.errors import MedembedError
 
 PARQUET_SUFFIX = ".parquet"
 PARQUET_INSTALL = "pip install 'medembed[parquet]'"
+PANDAS_INSTALL = "pip install 'medembed[api]' (or pip install pandas)"
 
 
 def table_format(path: Path | str | None) -> str:
@@ -135,3 +136,29 @@ def _write_parquet(path: Path, header: list[str], rows: Sequence[Sequence[Any]])
         Path(temporary).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def import_pandas(what: str) -> Any:
+    """pandas, or a MedembedError saying that `what` needs it and how to install it."""
+    try:
+        import pandas
+    except ImportError:
+        raise MedembedError(f"{what} needs pandas, which is not installed: {PANDAS_INSTALL}") from None
+    return pandas
+
+
+def table_frame(header: Sequence[str], rows: Sequence[Sequence[Any]], what: str = "a DataFrame") -> Any:
+    """The table as a pandas DataFrame, its columns typed as in Parquet: float64 (NaN where None), int64 (pandas'
+    nullable Int64 where a cell is None), text as text."""
+    pd = import_pandas(what)
+    data = {}
+    for k, name in enumerate(header):
+        cells = [row[k] for row in rows]
+        kind = column_type(name, cells)
+        if kind == "float":
+            data[name] = pd.Series([float("nan") if cell is None else float(cell) for cell in cells], dtype="float64")
+        elif kind == "int":
+            data[name] = pd.Series(cells, dtype="Int64" if None in cells else "int64")
+        else:
+            data[name] = pd.Series(cells, dtype=object if None in cells or not cells else None)
+    return pd.DataFrame(data, columns=list(header))

@@ -16,17 +16,15 @@ from medembed.errors import MedembedError
 from tests.conftest import REPO
 from tests.test_fit import write_store
 
-# The README's "Python API" example, exactly as printed there: keep the two identical.
-README_EXAMPLE = """\
-from medembed import api
 
-api.extract("manifest.csv", root="fracatlas", encoder="efficientnet-lite0", out="frac.h5")
-data = api.open_store("frac.h5").read().to_numpy()  # embeddings [N, D], image_id, label, split, ...
-print(data["embeddings"].shape, "abnormal:", data["label"].sum())
-run = api.fit("frac.h5", "runs/frac-logreg", head="logreg", threshold="youden", bootstrap=200)
-rows = api.predict(run, "new_xrays/")  # one dict per image: probability, abnormal, error, ...
-print(rows[0]["image_id"], rows[0]["probability"], rows[0]["abnormal"])
-"""
+def readme_example() -> str:
+    """The README's "Python API" example, read from the README itself: the example run is the one printed."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("\n## Python API\n"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("\n```\n")] + "\n"
+
+
+README_EXAMPLE = readme_example()
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +40,8 @@ def example(tmp_path_factory, small_manifest, fracatlas_root):
     (work / "new_xrays").mkdir()
     for path in manifest.path[manifest.split == "test"][:3]:
         shutil.copy(fracatlas_root / path, work / "new_xrays" / Path(path).name)
-    done = subprocess.run([sys.executable, "-c", README_EXAMPLE], cwd=work, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    env = dict(os.environ, PYTHONPATH=str(REPO), MEDEMBED_CACHE=str(work / "cache"))  # predict's cache, kept out of ~/.cache
+    done = subprocess.run([sys.executable, "-c", README_EXAMPLE], cwd=work, env=env,
                           capture_output=True, text=True, timeout=300, check=False)  # a fresh interpreter, as a notebook's first cell
     assert done.returncode == 0, done.stderr[-3000:]
     return work, done.stdout
@@ -50,8 +49,9 @@ def example(tmp_path_factory, small_manifest, fracatlas_root):
 
 def test_the_readme_example_runs_as_written(example):
     work, printed = example
-    first, last = printed.strip().splitlines()[0], printed.strip().splitlines()[-1]
+    first, auroc, last = printed.strip().splitlines()
     assert first == "(24, 1280) abnormal: 12"  # 26 rows, the two truncated JPEGs not embedded
+    assert auroc.split()[0] == "AUROC" and 0 <= float(auroc.split()[1]) <= 1
     _image_id, probability, abnormal = last.split()
     assert 0 <= float(probability) <= 1 and abnormal in ("0", "1")
     assert (work / "runs" / "frac-logreg" / "report.md").is_file()
@@ -59,29 +59,39 @@ def test_the_readme_example_runs_as_written(example):
     assert recorded["n_resamples"] == 200 and recorded["threshold"] == "youden"  # bootstrap= is --bootstrap
 
 
-def test_predict_takes_a_run_path_writes_out_and_types_the_rows(example, tmp_path):
+def test_predict_takes_a_run_path_writes_out_and_types_the_columns(example, tmp_path):
+    pytest.importorskip("pandas")
     work, _ = example
     images = sorted((work / "new_xrays").iterdir())
-    rows = api.predict(str(work / "runs" / "frac-logreg"), [images[0], str(images[1])], out=tmp_path / "p.csv", batch_size=2)
-    assert [row["image_id"] for row in rows] == [images[0].name, images[1].name]
-    assert all(isinstance(row["probability"], float) and row["abnormal"] in (0, 1) and row["error"] == "" for row in rows)
-    assert (tmp_path / "p.csv").read_text().count("\n") == 3
-    same = api.predict(api.load_run(work / "runs" / "frac-logreg"), images[0])
-    assert same[0]["probability"] == rows[0]["probability"]
+    frame = api.predict(str(work / "runs" / "frac-logreg"), [images[0], str(images[1])], out=tmp_path / "p.csv",
+                        cache_dir=tmp_path / "cache", batch_size=2)
+    assert frame["image_id"].tolist() == [images[0].name, images[1].name]
+    assert frame["path"].tolist() == [str(images[0]), str(images[1])]  # as given
+    assert str(frame["probability"].dtype) == "float64" and str(frame["abnormal"].dtype) == "int64"
+    assert frame["probability"].between(0, 1).all() and set(frame["abnormal"]) <= {0, 1} and (frame["error"] == "").all()
+    assert (tmp_path / "p.csv").read_text().count("\n") == 3 and frame.attrs["cache"].startswith(str(tmp_path / "cache"))
+    run = api.load_run(work / "runs" / "frac-logreg")
+    same = run.predict(images[0], cache_dir=tmp_path / "cache")  # a Run's predict is api.predict with it
+    assert same.loc[0, "probability"] == pytest.approx(frame.loc[0, "probability"], abs=1e-6)  # batches of 2 or 1
 
 
-def test_predict_as_frame_is_a_dataframe_of_the_rows(example):
-    pd = pytest.importorskip("pandas")
+def test_predict_on_a_manifest_with_root_carries_its_columns(example, tmp_path):
+    pytest.importorskip("pandas")
     work, _ = example
-    frame = api.predict(work / "runs" / "frac-logreg", work / "new_xrays", as_frame=True)
-    assert isinstance(frame, pd.DataFrame) and len(frame) == 3 and frame["probability"].between(0, 1).all()
+    manifest = tmp_path / "m.csv"
+    names = sorted(p.name for p in (work / "new_xrays").iterdir())
+    manifest.write_text("image_id,path,label,site\n" + "".join(f"x{k},{name},{k % 2},A\n" for k, name in enumerate(names)))
+    frame = api.predict(work / "runs" / "frac-logreg", manifest, root=work / "new_xrays", cache_dir=tmp_path / "cache")
+    assert frame["image_id"].tolist() == ["x0", "x1", "x2"] and frame["path"].tolist() == names
+    assert frame["label"].tolist() == [0, 1, 0] and (frame["site"] == "A").all()
 
 
-def test_predict_as_frame_without_pandas_says_how_to_install_it(example, monkeypatch):
+def test_predict_without_pandas_says_how_to_install_it_before_reading_images(example, monkeypatch, tmp_path):
     work, _ = example
     monkeypatch.setitem(sys.modules, "pandas", None)  # `import pandas` now raises ImportError
-    with pytest.raises(MedembedError, match="pip install pandas"):
-        api.predict(work / "runs" / "frac-logreg", work / "new_xrays", as_frame=True)
+    with pytest.raises(MedembedError, match=r"api.predict needs pandas.*pip install 'medembed\[api\]'"):
+        api.predict(work / "runs" / "frac-logreg", work / "new_xrays", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_extract_refuses_bad_input_in_one_line(example, tmp_path):
@@ -173,3 +183,51 @@ def test_open_store_and_load_run_are_exported_from_medembed_without_heavy_import
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_runs_metrics_are_a_dataframe_by_level_and_metric(store, tmp_path):
+    pytest.importorskip("pandas")
+    run = api.fit(store, tmp_path / "one", head="logreg", bootstrap=20)
+    metrics = run.metrics
+    assert list(metrics.columns) == ["value", "ci_low", "ci_high"] and metrics.index.names == ["level", "metric"]
+    written = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    auroc = written["image"]["overall"]["auroc"]
+    assert metrics.loc[("image", "auroc")].tolist() == pytest.approx([auroc["value"], *auroc["ci"]])
+    assert {"image", "study"} <= set(metrics.index.get_level_values("level")) and metrics.loc[("image", "n"), "ci_low"] != metrics.loc[("image", "n"), "ci_low"]  # NaN: no interval for a count
+    seeds = api.load_run(api.fit(store, tmp_path / "two", head="logreg", seeds=2, bootstrap=0).directory).metrics
+    summary = json.loads((tmp_path / "two" / "metrics.json").read_text())["over_seeds"]["image"]["overall"]["auroc"]
+    assert list(seeds.columns) == ["value", "ci_low", "ci_high", "mean", "sd", "n_seeds"]
+    assert seeds.loc[("image", "auroc"), ["mean", "sd", "n_seeds"]].tolist() == pytest.approx([summary["mean"], summary["sd"], 2])
+
+
+def test_predict_proba_on_embeddings_reproduces_the_runs_test_predictions(store, tmp_path):
+    import csv
+
+    run = api.fit(store, tmp_path / "run", head="logreg", bootstrap=0)
+    assert isinstance(run, api.Run) and isinstance(api.load_run(tmp_path / "run"), api.Run) and "logreg" in repr(run)
+    test = api.open_store(store).read("test")
+    p = run.predict_proba(test.embeddings)
+    assert p.shape == (40, 2) and np.allclose(p.sum(axis=1), 1)
+    with open(tmp_path / "run" / "predictions.csv", newline="") as f:
+        written = {row["image_id"]: float(row["probability"]) for row in csv.DictReader(f)}
+    assert p[:, 1] == pytest.approx([written[i] for i in test.image_id], abs=1e-6)
+    assert run.predict_proba(test.embeddings[:0]).shape == (0, 2)
+    for X, message in [
+        (test.embeddings[0], r"X must be \[N, D\] embeddings .*got shape \(16,\)"),
+        (test.embeddings[:, :8], "X has 8 features but the logreg head was fitted on 16"),
+        (np.full((2, 16), np.nan), "2 rows of X are NaN or infinite"),
+        ([["a"] * 16], "X must be a numeric"),
+    ]:
+        with pytest.raises(MedembedError, match=message):
+            run.predict_proba(X)
+
+
+def test_predict_proba_refuses_runs_that_do_not_score_pooled_embeddings(store, tmp_path):
+    import dataclasses
+
+    from medembed.runs.record import load_run as load
+
+    loaded = load(api.fit(store, tmp_path / "run", head="logreg", bootstrap=0).directory)
+    images = api.Run(dataclasses.replace(loaded, record=dataclasses.replace(loaded.record, kind="cnn", consumes="images")))
+    with pytest.raises(MedembedError, match="a cnn run scores images, not embeddings; use run.predict"):
+        images.predict_proba(np.zeros((1, 16)))

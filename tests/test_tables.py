@@ -75,3 +75,21 @@ def test_sibling_keeps_the_format():
 def test_sibling_of_parquet_is_parquet():
     pytest.importorskip("pyarrow")
     assert sibling("p.parquet", "_studies").as_posix() == "p_studies.parquet"
+
+
+def test_table_frame_types_columns_as_parquet_does():
+    pytest.importorskip("pandas")
+    from medembed.tables import table_frame
+
+    frame = table_frame(HEADER, ROWS)
+    assert frame["image_id"].tolist()[0] == ROWS[0][0] and str(frame["probability"].dtype) == "float64"
+    assert str(frame["abnormal"].dtype) == "Int64" and frame["abnormal"].isna().tolist() == [False, True, False]
+    assert str(table_frame(["a"], [[1], [0]])["a"].dtype) == "int64" and len(table_frame(["a"], [])) == 0
+
+
+def test_table_frame_without_pandas_says_how_to_install_it(monkeypatch):
+    from medembed.tables import table_frame
+
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(MedembedError, match=r"notebook rows needs pandas.*pip install 'medembed\[api\]'"):
+        table_frame(HEADER, ROWS, "notebook rows")
