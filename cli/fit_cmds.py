@@ -105,9 +105,7 @@ def _evaluate_corrupt(run: Path, corrupt: str, severity: str, manifest: Path, ro
 
     result = evaluate_corruptions(
         run, manifest, root, parse_corruptions(corrupt), parse_severities(severity), options,
-        on_extracted=lambda condition, read: typer.echo(
-            f"{condition.name:<11} " + (read.extraction.format() if read.extraction else f"{len(read.rows)} images read, {len(read.failed)} could not be")
-        ),
+        log=typer.echo,  # one line per condition; a failed image is named once
     )
     level = "study" if "study" in result["clean"] else "image"
     clean = result["clean"][level]

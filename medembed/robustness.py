@@ -1,8 +1,9 @@
 """Corruption robustness of a fitted run: re-embed the test images under corruptions, score, report the metric drop.
 
 For each corruption x severity the run's own encoder re-extracts the manifest's test split through a
-`CorruptedPreprocess` into a cache store under ``RUN/corrupt/``; a clean extraction joins them as the baseline, so
-every condition goes through the same code path on the same machine. The run's head, probability calibration and
+`CorruptedPreprocess` into a cache store under ``RUN/corrupt/``. The clean baseline is the run's own store when it
+holds every test image with the run's fingerprint (those embeddings are what the run was evaluated on: embedding
+them again would only repeat the work); otherwise a clean extraction into ``RUN/corrupt/clean.h5`` joins them. The run's head, probability calibration and
 thresholds (chosen on clean val, never touched here) score each store, and every condition is evaluated on the
 images all conditions embedded. Stores resume like any extraction, so an interrupted sweep picks up where it stopped.
 
@@ -21,17 +22,18 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from medembed._files import atomic_write_text
-from medembed.data.corrupt import CORRUPTIONS, SEVERITY_TABLE, CorruptedPreprocess, parameter
+from medembed.data.corrupt import CORRUPTIONS, PARAMETER_UNITS, SEVERITY_TABLE, CorruptedPreprocess, describe_parameter, parameter
 from medembed.errors import MedembedError
 from medembed.protocol.metrics import METRICS
 from medembed.data.manifest import Manifest, read_manifest
 from medembed.options.protocol import ProtocolOptions
 from medembed.protocol.steps import evaluate_split
 from medembed.protocol.report import format_cell, write_metrics_json
-from medembed.runs.inputs import Scored, run_inputs
+from medembed.runs.inputs import RunInputs, Scored, StoreInputs, run_inputs
 from medembed.runs.record import Run, load_run
 from medembed.protocol.splits import Split
 from medembed.options.robustness import RobustnessOptions
+from medembed.store import open_store
 
 CLEAN = "clean"
 TABLE_METRICS = ("auroc", "kappa")  # the Markdown table and the figure; the JSON has every metric
@@ -72,13 +74,15 @@ def evaluate_corruptions(
     severities: Sequence[int],
     options: RobustnessOptions | None = None,
     on_extracted: Callable[[Condition, Scored], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Metrics of run `run_dir` on the manifest's test images (paths under `root`), clean and corrupted.
 
     Writes robustness.json, robustness.md and figures/robustness.png into the run directory and returns the
     JSON's content: {"clean": {level: {metric: {"value", "ci"}}}, "conditions": [{"corruption", "severity",
     "parameter", "metrics": {...}, "change": {level: {metric: corrupted - clean}}}], "images", "notes", ...}.
-    `on_extracted(condition, scored)` is called after each condition is read (progress for the CLI).
+    `on_extracted(condition, scored)` is called after each condition is read; `log` gets one progress line per
+    condition (`progress_line`: an image that fails to be read is named once, not again under every corruption).
     """
     options = options or RobustnessOptions()
     run_dir = Path(run_dir)
@@ -90,13 +94,20 @@ def evaluate_corruptions(
     for condition in conditions[1:]:
         parameter(condition.corruption, condition.severity)  # fail on a bad name before hours of extraction
     scored: dict[Condition, Split] = {}
+    reported: dict[str, str] = {}  # failed images already named in a progress line
     for condition in conditions:
         store = run_dir / "corrupt" / f"{condition.name}.h5"
-        spec = None if condition.corruption == CLEAN else CorruptedPreprocess(clean_spec, condition.corruption, condition.severity)
-        read = inputs.score(test, Path(root), store, options.extract, preprocess=spec)
+        read, from_store = (clean_from_store(inputs, test), True) if condition.corruption == CLEAN else (None, False)
+        if read is None:
+            spec = None if condition.corruption == CLEAN else CorruptedPreprocess(clean_spec, condition.corruption, condition.severity)
+            read, from_store = inputs.score(test, Path(root), store, options.extract, preprocess=spec), False
+        if from_store:
+            notes.append(f"clean condition: the run's own store ({', '.join(run.record.inputs['stores'])}), not embedded again")
         scored[condition] = read.rows
         if on_extracted:
             on_extracted(condition, read)
+        if log:
+            log(progress_line(condition, read, reported, from_store))
     rows, dropped = _common_rows(scored, root)
     if dropped:
         notes.append(f"{dropped} test images not scored under every condition left out (see the failed tables of RUN/corrupt/*.h5)")
@@ -124,12 +135,58 @@ def evaluate_corruptions(
     return result
 
 
+def clean_from_store(inputs: RunInputs, test: Manifest) -> Scored | None:
+    """The clean test rows of `test` from the run's own store(s), when they hold (or list as failed) every one of its
+    images with the run's fingerprint; None when they do not (or are gone): the clean images are then embedded."""
+    if not isinstance(inputs, StoreInputs):  # image scorers decode pixels; ensembles take no corruption
+        return None
+    try:
+        rows = inputs.rows("test")  # refuses a store whose fingerprint is not the run's
+        failed: dict[str, str] = {}
+        for store in inputs.run.record.inputs["stores"]:
+            failed.update(open_store(Path(store)).failed())
+    except (MedembedError, OSError):
+        return None
+    wanted = set(test.image_id.tolist())
+    held = set(rows.image_id.tolist())
+    if not wanted <= held | set(failed):
+        return None
+    order = {image_id: i for i, image_id in enumerate(rows.image_id.tolist())}
+    keep = np.array([order[i] for i in test.image_id.tolist() if i in order], dtype=np.intp)
+    kept = rows.take(keep)
+    if not np.array_equal(kept.y, test.label[np.isin(test.image_id, kept.image_id)].astype(kept.y.dtype)):
+        return None  # the manifest labels these images otherwise: embed them as it says
+    return Scored(kept, {i: failed[i] for i in test.image_id.tolist() if i in failed and i not in held})
+
+
+def progress_line(condition: Condition, read: Scored, reported: dict[str, str], from_store: bool = False) -> str:
+    """One condition's progress: its counts (the extraction's summary line), and only the images that failed here
+    and were not named before (`reported`, updated): a truncated file fails under every corruption, said once."""
+    if from_store:
+        head = f"{len(read.rows)} test images from the run's store (not embedded again)" + (f", {len(read.failed)} could not be read" if read.failed else "")
+    elif read.extraction is not None:
+        head = read.extraction.format().splitlines()[0]
+    else:
+        head = f"{len(read.rows)} images read, {len(read.failed)} could not be"
+    new = {image_id: reason for image_id, reason in read.failed.items() if image_id not in reported}
+    repeated = len(read.failed) - len(new)
+    reported.update(new)
+    parts = [f"{condition.name:<11} {head}"]
+    if repeated:
+        parts.append(f"  ({repeated} of them named above)")
+    if new:
+        shown = ", ".join(f"{image_id} ({reason})" for image_id, reason in list(new.items())[:5])
+        parts.append(f"  failed: {shown}" + (f" and {len(new) - 5} more" if len(new) > 5 else ""))
+    return "\n".join(parts)
+
+
 def _condition_entry(condition: Condition, metrics: dict, clean: dict) -> dict[str, Any]:
     """One corrupted condition's JSON entry: its metrics and each metric's change vs clean (corrupted - clean)."""
     return {
         "corruption": condition.corruption,
         "severity": condition.severity,
         "parameter": parameter(condition.corruption, condition.severity),
+        "parameter_unit": PARAMETER_UNITS[condition.corruption],
         "metrics": metrics,
         "change": {level: {m: metrics[level][m]["value"] - clean[level][m]["value"] for m in METRICS} for level in clean},
     }
@@ -172,7 +229,7 @@ def robustness_markdown(result: dict[str, Any], *, title: str) -> str:
         table = [[CLEAN, "", ""] + [cell for m in TABLE_METRICS for cell in (format_cell(result["clean"][level][m], m), "")]]
         for condition in result["conditions"]:
             table.append(
-                [condition["corruption"], str(condition["severity"]), f"{condition['parameter']:g}"]
+                [condition["corruption"], str(condition["severity"]), describe_parameter(condition["corruption"], condition["severity"])]
                 + [
                     cell
                     for m in TABLE_METRICS
@@ -183,7 +240,7 @@ def robustness_markdown(result: dict[str, Any], *, title: str) -> str:
         lines += ["| " + " | ".join(header) + " |", "|---|---:|---:" + "|---:" * (len(header) - 3) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in table]
     lines += ["", "## Corruptions", "", "Severity tables (ImageNet-C where it has the corruption; see medembed.data.corrupt):", ""]
-    lines += [f"- **{name}**: {', '.join(f'{v:g}' for v in values)}" for name, values in result["severity_table"].items()]
+    lines += [f"- **{name}** ({PARAMETER_UNITS.get(name, '')}): {', '.join(f'{v:g}' for v in values)}" for name, values in result["severity_table"].items()]
     if result["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """Corruption robustness end to end: a logreg run on real FracAtlas images, re-extracted under corruptions."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -45,10 +46,12 @@ def test_corruption_sweep_reports_every_condition_and_resumes(tiny_run, fracatla
     seen = []
     result = evaluate_corruptions(
         run, tiny_run / "manifest.csv", fracatlas_root, ["noise", "jpeg"], [1, 5], options,
-        on_extracted=lambda condition, read: seen.append((condition.name, read.extraction.done)),
+        on_extracted=lambda condition, read: seen.append((condition.name, read.extraction.done if read.extraction else "store")),
     )
-    assert seen == [("clean", 10), ("noise-1", 10), ("noise-5", 10), ("jpeg-1", 10), ("jpeg-5", 10)]
-    assert result["images"] == 10 and result["notes"] == []
+    # the clean images are the run's own store's (same fingerprint): never embedded again
+    assert seen == [("clean", "store"), ("noise-1", 10), ("noise-5", 10), ("jpeg-1", 10), ("jpeg-5", 10)]
+    assert result["images"] == 10 and result["notes"] == [f"clean condition: the run's own store ({(tiny_run / 'store.h5').resolve()}), not embedded again"]
+    assert not (run / "corrupt" / "clean.h5").exists()
 
     # The clean condition reproduces the run's own test metrics (same encoder, head, calibration, thresholds).
     fitted = json.loads((run / "metrics.json").read_text())
@@ -56,7 +59,7 @@ def test_corruption_sweep_reports_every_condition_and_resumes(tiny_run, fracatla
     assert result["clean"]["study"]["kappa"]["value"] == pytest.approx(fitted["study"]["overall"]["kappa"]["value"], abs=1e-6)
     conditions = {(c["corruption"], c["severity"]): c for c in result["conditions"]}
     assert sorted(conditions) == [("jpeg", 1), ("jpeg", 5), ("noise", 1), ("noise", 5)]
-    assert conditions[("jpeg", 5)]["parameter"] == 7
+    assert conditions[("jpeg", 5)]["parameter"] == 7 and conditions[("jpeg", 5)]["parameter_unit"].startswith("JPEG quality")
     for condition in conditions.values():
         for metric in ("auroc", "kappa", "brier"):
             change = condition["metrics"]["image"][metric]["value"] - result["clean"]["image"][metric]["value"]
@@ -64,9 +67,11 @@ def test_corruption_sweep_reports_every_condition_and_resumes(tiny_run, fracatla
 
     # Each corrupted store has its own fingerprint, its embeddings differ from the clean ones, and severity 5
     # moves them further than severity 1.
-    stores = {name: open_store(run / "corrupt" / f"{name}.h5") for name in ("clean", "noise-1", "noise-5", "jpeg-1", "jpeg-5")}
+    stores = {name: open_store(run / "corrupt" / f"{name}.h5") for name in ("noise-1", "noise-5", "jpeg-1", "jpeg-5")}
+    stores["clean"] = open_store(tiny_run / "store.h5")
     assert len({s.fingerprint["preprocess_hash"] for s in stores.values()}) == 5
     clean = stores["clean"].read()
+    clean = clean.subset(np.flatnonzero(clean.columns["split"] == "test"))
     order = np.argsort(clean.image_id.astype(str))
     for corruption in ("noise", "jpeg"):
         moved = []
@@ -79,16 +84,17 @@ def test_corruption_sweep_reports_every_condition_and_resumes(tiny_run, fracatla
     written = json.loads((run / "robustness.json").read_text())
     assert written["conditions"][0]["corruption"] == "noise" and written["images"] == 10
     report = (run / "robustness.md").read_text()
-    assert "| jpeg | 5 | 7 |" in report and "Δ AUROC" in report and "## Study level" in report
+    assert "| jpeg | 5 | quality 7 |" in report and "| noise | 1 | sd 0.08 (intensity 0-1) |" in report
+    assert "Δ AUROC" in report and "## Study level" in report and "- **blur** (Gaussian sigma, px on a 224-px reference" in report
     assert (run / "figures" / "robustness.png").stat().st_size > 10_000
 
     # A rerun finds every store complete and embeds nothing; the same numbers come out.
     seen.clear()
     again = evaluate_corruptions(
         run, tiny_run / "manifest.csv", fracatlas_root, ["noise", "jpeg"], [1, 5], options,
-        on_extracted=lambda condition, read: seen.append(read.extraction.done),
+        on_extracted=lambda condition, read: seen.append(read.extraction.done if read.extraction else "store"),
     )
-    assert seen == [0] * 5
+    assert seen == ["store"] + [0] * 4
     assert again["conditions"][3]["metrics"]["image"]["auroc"] == result["conditions"][3]["metrics"]["image"]["auroc"]
 
 
@@ -114,3 +120,24 @@ def test_unknown_corruption_and_missing_test_split_are_refused_before_extracting
     write_manifest(manifest.subset(manifest.split != "test"), tmp_path / "no_test.csv")
     with pytest.raises(MedembedError, match="no rows with split=test"):
         evaluate_corruptions(run, tmp_path / "no_test.csv", fracatlas_root, ["blur"], [1], RobustnessOptions(extract=EXTRACT))
+
+
+def test_failed_images_are_named_once_and_a_store_without_them_is_embedded_again(tiny_run, fracatlas_root, tmp_path):
+    """Two truncated JPEGs added to the test split: the run's store does not hold them, so the clean images are
+    embedded again (into RUN/corrupt/clean.h5); their failure is named under clean and not repeated per corruption."""
+    from tests.conftest import TRUNCATED
+
+    full, _ = build_fracatlas(fracatlas_root)
+    manifest = read_manifest(tiny_run / "manifest.csv")
+    broken = full.subset(np.flatnonzero(np.isin(full.image_id, TRUNCATED)))
+    columns = {name: np.concatenate([manifest.columns[name], broken.columns[name] if name != "split" else np.array(["test"] * len(broken), dtype=object)])
+               for name in manifest.columns}
+    write_manifest(Manifest(columns), tmp_path / "with_broken.csv")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", run)
+    lines: list[str] = []
+    result = evaluate_corruptions(run, tmp_path / "with_broken.csv", fracatlas_root, ["noise", "gamma"], [1], RobustnessOptions(extract=EXTRACT, n_resamples=0), log=lines.append)
+    assert (run / "corrupt" / "clean.h5").exists() and result["images"] == 10
+    assert lines[0].startswith("clean       10 embedded") and all(image_id in lines[0] for image_id in TRUNCATED)
+    for line in lines[1:]:
+        assert "(2 of them named above)" in line and "failed:" not in line and not any(image_id in line for image_id in TRUNCATED), line

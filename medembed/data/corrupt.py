@@ -48,6 +48,16 @@ SEVERITY_TABLE: dict[str, tuple[float, ...]] = {
     "jpeg": (25, 18, 15, 10, 7),
 }
 CORRUPTIONS = tuple(SEVERITY_TABLE)
+# What each table value is, in its units (reports print them beside the value).
+PARAMETER_UNITS: dict[str, str] = {
+    "noise": "Gaussian sd, intensity units (pixels in [0, 1])",
+    "blur": "Gaussian sigma, px on a 224-px reference (scaled by long side / 224)",
+    "contrast": "factor towards the image mean (1 = unchanged)",
+    "gamma": "exponent, x ** gamma (1 = unchanged)",
+    "jpeg": "JPEG quality (PIL, 1-95; lower is worse)",
+}
+_PARAMETER_FORMATS = {"noise": "sd {:g} (intensity 0-1)", "blur": "sigma {:g} px (224-px ref.)", "contrast": "factor {:g}",
+                      "gamma": "gamma {:g}", "jpeg": "quality {:g}"}
 REFERENCE_SIDE = 224  # pixels: the image size ImageNet-C's spatial parameters refer to
 # Bump when a corruption's definition changes, so stores made with the old one get another fingerprint.
 _CORRUPTION_VERSION = 1
@@ -68,6 +78,12 @@ def parameter(corruption: str, severity: int) -> float:
     """The table value of `corruption` at `severity` (1..5): noise sd, blur sigma, contrast factor, gamma, JPEG quality."""
     _check(corruption, severity)
     return SEVERITY_TABLE[corruption][severity - 1]
+
+
+def describe_parameter(corruption: str, severity: int) -> str:
+    """The table value of `corruption` at `severity` with its unit, for tables: "sd 0.08 (intensity 0-1)",
+    "sigma 2 px (224-px ref.)", "factor 0.3", "gamma 1.49", "quality 18"."""
+    return _PARAMETER_FORMATS[corruption].format(parameter(corruption, severity))
 
 
 def image_key(image: np.ndarray) -> str:

@@ -168,13 +168,7 @@ def load_joined_splits(stores: list[Path], *, val_fraction: float, seed: int) ->
     """Train/val/test splits of several encoders' stores joined by image id (one store: its own rows)."""
     stores = [Path(s) for s in stores]
     opened = [open_store(s) for s in stores]
-    for k, store in enumerate(opened):
-        for other in opened[:k]:
-            if not fingerprint_mismatch(other.fingerprint, store.fingerprint):
-                raise MedembedError(
-                    f"{store.path} and {other.path} hold embeddings of one fingerprint (shards of one extraction?); an ensemble joins "
-                    "stores of different encoders; fit shards without --ensemble"
-                )
+    check_distinct_members(opened, tokens_asked=False)
     table, notes = join_stores(stores)
     splits = table_splits(table, stores, val_fraction=val_fraction, seed=seed, notes=notes)
     members = [
@@ -187,6 +181,27 @@ def load_joined_splits(stores: list[Path], *, val_fraction: float, seed: int) ->
     keys = list(dict.fromkeys(k for store in opened for k in store.fingerprint))
     fingerprint = {k: " + ".join(str(s.fingerprint.get(k, "")) for s in opened) for k in keys} if len(opened) > 1 else dict(opened[0].fingerprint)
     return JoinedStores(splits, fingerprint, notes, members, tuple(m["dim"] for m in members))
+
+
+def check_distinct_members(opened: list[Any], *, tokens_asked: bool) -> None:
+    """Refuse ensemble members that hold the same pooled embeddings: one fingerprint (shards of one extraction), or
+    fingerprints that differ only in `levels` (one encoder extracted twice with other token levels: its pooled
+    vectors are the same, so concatenating or averaging them adds nothing but a duplicate). Members read for their
+    token levels (`tokens_asked`) may be such stores: their levels are what differs."""
+    for k, store in enumerate(opened):
+        for other in opened[:k]:
+            differ = fingerprint_mismatch(other.fingerprint, store.fingerprint)
+            if not differ:
+                raise MedembedError(
+                    f"{store.path} and {other.path} hold embeddings of one fingerprint (shards of one extraction?); an ensemble joins "
+                    "stores of different encoders; fit shards without --ensemble"
+                )
+            if not tokens_asked and all(line.startswith("levels:") for line in differ):
+                raise MedembedError(
+                    f"{store.path} and {other.path} hold the same pooled embeddings (one encoder and preprocessing; their fingerprints "
+                    f"differ only in token levels, {differ[0].removeprefix('levels: ')}); an ensemble of them joins duplicates: "
+                    "fit one of them, or ensemble stores of different encoders"
+                )
 
 
 def _encoder_options(store: Any) -> dict[str, Any]:

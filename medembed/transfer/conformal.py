@@ -51,16 +51,15 @@ def min_calibration_size(alpha: float) -> int:
 
 def conformal_shortfalls(y_cal: np.ndarray, alphas: tuple[float, ...]) -> list[str]:
     """Which conformal quantiles the calibration labels y_cal [n] are too few for (marginal: all images; class-
-    conditional: each class's), as "what (needs N)"; [] when every quantile is finite."""
+    conditional: each class's), one "what (needs N)" per variant; [] when every quantile is finite."""
     y = np.asarray(y_cal).astype(int)
-    counts = {"marginal": len(y), "class-conditional": int(min(y.sum(), len(y) - y.sum()))}
+    counts = {"marginal": (len(y), "images"), "class-conditional": (int(min(y.sum(), len(y) - y.sum())), "of each class")}
     short = []
-    for alpha in alphas:
-        needed = min_calibration_size(alpha)
-        for variant, n in counts.items():
-            if n < needed:
-                per = "images" if variant == "marginal" else "of each class"
-                short.append(f"the {variant} conformal quantile at alpha {alpha:g} (needs >= {needed} {per} for a finite one: sets would hold every class)")
+    for variant, (n, per) in counts.items():
+        failing = [alpha for alpha in alphas if n < min_calibration_size(alpha)]
+        if failing:
+            needs = ", ".join(f">= {min_calibration_size(a)} at alpha {a:g}" for a in failing)
+            short.append(f"{variant} conformal sets (a finite quantile needs {needs} {per}; below, every set holds that class)")
     return short
 
 
