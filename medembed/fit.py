@@ -73,6 +73,17 @@ def level_head_params(head: str, level: str, store: Path, params: dict[str, Any]
     return filled
 
 
+def check_ensemble_levels(stores: list[Path], options: FitOptions) -> None:
+    """An ensemble's --level against its stores, before any rows are read: the level count (`block_plan`) and, for
+    adapter members, that the adapter can start from each store's level (`level_head_params`)."""
+    from medembed.protocol.members import block_plan
+    from medembed.scorers.ensemble import parse_heads
+
+    for k, level in block_plan(len(stores), options.level):
+        for head in parse_heads(options.head):
+            level_head_params(head, level, stores[k], {})
+
+
 def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fit, calibrate and evaluate on the stores; write the run directory `out`. Returns the test metrics. `log`
     receives what the fit chose on its own (the level of --level auto)."""
@@ -81,9 +92,11 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
         if open_store(store).being_written():  # its splits would be a moving subset: refuse rather than fit on it
             raise MedembedError(open_store(store).partial_reason())
     if options.ensemble:  # several encoders' stores are joined by image id, not concatenated as shards
-        joined = load_joined_splits(stores, val_fraction=options.val_fraction, seed=options.seed)
+        check_ensemble_levels(stores, options)
+        joined = load_joined_splits(stores, val_fraction=options.val_fraction, seed=options.seed, level=options.level)
         splits, fingerprint, notes = joined.splits, joined.fingerprint, joined.notes
-        new_scorer = lambda seed: make_ensemble(options.head, options.head_params, options.ensemble, joined.widths, options.ensemble_folds, seed)  # noqa: E731
+        new_scorer = lambda seed: make_ensemble(options.head, options.head_params, options.ensemble, joined.widths, options.ensemble_folds, seed,  # noqa: E731
+                                                blocks=joined.blocks, member_seeds=options.ensemble_seeds)
         fit_params = {"groups": splits["train"].patient_id}
     else:
         level_choice = None

@@ -8,7 +8,7 @@ Train on ``train``, choose everything on ``val``, report on ``test``. A store wi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,7 @@ class JoinedStores:
     notes: list[str]
     members: list[dict[str, Any]]  # per store: store, fingerprint, encoder_options, preprocess, dim
     widths: tuple[int, ...]
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # token-level members' blocks (medembed.protocol.members)
 
 
 def join_stores(stores: list[Path]) -> tuple[EmbeddingTable, list[str]]:
@@ -164,13 +165,25 @@ def join_stores(stores: list[Path]) -> tuple[EmbeddingTable, list[str]]:
     return EmbeddingTable(np.hstack([t.embeddings.astype(dtype) for t in joined]), first.image_id, dict(first.columns)), notes
 
 
-def load_joined_splits(stores: list[Path], *, val_fraction: float, seed: int) -> JoinedStores:
-    """Train/val/test splits of several encoders' stores joined by image id (one store: its own rows)."""
+def load_joined_splits(stores: list[Path], *, val_fraction: float, seed: int, level: str = "") -> JoinedStores:
+    """Train/val/test splits of several encoders' stores joined by image id (one store: its own rows). With `level`
+    (an ensemble's --level, `medembed.protocol.members.block_plan`) each split's X is a `MemberInputs`: the pooled
+    rows plus each (store, level) block's tokens."""
+    from medembed.protocol.members import block_sources
+
     stores = [Path(s) for s in stores]
+    blocks = block_sources(stores, level) if level else []  # a missing level is refused before any rows are read
     opened = [open_store(s) for s in stores]
-    check_distinct_members(opened, tokens_asked=False)
+    check_distinct_members(opened, tokens_asked=bool(level))
     table, notes = join_stores(stores)
     splits = table_splits(table, stores, val_fraction=val_fraction, seed=seed, notes=notes)
+    if blocks:
+        from medembed.protocol.members import MemberInputs, gather_blocks
+
+        gathered = gather_blocks(np.concatenate([rows.image_id for rows in splits.values()]), [(stores[b["store"]], b["level"]) for b in blocks])
+        ends = np.cumsum([len(rows) for rows in splits.values()])
+        splits = {name: replace(rows, X=MemberInputs(rows.X, tuple(tokens[end - len(rows):end] for tokens in gathered)))
+                  for (name, rows), end in zip(splits.items(), ends)}
     members = [
         {
             "store": str(path.resolve()), "fingerprint": dict(store.fingerprint), "dim": int(store.dim),
@@ -180,7 +193,7 @@ def load_joined_splits(stores: list[Path], *, val_fraction: float, seed: int) ->
     ]
     keys = list(dict.fromkeys(k for store in opened for k in store.fingerprint))
     fingerprint = {k: " + ".join(str(s.fingerprint.get(k, "")) for s in opened) for k in keys} if len(opened) > 1 else dict(opened[0].fingerprint)
-    return JoinedStores(splits, fingerprint, notes, members, tuple(m["dim"] for m in members))
+    return JoinedStores(splits, fingerprint, notes, members, tuple(m["dim"] for m in members), blocks)
 
 
 def check_distinct_members(opened: list[Any], *, tokens_asked: bool) -> None:

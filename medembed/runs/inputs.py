@@ -137,7 +137,7 @@ class JoinedStoreInputs:
             if diff:
                 raise MedembedError(f"{store}: embeddings differ from member {k} of this ensemble ({'; '.join(diff)})")
         options = run.record.protocol
-        return load_joined_splits(stores, val_fraction=options.val_fraction, seed=options.seed).splits[split]
+        return load_joined_splits(stores, val_fraction=options.val_fraction, seed=options.seed, level=run.record.level).splits[split]
 
     def score(self, manifest: Manifest, root: Path, cache: Path, options: ExtractOptions, preprocess: Any = None,
               encoders: list[Encoder] | None = None) -> Scored:
@@ -155,12 +155,21 @@ class JoinedStoreInputs:
             tables.append((table.image_id, table.embeddings))
             for image_id, reason in store.failed().items():
                 failed.setdefault(image_id, f"member {k}: {reason}")
-        return Scored(_rows_held(rows, tables), failed, summary)
+        held = _rows_held(rows, tables)
+        if self.run.record.level:  # token-level members read their re-extracted levels beside the pooled rows
+            from medembed.protocol.members import MemberInputs, block_plan, gather_blocks
+
+            sources = [(member_cache(cache, k), level) for k, level in block_plan(len(members), self.run.record.level)]
+            held.X = MemberInputs(held.X, gather_blocks(held.image_id, sources))
+        return Scored(held, failed, summary)
 
     def target(self, target: Path, root: Path | None = None, split: str = ALL_ROWS, columns_from: Path | None = None) -> tuple[Split, list[str]]:
         """An ensemble on one store: every row (or one split's) of the store `target` with that store's fingerprint."""
         def read(path: Path) -> tuple[Split, np.ndarray, list[str]]:
             members = self.members()
+            if self.run.record.level:
+                raise MedembedError(f"{self.run.directory}: an ensemble of token-level members (--level {self.run.record.level}) is validated at another "
+                                    "site with medembed predict on that site's images")
             if len(members) > 1:
                 raise MedembedError(f"{self.run.directory}: an ensemble of {len(members)} encoders' stores scores rows joined across stores; "
                                     "validate it at another site with medembed predict on that site's images")

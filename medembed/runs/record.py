@@ -201,7 +201,7 @@ def _check_level(level: Any, path: Path) -> None:
         return
     from medembed.encoders.levels import parse_level  # imports torch: only for runs on token levels
 
-    for name in (part.strip() for part in level.split("+")):
+    for name in (part.strip() for part in level.replace(",", "+").split("+")):  # an ensemble's levels are comma-separated
         if name and name != "auto":
             try:
                 parse_level(name)

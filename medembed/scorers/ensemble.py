@@ -17,6 +17,12 @@ every encoder (`medembed.runs.inputs.JoinedStoreInputs`). Combining members:
 
 Members choose their own hyperparameters on val exactly as a single head does; the ensemble's probability is
 then calibrated and thresholded on val by the protocol like any scorer's.
+
+Token-level members (`--level`, `medembed.protocol.members`): with `blocks` set, the input is a `MemberInputs`
+(one `[N, T, C]` token array per (store, level) block) and every --head is a member on every block: attention
+or concat heads, or adapters, each adapter starting from its block's store encoder and level
+(`fit A.h5 B.h5 --ensemble mean --head adapter --level block14`). `member_seeds` N fits each member N times
+(seeds seed..seed+N-1), so one adapter's seeds can be averaged too (`--head adapter --ensemble-seeds 3`).
 """
 
 from __future__ import annotations
@@ -32,10 +38,14 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from medembed._files import atomic_write_json, read_json
 from medembed.errors import MedembedError
+from medembed.protocol.members import MemberInputs
 from medembed.scorers.heads import Head, load_head, make_head
 from medembed.scorers.heads._checks import check_embeddings, check_labels
 
 KIND = "ensemble"
+BLOCK_KEYS = frozenset({"store", "level", "token_shape", "encoder", "encoder_options"})
+MAX_MEMBER_SEEDS = 32
+MAX_TOKEN_SIDE = 1 << 20  # tokens or channels of one level: tens of thousands at most
 COMBINES = ("concat", "mean", "stack")
 ENSEMBLE_FILE = "ensemble.json"
 FORMAT_VERSION = 1
@@ -81,13 +91,18 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
     def __init__(
         self, heads: tuple[str, ...] = ("logreg",), head_params: dict[str, dict[str, Any]] | None = None,
         combine: str = "mean", widths: tuple[int, ...] = (1,), folds: int = 5, seed: int = 0,
+        blocks: tuple[dict[str, Any], ...] = (), member_seeds: int = 1,
     ) -> None:
+        """`blocks`: the token-level blocks (`medembed.protocol.members.block_sources`: store, level, token_shape,
+        encoder, encoder_options), empty for members on the pooled embeddings; `member_seeds`: fits per member."""
         self.heads = heads
         self.head_params = head_params
         self.combine = combine
         self.widths = widths
         self.folds = folds
         self.seed = seed
+        self.blocks = blocks
+        self.member_seeds = member_seeds
         self._check_params()
 
     # -- the scorer contract ---------------------------------------------------------------------------------
@@ -97,12 +112,12 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
         meta-model on out-of-fold train predictions; `groups` [N] (patients) keeps a patient in one fold."""
         self._check_params()
         X = self._joined(X, "X")
-        y = check_labels(y, X.shape[0], "y")
+        y = check_labels(y, len(X), "y")
         if eval_set is None:
             raise MedembedError("an ensemble is fitted with eval_set=[(X_val, y_val)] (its members choose on val)")
         X_val, y_val = eval_set[0]
         X_val = self._joined(X_val, "X_val")
-        y_val = check_labels(y_val, X_val.shape[0], "y_val")
+        y_val = check_labels(y_val, len(X_val), "y_val")
         members = self.member_names()
         self.members_ = [self._fit_member(k, X, y, X_val, y_val) for k in range(len(members))]
         self.meta_ = self._fit_meta(X, y, X_val, y_val, groups) if self.combine == "stack" else None
@@ -140,7 +155,7 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
         directory.mkdir(parents=True, exist_ok=True)
         for k, head in enumerate(self.members_):
             head.save(directory / f"member-{k}")
-        params = {**self.get_params(), "heads": list(self.heads), "widths": list(self.widths)}
+        params = {**self.get_params(), "heads": list(self.heads), "widths": list(self.widths), "blocks": [dict(block) for block in self.blocks]}
         document = {"format_version": FORMAT_VERSION, "params": params, "members": self.member_names(), "meta": self.meta_}
         atomic_write_json(directory / ENSEMBLE_FILE, document)
 
@@ -157,7 +172,7 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
         if not isinstance(params, dict):
             raise MedembedError(f"{path}: params must be an object")
         try:
-            scorer = cls(**{k: tuple(v) if k in ("heads", "widths") and isinstance(v, list) else v for k, v in params.items()})
+            scorer = cls(**{k: tuple(v) if k in ("heads", "widths", "blocks") and isinstance(v, list) else v for k, v in params.items()})
         except (MedembedError, TypeError) as error:
             raise MedembedError(f"{path}: {error}") from None
         if document["members"] != scorer.member_names():
@@ -165,8 +180,12 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
         scorer.meta_ = _checked_meta(document["meta"], scorer, path)
         scorer.members_ = [load_head(Path(directory) / f"member-{k}") for k in range(len(scorer.member_names()))]
         for k, head in enumerate(scorer.members_):
+            if head.name != scorer._member_head(k):
+                raise MedembedError(f"{path}: member-{k} is a {head.name!r} head, its params name {scorer._member_head(k)!r}")
             if head.n_features_in_ != scorer._block_width(k):
                 raise MedembedError(f"{path}: member-{k} was fitted on {head.n_features_in_} features, its block has {scorer._block_width(k)}")
+            if scorer.blocks:
+                scorer._check_token_member(k, head, path)
         scorer.classes_ = np.array([0, 1])
         scorer.selection_ = {"combine": scorer.combine, "loaded": True}
         return scorer
@@ -174,28 +193,54 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
     # -- members ---------------------------------------------------------------------------------------------
 
     def member_names(self) -> list[str]:
-        """One name per member, e.g. "mlp@0" (the MLP on the first store's block), "logreg@all" (concat)."""
+        """One name per member, e.g. "mlp@0" (the MLP on the first store's block, or on the first token block),
+        "logreg@all" (concat), "adapter@1#2" (the third seed of the adapter on block 1, with member_seeds)."""
+        seeds = [""] if self.member_seeds == 1 else [f"#{s}" for s in range(self.member_seeds)]
         if self.combine == "concat":
-            return [f"{head}@all" for head in self.heads]
-        return [f"{head}@{block}" for block in range(len(self.widths)) for head in self.heads]
+            return [f"{head}@all{s}" for head in self.heads for s in seeds]
+        return [f"{head}@{block}{s}" for block in range(self._n_blocks()) for head in self.heads for s in seeds]
+
+    def _n_blocks(self) -> int:
+        return len(self.blocks) if self.blocks else len(self.widths)
 
     def _member_head(self, k: int) -> str:
         return self.member_names()[k].split("@")[0]
 
+    def _member_block(self, k: int) -> int:
+        return k // (len(self.heads) * self.member_seeds)
+
     def _new_member(self, k: int, seed_offset: int = 0) -> Head:
         head = self._member_head(k)
-        return make_head(head, **{"seed": self.seed + seed_offset, **(self.head_params or {}).get(head, {})})
+        params = dict((self.head_params or {}).get(head, {}))
+        if self.blocks:  # an adapter starts from its block's store encoder and level
+            source = self.blocks[self._member_block(k)]
+            params = {key: source[key] for key in ("encoder", "encoder_options", "level") if key in _param_names(head)} | params
+        replica = k % self.member_seeds
+        return make_head(head, **{"seed": self.seed + seed_offset * self.member_seeds + replica, **params})
 
-    def _block(self, X: np.ndarray, k: int) -> np.ndarray:
-        """The columns member k reads: all of them (concat) or its store's block."""
+    def _block(self, X: Any, k: int) -> np.ndarray:
+        """What member k reads: all the columns (concat), its store's columns, or its block's tokens."""
+        if self.blocks:
+            return X.blocks[self._member_block(k)]
         if self.combine == "concat":
             return X
-        block = k // len(self.heads)
+        block = self._member_block(k)
         start = int(sum(self.widths[:block]))
         return X[:, start:start + self.widths[block]]
 
     def _block_width(self, k: int) -> int:
-        return int(sum(self.widths)) if self.combine == "concat" else int(self.widths[k // len(self.heads)])
+        """What member k's n_features_in_ must be: its columns, or its block's token count."""
+        if self.blocks:
+            return int(self.blocks[self._member_block(k)]["token_shape"][0])
+        return int(sum(self.widths)) if self.combine == "concat" else int(self.widths[self._member_block(k)])
+
+    def _check_token_member(self, k: int, head: Head, path: Path) -> None:
+        """A loaded token member reads its block: its channels (attention), shape and level (adapter) match it."""
+        block = self.blocks[self._member_block(k)]
+        tokens, channels = block["token_shape"]
+        found = getattr(head, "n_channels_", channels), list(getattr(head, "token_shape_", [tokens, channels]))
+        if found != (channels, [tokens, channels]) or getattr(head, "level", block["level"]) != block["level"]:
+            raise MedembedError(f"{path}: member-{k} does not read its block ({block['level']} {block['token_shape']})")
 
     def _fit_member(self, k: int, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, rows: np.ndarray | None = None, seed_offset: int = 0) -> Head:
         train = slice(None) if rows is None else rows
@@ -237,11 +282,16 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
         widths = tuple(self.widths) if isinstance(self.widths, (list, tuple)) else ()
         if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
             raise MedembedError(f"an ensemble's widths must be positive integers (one per store), got {self.widths!r}")
-        if self.combine != "concat" and len(self.heads) * len(widths) < 2:
+        if isinstance(self.member_seeds, bool) or not isinstance(self.member_seeds, int) or not 1 <= self.member_seeds <= MAX_MEMBER_SEEDS:
+            raise MedembedError(f"option ensemble_seeds must be an integer 1..{MAX_MEMBER_SEEDS}; got {self.member_seeds!r}")
+        self._check_blocks(len(widths))
+        if self.combine != "concat" and len(self.heads) * (len(self.blocks) or len(widths)) * self.member_seeds < 2:
             raise MedembedError(
-                f"--ensemble {self.combine} combines several members: give several stores (one per encoder) or several heads "
-                "(--head logreg,mlp,xgboost)"
+                f"--ensemble {self.combine} combines several members: give several stores (one per encoder), several heads "
+                "(--head logreg,mlp,xgboost), several levels (--level block12,block14) or several seeds (--ensemble-seeds 3)"
             )
+        if self.combine == "concat" and self.blocks:
+            raise MedembedError("--ensemble concat joins pooled embeddings; members on token levels (--level) are combined by mean or stack")
         if self.combine == "concat" and len(widths) < 2:
             raise MedembedError("--ensemble concat joins the features of several stores (one per encoder); for several heads on one store use mean or stack")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -253,11 +303,45 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
         for head in self.heads:
             make_head(head, **(self.head_params or {}).get(head, {}))  # unknown heads and parameters fail here
 
-    def _joined(self, X: Any, what: str) -> np.ndarray:
+    def _check_blocks(self, n_stores: int) -> None:
+        """`blocks` as `block_sources` writes them (they come back from ensemble.json: every field checked)."""
+        if not isinstance(self.blocks, (list, tuple)) or not all(isinstance(block, dict) for block in self.blocks):
+            raise MedembedError(f"an ensemble's blocks must be a list of objects, got {self.blocks!r:.80}")
+        for k, block in enumerate(self.blocks):
+            shape = block.get("token_shape")
+            if set(block) != BLOCK_KEYS or isinstance(block["store"], bool) or not isinstance(block["store"], int) or not 0 <= block["store"] < n_stores \
+                    or not isinstance(block["level"], str) or not block["level"] or not isinstance(block["encoder"], str) \
+                    or not isinstance(block["encoder_options"], dict) or not isinstance(shape, (list, tuple)) or len(shape) != 2 \
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_TOKEN_SIDE for v in shape):
+                raise MedembedError(
+                    f"an ensemble's block {k} must hold {', '.join(sorted(BLOCK_KEYS))} (store 0..{n_stores - 1}, token_shape two positive "
+                    f"integers), got {block!r:.120}"
+                )
+
+    def _joined(self, X: Any, what: str) -> Any:
+        if self.blocks:
+            return self._member_inputs(X, what)
+        if isinstance(X, MemberInputs):
+            raise MedembedError(f"{what} holds token-level members' inputs; this ensemble's members read the pooled embeddings")
         X = check_embeddings(X, what)
         if X.shape[1] != sum(self.widths):
             raise MedembedError(f"{what} has {X.shape[1]} features; this ensemble joins stores of widths {list(self.widths)} ({sum(self.widths)})")
         return X
+
+
+    def _member_inputs(self, X: Any, what: str) -> MemberInputs:
+        if not isinstance(X, MemberInputs):
+            raise MedembedError(f"{what}: this ensemble's members read token levels; give its MemberInputs (medembed fit --level, or a run's rows)")
+        if len(X.blocks) != len(self.blocks):
+            raise MedembedError(f"{what} has {len(X.blocks)} token blocks; this ensemble reads {len(self.blocks)}")
+        for k, (tokens, block) in enumerate(zip(X.blocks, self.blocks)):
+            if tokens.ndim != 3 or list(tokens.shape[1:]) != list(block["token_shape"]):
+                raise MedembedError(f"{what}: block {k} ({block['level']}) has tokens {tuple(tokens.shape[1:])}, this ensemble reads {tuple(block['token_shape'])}")
+        return X
+
+
+def _param_names(head: str) -> tuple[str, ...]:
+    return type(make_head(head)).param_names()
 
 
 def _folds(y: np.ndarray, groups: np.ndarray | None, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -312,7 +396,10 @@ def _checked_meta(meta: Any, scorer: EnsembleScorer, path: Path) -> dict[str, An
     return meta
 
 
-def make_ensemble(heads: str, head_params: dict[str, Any], combine: str, widths: tuple[int, ...], folds: int, seed: int) -> EnsembleScorer:
-    """An unfitted ensemble from fit's options: `heads` "logreg,mlp", flat `-p` params (see `split_head_params`)."""
+def make_ensemble(heads: str, head_params: dict[str, Any], combine: str, widths: tuple[int, ...], folds: int, seed: int,
+                  blocks: list[dict[str, Any]] | tuple[dict[str, Any], ...] = (), member_seeds: int = 1) -> EnsembleScorer:
+    """An unfitted ensemble from fit's options: `heads` "logreg,mlp", flat `-p` params (see `split_head_params`),
+    the token blocks of --level (`medembed.protocol.members.block_sources`) and --ensemble-seeds."""
     names = parse_heads(heads)
-    return EnsembleScorer(heads=names, head_params=split_head_params(names, head_params), combine=combine, widths=tuple(widths), folds=folds, seed=seed)
+    return EnsembleScorer(heads=names, head_params=split_head_params(names, head_params), combine=combine, widths=tuple(widths), folds=folds,
+                          seed=seed, blocks=tuple(blocks), member_seeds=member_seeds)

@@ -28,7 +28,8 @@ class FitOptions(ProtocolOptions):
     seeds: int = option(1, "Fit N times with seeds seed..seed+N-1 and report mean ± sd.")
     ensemble: str = option("", "Ensemble: concat (several encoders' stores, joined by image id, one feature vector) | mean | stack (heads per store and per --head, e.g. --head logreg,mlp,xgboost; stack: a logistic meta-model on out-of-fold train predictions).")
     ensemble_folds: int = option(5, "With --ensemble stack: folds of the out-of-fold train predictions the meta-model is fitted on.")
-    level: str = option("", "Token level the head reads instead of the pooled embeddings (heads attention | concat | adapter): a store level (block14), levels with one token count joined by + (block14+block10@7x7), or auto (the best val AUROC of the store's levels).")
+    ensemble_seeds: int = option(1, "With --ensemble: fit every member N times (seeds seed..seed+N-1), each a member of the mean or stack (e.g. --head adapter --ensemble-seeds 3).")
+    level: str = option("", "Token level the head reads instead of the pooled embeddings (heads attention | concat | adapter): a store level (block14), levels with one token count joined by + (block14+block10@7x7), or auto (the best val AUROC of the store's levels). With --ensemble: one level (every store's), one per store (block14,block19), or several of one store.")
     study_pooling: str = option("", "Learned study pooling instead of a head: attention (gated attention over a study's image embeddings, trained on train studies; -p sets hidden, attention, max_epochs...). Every image gets its study's score.")
 
     def __post_init__(self) -> None:
@@ -39,8 +40,8 @@ class FitOptions(ProtocolOptions):
         seeded = [key for key in self.head_params if key == "seed" or str(key).endswith(".seed")]
         if seeded:  # every fit seeds its scorer itself: seed, seed+1, ... for --seeds N
             raise MedembedError(f"-p {seeded[0]}=...: a scorer's seed is fit's --seed (with --seeds N: seed..seed+N-1), not a -p parameter")
-        if (self.study_pooling or self.ensemble) and self.level:
-            raise MedembedError(f"--level {self.level} is read by token heads; {'--study-pooling' if self.study_pooling else '--ensemble'} reads the pooled embeddings")
+        if self.study_pooling and self.level:
+            raise MedembedError(f"--level {self.level} is read by token heads; --study-pooling reads the pooled embeddings")
         from medembed.scorers.heads import make_head  # validation builds the head: imported when options are made, not for --help
 
         if self.study_pooling:
@@ -55,10 +56,21 @@ class FitOptions(ProtocolOptions):
 
             check_choice("ensemble", self.ensemble, COMBINES)
             check_positive("ensemble_folds", self.ensemble_folds, minimum=2)
+            check_positive("ensemble_seeds", self.ensemble_seeds)
             heads = parse_heads(self.head)
             for head, params in split_head_params(heads, self.head_params).items():
                 make_head(head, **params)
+                check_level_head(head, self.level)
+            if self.level:
+                from medembed.protocol.members import block_plan
+
+                if self.ensemble == "concat":
+                    raise MedembedError("--ensemble concat joins pooled embeddings; members on token levels (--level) are combined by mean or stack")
+
+                block_plan(1, self.level)  # auto and repeated levels are refused here; the count is checked against the stores
             return
+        if self.ensemble_seeds != 1:
+            raise MedembedError("option ensemble_seeds sets the seeds of each --ensemble member; without --ensemble use --seeds")
         if "," in self.head:
             raise MedembedError(f"option head {self.head!r} names several heads; combine them with --ensemble mean or --ensemble stack")
         make_head(self.head, **self.head_params)  # an unknown head or a bad hyperparameter fails here, before any fit
