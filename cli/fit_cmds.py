@@ -10,27 +10,32 @@ from medembed.options.extract import EVALUATE_EXTRACT_SKIPS, ExtractOptions
 from medembed.scorers.options import FitOptions
 from medembed.options.robustness import RobustnessOptions
 from medembed.options.transfer import TransferOptions
+from medembed.options.tracking import TrackingOptions
 
 from ._generate import command
 
 
 def print_headline(metrics: dict) -> None:
-    """AUROC, kappa, sensitivity, specificity and F1 with their intervals, per level."""
+    """AUROC, kappa, sensitivity, specificity and F1 per level, each as report.md's headline shows it (a run of
+    several seeds: mean ± sd, with the first seed's interval beside it)."""
+    from medembed.protocol.metrics import headline_leaf
+    from medembed.protocol.report import format_cell
+
     for level in ("image", "study"):
         if level not in metrics:
             continue
-        overall = metrics[level]["overall"]
-        cells = []
-        for name in ("auroc", "kappa", "sensitivity", "specificity", "f1"):
-            value, ci = overall[name]["value"], overall[name].get("ci")
-            cells.append(f"{name} {value:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else ""))
+        cells = [f"{name} {format_cell(headline_leaf(metrics, level, name), name)}" for name in ("auroc", "kappa", "sensitivity", "specificity", "f1")]
         typer.echo(f"{level:<6} " + "  ".join(cells))
+    seeds = (metrics.get("over_seeds") or {}).get("seeds")
+    if seeds:
+        typer.echo(f"mean ± sd over seeds {', '.join(map(str, seeds))}; in parentheses seed {seeds[0]}'s value and bootstrap interval")
 
 
 def fit(
     stores: list[Path] = typer.Argument(..., metavar="STORES", help="One or more embedding stores with the same fingerprint (with --ensemble: one store per encoder, joined by image id)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (an earlier run there is replaced only once the new one is complete)."),
     options: FitOptions = None,
+    tracking: TrackingOptions = None,
 ) -> None:
     """Fit a head on train, choose everything on val, evaluate on test; write a run directory.
 
@@ -49,10 +54,13 @@ def fit(
       medembed fit mura.h5 --study-pooling attention --out runs/mura-attention
     """
     from medembed.fit import fit_run
+    from medembed.tracking import check_tracking
 
+    check_tracking(tracking)  # --track without MLflow: one line, before the fit
     metrics = fit_run(stores, out, options, log=typer.echo)
     print_headline(metrics)
     typer.echo(f"run written to {out} (report: {out / 'report.md'})")
+    track(tracking, out, metrics, "fit")
 
 
 def evaluate(
@@ -67,9 +75,11 @@ def evaluate(
     on: Path = typer.Option(None, "--on", help="External validation: score this store (a manifest with --root for image runs) with the run's calibration and thresholds."),
     extract: ExtractOptions = None,
     transfer: TransferOptions = None,
+    tracking: TrackingOptions = None,
 ) -> None:
-    """Recompute a run's metrics, report and figures (on its test split, or other stores); or, with --corrupt,
-    how its metrics drop on corrupted test images.
+    """Recompute a run's metrics, report and figures (on its test split, or other stores) into RUN/evaluations/NAME/
+    (NAME says what was asked, e.g. test-bootstrap200-by-site; the fit's own results are never rewritten); or,
+    with --corrupt, how its metrics drop on corrupted test images.
 
     Examples:
 
@@ -79,6 +89,9 @@ def evaluate(
 
       medembed evaluate runs/frac-mlp --on other-hospital.h5 --by site,sex
     """
+    from medembed.tracking import check_tracking
+
+    check_tracking(tracking)
     if on is not None:
         from .transfer_cmds import evaluate_on
 
@@ -90,16 +103,29 @@ def evaluate(
     if corrupt:
         if manifest is None or root is None:
             raise typer.BadParameter("--corrupt needs --manifest and --root (the images to re-read)", param_hint="--corrupt")
-        _evaluate_corrupt(run, corrupt, severity, manifest, root, RobustnessOptions(extract, 1000 if bootstrap is None else bootstrap))
+        result = _evaluate_corrupt(run, corrupt, severity, manifest, root, RobustnessOptions(extract, 1000 if bootstrap is None else bootstrap))
+        conditions = {"clean": result["clean"], **{f"{c['corruption']}-{c['severity']}": c["metrics"] for c in result["conditions"]}}
+        track(tracking, run, conditions, "evaluate-corrupt", {"evaluate": {"corrupt": corrupt, "severity": severity, "manifest": str(manifest)}})
         return
-    from medembed.evaluate import evaluate_run
+    from medembed.evaluate import evaluate_run, evaluation_directory, evaluation_name
 
     metrics = evaluate_run(run, stores=store or None, split=split, n_resamples=bootstrap, transfer=transfer)
     print_headline(metrics)
-    typer.echo(f"report: {run / 'report.md'}")
+    track(tracking, run, metrics, "evaluate", {"evaluate": {"split": split, "stores": [str(s) for s in store or []], "bootstrap": bootstrap, "transfer": vars(transfer)}})
+    written = evaluation_directory(run, evaluation_name(split, store or None, bootstrap, transfer))
+    typer.echo(f"evaluation written to {written} (report: {written / 'report.md'}); the fit's own results in {run} are unchanged")
 
 
-def _evaluate_corrupt(run: Path, corrupt: str, severity: str, manifest: Path, root: Path, options: RobustnessOptions) -> None:
+def track(tracking: TrackingOptions | None, directory: Path, metrics: dict, kind: str, params: dict | None = None) -> None:
+    """Log a written run directory to MLflow when tracking is on (medembed.tracking), and say where."""
+    from medembed.tracking import track_run
+
+    run_id = track_run(tracking, directory, metrics, kind, params)
+    if run_id:
+        typer.echo(f"tracked in MLflow: run {run_id}, experiment {tracking.experiment!r} at {tracking.uri}")
+
+
+def _evaluate_corrupt(run: Path, corrupt: str, severity: str, manifest: Path, root: Path, options: RobustnessOptions) -> dict:
     from medembed.data.corrupt import parse_corruptions, parse_severities
     from medembed.robustness import evaluate_corruptions
 
@@ -114,6 +140,7 @@ def _evaluate_corrupt(run: Path, corrupt: str, severity: str, manifest: Path, ro
         change = condition["change"][level]
         typer.echo(f"  {condition['corruption']:<9}{condition['severity']}  Δauroc {change['auroc']:+.3f}  Δkappa {change['kappa']:+.3f}")
     typer.echo(f"report: {run / 'robustness.md'}")
+    return result
 
 
 def register(app: typer.Typer) -> None:

@@ -127,7 +127,10 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
         for k in range(options.seeds)
     ]
     best = fitted[0]
-    metrics = best.metrics if len(fitted) == 1 else {**best.metrics, "over_seeds": summarize_seeds([f.metrics for f in fitted])}
+    # Several seeds: the first seed's result (its scorer is the one the run keeps) and, beside it, the summary over
+    # seeds that stands for the run wherever its headline is shown (medembed.protocol.metrics.headline_leaf).
+    over_seeds = {"over_seeds": {**summarize_seeds([f.metrics for f in fitted]), "seeds": [f.seed for f in fitted]}} if len(fitted) > 1 else {}
+    metrics = {**best.metrics, **over_seeds}
     store = open_store(stores[0])
     record = RunRecord(
         kind="ensemble" if options.ensemble else "study-pooling" if options.study_pooling else "head",

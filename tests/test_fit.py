@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from medembed.errors import MedembedError
+from medembed.options.transfer import TransferOptions
 from medembed.scorers.options import FitOptions
 from medembed.evaluate import evaluate_run
 from medembed.fit import fit_run
@@ -77,11 +78,31 @@ def test_val_is_carved_from_train_by_patient_when_missing(tmp_path):
     assert info["split_sizes"]["val"]["images"] > 0
 
 
-def test_seeds_give_mean_and_sd(tmp_path):
-    store = write_store(tmp_path / "s.h5")
-    metrics = fit_run([store], tmp_path / "run", FitOptions(head="mlp", head_params={"max_epochs": 5}, seeds=2, **FAST))
-    assert metrics["over_seeds"]["study"]["overall"]["auroc"]["n_seeds"] == 2
-    assert "Over seeds" in (tmp_path / "run" / "report.md").read_text()
+def test_a_run_of_several_seeds_is_headed_by_its_mean_and_sd_on_the_console_in_the_report_and_in_compare(tmp_path):
+    """Issue 21: `fit --seeds 3` printed seed 0's AUROC while the report's "Over seeds" said the mean."""
+    from tests.cli.test_entry_point import run_cli
+
+    store = write_store(tmp_path / "s.h5", corrupt=_weak_signal)
+    done = run_cli("fit", store, "--head", "mlp", "-p", "max_epochs=5", "--seeds", "3", "--bootstrap", "50", "--out", tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    summary = metrics["over_seeds"]["image"]["overall"]["auroc"]
+    assert summary["n_seeds"] == 3 and metrics["over_seeds"]["seeds"] == [0, 1, 2]
+    assert len(set(summary["values"])) == 3, "premise: the seeds' AUROCs differ"
+    seed0 = metrics["image"]["overall"]["auroc"]
+    assert summary["values"][0] == seed0["value"] and abs(summary["mean"] - seed0["value"]) > 5e-4
+    headline = f"{summary['mean']:.3f} ± {summary['sd']:.3f} (seed 0: {seed0['value']:.3f} [{seed0['ci'][0]:.3f}, {seed0['ci'][1]:.3f}])"
+    assert f"image  auroc {headline}" in done.stdout
+    assert f"| AUROC | {headline} |" in (tmp_path / "run" / "report.md").read_text()
+    compared = run_cli("compare", tmp_path / "run", "--level", "image")
+    assert compared.returncode == 0, compared.stderr
+    assert f"| {headline} |" in compared.stdout
+    assert f"{seed0['value']:.3f} [" not in compared.stdout.replace(f"seed 0: {seed0['value']:.3f} [", "")  # seed 0 never stands alone
+
+
+def _weak_signal(ids, emb, cols):
+    """Embeddings that separate the classes only partly, so each seed's MLP ends at a different AUROC."""
+    emb[:] = np.random.default_rng(5).standard_normal(emb.shape) + 0.6 * np.asarray(cols["label"])[:, None]
 
 
 def _nan_row(ids, emb, cols):
@@ -154,3 +175,52 @@ def test_bootstrap_resamples_are_bounded():
     """A tampered run.json (or a typo) cannot make evaluate bootstrap for days."""
     with pytest.raises(MedembedError, match="at most 100,000"):
         FitOptions(n_resamples=10**9)
+
+
+def test_evaluate_writes_beside_the_fit_and_never_over_its_results(tmp_path):
+    """Issue 21: `evaluate RUN --by ... --bootstrap 200` replaced the fit's report.md and metrics.json."""
+    from tests.cli.test_entry_point import run_cli
+
+    store = write_store(tmp_path / "s.h5")
+    fit_run([store], tmp_path / "run", FitOptions(n_resamples=20))
+    run = tmp_path / "run"
+    fitted = {name: (run / name).read_bytes() for name in ("metrics.json", "report.md", "predictions.csv", "run.json")}
+    done = run_cli("evaluate", run, "--bootstrap", "30", "--by", "body_part")
+    assert done.returncode == 0, done.stderr
+    evaluation = run / "evaluations" / "test-bootstrap30-by-body_part"
+    assert f"evaluation written to {evaluation}" in done.stdout
+    assert {name: (run / name).read_bytes() for name in fitted} == fitted
+    for name in ("metrics.json", "report.md", "predictions.csv", "transfer.json", "evaluation.json", "figures/roc_study.png"):
+        assert (evaluation / name).is_file(), name
+    assert json.loads((evaluation / "metrics.json").read_text())["study"]["bootstrap"]["n_resamples"] == 30
+    assert json.loads((evaluation / "evaluation.json").read_text())["transfer"]["by"] == "body_part"
+    assert "30 resamples" in (evaluation / "report.md").read_text() and "### By body_part" in (evaluation / "report.md").read_text()
+    # the same evaluation again replaces its own folder; another one gets its own
+    assert evaluate_run(run, n_resamples=30, transfer=TransferOptions(by="body_part"))["study"]["bootstrap"]["n_resamples"] == 30
+    evaluate_run(run, split="val", n_resamples=0)
+    assert sorted(p.name for p in (run / "evaluations").iterdir()) == ["test-bootstrap30-by-body_part", "val-bootstrap0"]
+    assert {name: (run / name).read_bytes() for name in fitted} == fitted
+    load_run(run)  # the run with its evaluations still loads
+    compared = run_cli("compare", run)
+    assert compared.returncode == 0 and "95%, 20 × patients" in compared.stdout  # the fit's own resamples
+
+
+def test_evaluation_names_say_what_was_asked_and_are_safe_folder_names(tmp_path):
+    from medembed.evaluate import evaluation_directory, evaluation_name
+
+    assert evaluation_name() == "test"
+    assert evaluation_name("test", None, 200, TransferOptions(by="site")) == "test-bootstrap200-by-site"
+    assert evaluation_name("val", [tmp_path / "a.h5", tmp_path / "b.h5"], None, TransferOptions(alpha=0.2, class_conditional=True)) == \
+        "val-on-a+b-alpha0.2-class-conditional"
+    odd = evaluation_name("test", [tmp_path / "../é x;rm -rf.h5"])
+    assert odd == "test-on-__x_rm_-rf" and "/" not in odd
+    long = evaluation_name("test", [tmp_path / f"store{k}.h5" for k in range(40)])
+    assert len(long) == 113 and long == evaluation_name("test", [tmp_path / f"store{k}.h5" for k in range(40)])
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(MedembedError, match="must lie directly in"):
+        evaluation_directory(run, "..")
+    (tmp_path / "elsewhere").mkdir()
+    (run / "evaluations").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(MedembedError, match="not a link"):
+        evaluation_directory(run, "test")

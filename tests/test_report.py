@@ -63,13 +63,13 @@ def test_markdown_report_tabulates_levels_body_parts_and_context():
     )
     assert text.startswith("# MURA, logreg\n")
     assert "| Metric | Image level | Study level |" in text
-    assert "| AUROC | 0.871 (0.842–0.897) | 0.912 (0.880–0.940) |" in text
-    assert "| Cohen's kappa | 0.610 (0.580–0.640) | 0.700 (0.650–0.750) |" in text
+    assert "| AUROC | 0.871 [0.842, 0.897] | 0.912 [0.880, 0.940] |" in text
+    assert "| Cohen's kappa | 0.610 [0.580, 0.640] | 0.700 [0.650, 0.750] |" in text
     assert "| n | 3000 | 1000 |" in text
-    assert "resamples of patients at image level and patients at study level)." in text
+    assert "resamples of patients at image level and patients at study level]." in text
     assert "Study probability: the mean of its images' probabilities." in text
     assert "## Per body part, image level" in text and "Per body part, study level" not in text
-    assert "| XR_HAND | 1200 | 500 | 0.900 (0.850–0.950) |  | n/a |" in text
+    assert "| XR_HAND | 1200 | 500 | 0.900 [0.850, 0.950] |  | n/a |" in text
     assert "- **store fingerprint**: 3f2a9c" in text and "- **threshold**: 0.4322" in text
     assert "- **split sizes**: train 30000, val 6000" in text
 
@@ -81,11 +81,26 @@ def test_markdown_report_of_seeds_shows_mean_and_sd():
     assert "mean ± sd over 2 seeds" in text
 
 
-def test_markdown_report_adds_a_seed_table_stored_beside_a_run():
-    run = {**_result(0.8), "over_seeds": summarize_seeds([_result(0.8), _result(0.9)])}
+def test_a_run_of_several_seeds_heads_its_report_with_the_mean_and_sd_and_the_first_seeds_interval():
+    run = {**_result(0.8), "over_seeds": {**summarize_seeds([_result(0.8), _result(0.9)]), "seeds": [3, 4]}}
     text = markdown_report(run, title="seeds", context={})
-    assert "| AUROC | 0.800 (0.842–0.897) |" in text
-    assert "## Over seeds" in text and "| AUROC | 0.850 ± 0.071 | 0.912 ± 0.000 |" in text
+    assert "| AUROC | 0.850 ± 0.071 (seed 3: 0.800 [0.842, 0.897]) | 0.912 ± 0.000 (seed 3: 0.912 [0.880, 0.940]) |" in text
+    assert "| n | 3000 | 1000 |" in text  # counts do not vary over seeds
+    assert "mean ± sd over 2 seeds (3, 4); in parentheses seed 3's point estimate [95% percentile" in text
+    assert "## Every seed" in text and "| 3 | 0.800 | 0.610 | 0.912 | 0.700 |" in text and "| 4 | 0.900 |" in text
+    assert "## Per body part, image level (seed 3)" in text
+    # metrics.json of runs written before the seeds were recorded: the first seed is named as such
+    older = {**_result(0.8), "over_seeds": summarize_seeds([_result(0.8), _result(0.9)])}
+    assert "| AUROC | 0.850 ± 0.071 (first seed: 0.800 [0.842, 0.897]) |" in markdown_report(older, title="old", context={})
+
+
+def test_cells_print_intervals_in_brackets_with_a_real_minus_sign():
+    from medembed.protocol.report import format_cell
+
+    assert format_cell(_leaf(0.159, -0.132, 0.445), "kappa") == "0.159 [\u2212" "0.132, 0.445]"
+    assert format_cell(_leaf(-0.0004, -0.2, 0.1), "kappa") == "0.000 [\u22120.200, 0.100]"  # no sign on a rounded zero
+    assert format_cell(_leaf(0.5, None, None), "auroc") == "0.500" and format_cell(_leaf(None), "auroc") == "n/a"
+    assert format_cell({"value": 0.7, "ci": [None, None]}, "auroc") == "0.700"
 
 
 def test_markdown_report_needs_a_level():
@@ -193,3 +208,17 @@ def test_fit_with_intervals_that_exclude_their_point_writes_every_figure(tmp_pat
     leaves = [table["auroc"] for level in ("image", "study") for table in metrics[level]["by_body_part"].values()]
     assert any(not leaf["ci"][0] <= leaf["value"] <= leaf["ci"][1] for leaf in leaves), "premise: an interval excludes its point"
     assert {path.name for path in (tmp_path / "run" / "figures").glob("body_parts_*.png")} == {"body_parts_image.png", "body_parts_study.png"}
+
+
+@pytest.mark.parametrize("over_seeds, message", [
+    ("x", "over_seeds must be an object"),
+    ({"image": {"overall": {"auroc": {"mean": "high", "sd": 0.1, "n_seeds": 2}}}}, "over_seeds.image.overall.auroc: a seed summary"),
+    ({"image": {"overall": {"auroc": {"mean": 0.8, "sd": 0.1, "n_seeds": 2, "values": ["a"]}}}}, "values must be a list of numbers"),
+    ({"image": {"overall": {"auroc": {"mean": 0.8, "sd": 0.1, "n_seeds": 2}}}, "seeds": [0, "1"]}, "seeds must be a non-empty list of integers"),
+])
+def test_a_tampered_seed_summary_is_refused_in_one_line(tmp_path, over_seeds, message):
+    from medembed.protocol.report import read_metrics_json
+
+    write_metrics_json({**_result(), "over_seeds": over_seeds}, tmp_path / "metrics.json")
+    with pytest.raises(MedembedError, match=message):
+        read_metrics_json(tmp_path / "metrics.json")

@@ -11,6 +11,7 @@ the intervals too narrow.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,19 +183,37 @@ def resampled_metrics(
     """Every metric in METRICS on each of n_resamples group resamples, {name: [R] float64} (NaN where undefined),
     drawn as `bootstrap_metrics` describes; differences between two samples' metrics are taken resample by resample."""
     y, p = check_scores(y, p)
-    if n_resamples < 1:
-        raise MedembedError(f"n_resamples must be at least 1; got {n_resamples}")
-    if groups is None:
-        group_of_row = np.arange(len(p))
-    else:
-        _, group_of_row = np.unique(_aligned("groups", groups, len(p)).astype(str), return_inverse=True)
+    group_of_row = group_index(groups, len(p))
     # Pre-sorting by score makes the per-batch sort in sweep_thresholds a linear pass over sorted input.
     order = np.argsort(-p, kind="stable")
     y, p, group_of_row = y[order], p[order], group_of_row[order]
+    resampled: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
+    for weights in resample_weights(group_of_row, n_resamples, seed):
+        scores = weighted_metrics(y, p, threshold, weights)
+        for name in METRICS:
+            resampled[name].append(scores[name])
+    return {name: np.concatenate(values) for name, values in resampled.items()}
+
+
+def group_index(groups: np.ndarray | None, n_rows: int) -> np.ndarray:
+    """[N] int index of each row's resampling group in the sorted distinct group ids (None: each row its own)."""
+    if groups is None:
+        return np.arange(n_rows)
+    _, group_of_row = np.unique(_aligned("groups", groups, n_rows).astype(str), return_inverse=True)
+    return group_of_row
+
+
+def resample_weights(group_of_row: np.ndarray, n_resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Row weights of n_resamples group resamples, in batches [B, N] float64 (B resamples, in order).
+
+    Resample r draws n_groups indices into the groups with ``np.random.default_rng(seed).integers(0, n_groups,
+    n_groups)`` and weights every row by its group's multiplicity: two samples of the same rows weighted by the
+    same batches are resampled jointly (a paired bootstrap)."""
+    if n_resamples < 1:
+        raise MedembedError(f"n_resamples must be at least 1; got {n_resamples}")
     n_groups = int(group_of_row.max()) + 1
     rng = np.random.default_rng(seed)
-    batch = max(1, _BATCH_ELEMENTS // len(p))
-    resampled: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
+    batch = max(1, _BATCH_ELEMENTS // len(group_of_row))
     for start in range(0, n_resamples, batch):
         multiplicities = np.stack(
             [
@@ -202,10 +221,7 @@ def resampled_metrics(
                 for _ in range(min(batch, n_resamples - start))
             ]
         )
-        scores = weighted_metrics(y, p, threshold, multiplicities[:, group_of_row])
-        for name in METRICS:
-            resampled[name].append(scores[name])
-    return {name: np.concatenate(values) for name, values in resampled.items()}
+        yield multiplicities[:, group_of_row]
 
 
 def evaluate_predictions(
@@ -272,6 +288,20 @@ def summarize_seeds(results: list[dict]) -> dict:
     if not results:
         raise MedembedError("no results to summarise over seeds")
     return _summarize_node(results, path="result")
+
+
+def headline_leaf(result: dict, level: str, metric: str) -> dict | None:
+    """The leaf that stands for a run's `metric` at `level` wherever its headline is shown (console, report.md,
+    compare): for a run of several seeds (a result with "over_seeds") the mean ± sd over seeds joined with the
+    first seed's value and interval, {"mean", "sd", "n_seeds", "values", "value", "ci", "seed"}; for one seed its
+    {"value", "ci"}; a seed summary's own {"mean", "sd", ...} leaf as it is; None where `result` has none."""
+    leaf = ((result.get(level) or {}).get("overall") or {}).get(metric)
+    over_seeds = result.get("over_seeds") or {}
+    summary = ((over_seeds.get(level) or {}).get("overall") or {}).get(metric)
+    if summary is None or leaf is None:
+        return leaf
+    seeds = over_seeds.get("seeds")
+    return {**summary, "value": leaf.get("value"), "ci": leaf.get("ci"), "seed": seeds[0] if seeds else None}
 
 
 def reliability_table(y: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from medembed._files import atomic_write_text
 from medembed.errors import MedembedError
+from medembed.protocol.metrics import headline_leaf
 
 LEVELS = ("image", "study")
 METRIC_LABELS = {
@@ -57,6 +58,16 @@ def read_metrics_json(path: Path) -> dict:
     for level in LEVELS:
         if level in result:
             _check_metrics_level(result[level], f"{path}: {level}")
+    over_seeds = result.get("over_seeds")
+    if over_seeds is not None:  # a run of several seeds: their summary beside the first seed's result
+        if not isinstance(over_seeds, dict) or not any(level in over_seeds for level in LEVELS):
+            raise MedembedError(f"{path}: over_seeds must be an object with the image or study level")
+        for level in LEVELS:
+            if level in over_seeds:
+                _check_metrics_level(over_seeds[level], f"{path}: over_seeds.{level}")
+        seeds = over_seeds.get("seeds")
+        if seeds is not None and not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+            raise MedembedError(f"{path}: over_seeds.seeds must be a non-empty list of integers")
     return result
 
 
@@ -80,6 +91,9 @@ def _check_metric_leaf(leaf: Any, where: str) -> None:
     if "mean" in leaf:
         if not all(_is_number(leaf.get(key)) or leaf.get(key) is None for key in ("mean", "sd")) or not _is_number(leaf.get("n_seeds")):
             raise MedembedError(f"{where}: a seed summary holds numbers mean, sd and n_seeds")
+        values = leaf.get("values")
+        if values is not None and not (isinstance(values, list) and all(v is None or _is_number(v) for v in values)):
+            raise MedembedError(f"{where}: values must be a list of numbers (one per seed)")
         return
     if "value" not in leaf or not (leaf["value"] is None or _is_number(leaf["value"])):
         raise MedembedError(f"{where}: value must be a number or null")
@@ -95,23 +109,26 @@ def _is_number(value: Any) -> bool:
 def markdown_report(result: dict, *, title: str, context: dict, sections: list[str] | tuple[str, ...] = ()) -> str:
     """A Markdown report of an evaluate_predictions result or a summarize_seeds summary.
 
-    Headline table: rows = metrics, columns = image / study level, cells "0.871 (0.842–0.897)" (value and
-    bootstrap interval) or "0.871 ± 0.012" (mean ± sd over seeds). A seed summary stored beside a single run's
-    result under "over_seeds" gets its own headline table. Then one per-body-part table per level, and the
-    context (store fingerprint, head, threshold rule and value, calibration, split sizes, ...) as a list.
-    `sections` (Markdown, each starting with its "## " heading) go before the context.
+    Headline table: rows = metrics, columns = image / study level, cells as `format_cell` writes them: "0.871
+    [0.842, 0.897]" (value and bootstrap interval), "0.871 ± 0.012" (a seed summary), or, for a run of several
+    seeds (a seed summary stored beside the first seed's result under "over_seeds"), "0.855 ± 0.012 (seed 0: 0.871
+    [0.842, 0.897])" with a table of every seed's values under it. Then one per-body-part table per level (the
+    first seed's), and the context (store fingerprint, head, threshold rule and value, calibration, split sizes,
+    ...) as a list. `sections` (Markdown, each starting with its "## " heading) go before the context.
     """
     levels = [level for level in LEVELS if level in result]
     if not levels:
         raise MedembedError(f"result has no image or study level to report; keys: {sorted(result)}")
     lines = [f"# {title}", ""] + _headline(result, levels)
-    if result.get("over_seeds"):
-        lines += ["", "## Over seeds", ""] + _headline(result["over_seeds"], levels)
+    seeds = _seed_table(result, levels)
+    if seeds:
+        lines += ["", "## Every seed", ""] + seeds
+    first_seed = _first_seed_label(result)
     for level in levels:
         by_part = result[level].get("by_body_part") or {}
         if not by_part:
             continue
-        lines += ["", f"## Per body part, {level} level", ""]
+        lines += ["", f"## Per body part, {level} level" + (f" ({first_seed})" if first_seed else ""), ""]
         lines += markdown_table(
             ["Body part"] + [METRIC_LABELS[metric] for metric in BODY_PART_COLUMNS],
             [
@@ -130,17 +147,40 @@ def markdown_report(result: dict, *, title: str, context: dict, sections: list[s
 COMPARE_METRICS = ("auroc", "kappa", "sensitivity", "specificity", "f1")
 
 
-def compare_table(results: dict[str, dict], level: str = "study", metrics: tuple[str, ...] = COMPARE_METRICS) -> str:
-    """Markdown table of several runs side by side: one row per run name, one column per metric at `level`."""
+def compare_table(
+    results: dict[str, dict], level: str = "study", metrics: tuple[str, ...] = COMPARE_METRICS, about: dict[str, dict[str, str]] | None = None
+) -> str:
+    """Markdown table of several runs side by side: one row per run name, its `about` columns (e.g. kind, scorer,
+    encoder: the same keys for every run), one column per metric at `level` (each run's headline, `headline_leaf`)
+    and the intervals each run's cells carry (its own resamples, confidence and resampling unit)."""
     if not results:
         raise MedembedError("compare needs at least one run")
+    about = about or {}
+    columns = list(next(iter(about.values()), {}))
     rows = []
     for name, result in results.items():
-        node = result.get(level) or result["image"]
-        rows.append([name] + [format_cell(node["overall"].get(metric), metric) for metric in metrics])
-    first = next(iter(results.values()))
-    note = _interval_note(first, [level if level in first else "image"])
-    return "\n".join(markdown_table(["Run"] + [METRIC_LABELS[m] for m in metrics], rows) + ["", note]) + "\n"
+        shown = level if level in result else "image"
+        rows.append(
+            [name]
+            + [about.get(name, {}).get(column, "") for column in columns]
+            + [format_cell(headline_leaf(result, shown, metric), metric) for metric in metrics]
+            + [("" if shown == level else f"{shown} level; ") + intervals_cell(result, shown)]
+        )
+    note = (
+        "Cells: point estimate [percentile bootstrap interval, over the resamples in the Intervals column]; a run of "
+        "several seeds: mean ± sd over its seeds (its first seed's point estimate [interval])."
+    )
+    header = ["Run"] + columns + [METRIC_LABELS[m] for m in metrics] + ["Intervals"]
+    return "\n".join(markdown_table(header, rows) + ["", note]) + "\n"
+
+
+def intervals_cell(result: dict, level: str) -> str:
+    """What a result's intervals at `level` are: "95%, 1000 × patients", or "none" without a bootstrap."""
+    bootstrap = (result.get(level) or {}).get("bootstrap") or {}
+    if not bootstrap.get("n_resamples"):
+        return "none"
+    unit = bootstrap.get("unit", "row")
+    return f"{round(100 * (1 - bootstrap['alpha']))}%, {bootstrap['n_resamples']:.0f} × {_PLURAL.get(unit, unit + 's')}"
 
 
 def _json_safe(value: Any) -> Any:
@@ -157,38 +197,77 @@ def _json_safe(value: Any) -> Any:
 
 
 def format_cell(leaf: dict | None, metric: str) -> str:
-    """One table cell: "v (lo–hi)", "v" without an interval, "mean ± sd" for a seed summary, "n/a" if undefined."""
+    """One table cell, as the console and report.md print it: "v [lo, hi]" (a point estimate and its interval),
+    "v" without an interval, "mean ± sd" for a seed summary, "mean ± sd (seed 0: v [lo, hi])" for a run of several
+    seeds (a `headline_leaf`), "n/a" where undefined. Negative numbers carry a real minus sign (U+2212)."""
     if leaf is None:
         return ""
     if "mean" in leaf:
         mean, sd = leaf["mean"], leaf["sd"]
         if metric in _INTEGER_METRICS and not sd:
             return _number(mean, metric)
-        return f"{_number(mean, metric)} ± {_number(sd, metric)}"
+        spread = f"{_number(mean, metric)} ± {_number(sd, metric)}"
+        if "value" not in leaf:
+            return spread
+        seed = leaf.get("seed")
+        return f"{spread} ({'first seed' if seed is None else f'seed {seed}'}: {format_cell({'value': leaf['value'], 'ci': leaf.get('ci')}, metric)})"
     ci = leaf.get("ci")
     value = _number(leaf["value"], metric)
     if ci is None or value == "n/a" or any(bound is None or math.isnan(bound) for bound in ci):
         return value
-    return f"{value} ({_number(ci[0], metric)}–{_number(ci[1], metric)})"
+    return f"{value} {format_interval(ci, metric)}"
+
+
+def format_interval(ci: list[float] | tuple[float, float], metric: str = "") -> str:
+    """An interval as printed everywhere: "[−0.132, 0.445]" (brackets, a comma, U+2212 for negatives)."""
+    return f"[{_number(ci[0], metric)}, {_number(ci[1], metric)}]"
 
 
 def _number(value: float | None, metric: str) -> str:
     if value is None or math.isnan(value):
         return "n/a"
-    return f"{value:.0f}" if metric in _INTEGER_METRICS else f"{value:.3f}"
+    text = f"{value:.0f}" if metric in _INTEGER_METRICS else f"{value:.3f}"
+    if text.startswith("-") and not text.strip("-0."):  # -0.0004 rounds to zero, which has no sign
+        text = text[1:]
+    return text.replace("-", "\u2212")
 
 
 def _headline(result: dict, levels: list[str]) -> list[str]:
-    """Lines of the metrics x levels table and the note saying what its cells are."""
+    """Lines of the metrics x levels table (each cell a `headline_leaf`) and the note saying what its cells are."""
     table = markdown_table(
         ["Metric"] + [f"{level.capitalize()} level" for level in levels],
         [
-            [METRIC_LABELS[metric]] + [format_cell(result[level]["overall"].get(metric), metric) for level in levels]
+            [METRIC_LABELS[metric]] + [format_cell(headline_leaf(result, level, metric), metric) for level in levels]
             for metric in METRIC_LABELS
             if any(metric in result[level]["overall"] for level in levels)
         ],
     )
     return table + ["", _values_note(result, levels)]
+
+
+def _seed_table(result: dict, levels: list[str]) -> list[str]:
+    """Every seed's AUROC and kappa per level, for a run of several seeds ([] otherwise)."""
+    over_seeds = result.get("over_seeds") or {}
+    columns = [(level, metric) for level in levels for metric in ("auroc", "kappa") if metric in ((over_seeds.get(level) or {}).get("overall") or {})]
+    if not columns:
+        return []
+    values = {column: over_seeds[column[0]]["overall"][column[1]].get("values") or [] for column in columns}
+    n_seeds = max(len(v) for v in values.values())
+    seeds = over_seeds.get("seeds") or list(range(n_seeds))
+    rows = [
+        [str(seeds[k]) if k < len(seeds) else str(k)] + [_number(values[c][k], c[1]) if k < len(values[c]) else "" for c in columns]
+        for k in range(n_seeds)
+    ]
+    return markdown_table(["Seed"] + [f"{METRIC_LABELS[metric]}, {level} level" for level, metric in columns], rows)
+
+
+def _first_seed_label(result: dict) -> str:
+    """"seed 0" (or "first seed") for a run of several seeds, whose per-body-part tables are its first seed's."""
+    over_seeds = result.get("over_seeds")
+    if not over_seeds:
+        return ""
+    seeds = over_seeds.get("seeds")
+    return f"seed {seeds[0]}" if seeds else "first seed"
 
 
 def _values_note(result: dict, levels: list[str]) -> str:
@@ -208,14 +287,22 @@ def _interval_note(result: dict, levels: list[str]) -> str:
         for level in levels
         if (result[level].get("bootstrap") or {}).get("n_resamples")
     ]
+    bootstrap = result[levels[0]].get("bootstrap") or {}
+    interval = (
+        f"{round(100 * (1 - bootstrap['alpha']))}% percentile bootstrap interval, {bootstrap['n_resamples']} resamples of {' and '.join(units)}"
+        if units else ""
+    )
+    over_seeds = result.get("over_seeds") or {}
+    summary = next(iter(((over_seeds.get(levels[0]) or {}).get("overall") or {}).values()), None)
+    if summary and "n_seeds" in summary:
+        seeds = over_seeds.get("seeds")
+        listed = f" ({', '.join(map(str, seeds))})" if seeds else ""
+        first = _first_seed_label(result)
+        beside = f"{first}'s point estimate [{interval}]" if interval else f"{first}'s point estimate (no bootstrap)"
+        return f"Values: mean ± sd over {summary['n_seeds']} seeds{listed}; in parentheses {beside}."
     if not units:
         return "Values: point estimates (no bootstrap)."
-    bootstrap = result[levels[0]]["bootstrap"]
-    confidence = round(100 * (1 - bootstrap["alpha"]))
-    return (
-        f"Values: point estimate ({confidence}% percentile bootstrap interval, {bootstrap['n_resamples']} resamples "
-        f"of {' and '.join(units)})."
-    )
+    return f"Values: point estimate [{interval}]."
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -5,7 +5,8 @@
     metrics.json       image and study level metrics with bootstrap intervals (and mean ± sd over seeds)
     report.md          the same as tables a reader can paste into a paper
     figures/*.png      ROC, PR, reliability, metric-vs-threshold, per-body-part bars
-    predictions.csv    the evaluated split's image probabilities and decisions
+    predictions.csv    the evaluated split's image probabilities and decisions (and patients, where known)
+    evaluations/NAME/  each later `medembed evaluate`, beside the fit's own files (see medembed.evaluate)
 
 A run is written into a staging directory beside `out` and swapped in only when complete, so a failed fit
 never loses the previous run in `out` nor leaves a mix of two runs.
@@ -332,9 +333,12 @@ def write_evaluation(directory: Path, record: RunRecord, evaluation: Evaluation,
     plot_figures(studies.y, studies.p, calibration.study_threshold, figures, level="study", body_parts=study_parts, result=metrics["study"], context=figure_context)
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer)
-    writer.writerow(["image_id", "study_id", "label", "probability", "abnormal"])
-    for image_id, study_id, label, prob in zip(rows.image_id, rows.study_id, rows.y, p):
-        writer.writerow([text_cell(image_id), text_cell(study_id), int(label), f"{prob:.6f}", int(prob >= calibration.image_threshold)])
+    # patient_id (empty where the store has none) lets `compare` resample patients as the intervals do; the
+    # probability is written exactly (shortest round-trip repr), so compare's paired metrics equal metrics.json's
+    writer.writerow(["image_id", "study_id", "label", "probability", "abnormal", "patient_id"])
+    patients = rows.patient_id if rows.has_patients else np.full(len(p), "")
+    for image_id, study_id, label, prob, patient in zip(rows.image_id, rows.study_id, rows.y, p, patients):
+        writer.writerow([text_cell(image_id), text_cell(study_id), int(label), repr(float(prob)), int(prob >= calibration.image_threshold), text_cell(patient)])
     atomic_write_text(directory / "predictions.csv", buffer.getvalue())
     from medembed.runs.html import write_html_report_safely
 

@@ -58,6 +58,7 @@ def test_the_runs_own_evaluation_reports_subgroups(head_run):
     from medembed.options.transfer import TransferOptions
 
     evaluate_run(head_run, n_resamples=20, transfer=TransferOptions(by="site,body_part"))
-    report = (head_run / "report.md").read_text()
+    evaluation = head_run / "evaluations" / "test-bootstrap20-by-site-body_part"  # beside the fit's own report
+    report = (evaluation / "report.md").read_text()
     assert "### By site" in report and "### By body_part" in report and "## Conformal prediction sets" in report
-    assert (head_run / "figures" / "subgroups.png").is_file()
+    assert (evaluation / "figures" / "subgroups.png").is_file()
