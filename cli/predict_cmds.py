@@ -18,6 +18,7 @@ def predict(
     out: Path = typer.Option(None, "--out", "-o", help="Table of image probabilities and decisions: CSV, or Parquet for a .parquet name (needs pyarrow: pip install 'medembed\\[parquet]'); studies go to <out>_studies beside it. Default: CSV on standard output."),
     root: Path = typer.Option(None, "--root", help="Folder a manifest CSV's relative paths are under. Default: the manifest's own folder."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Where the embeddings of the scored images are cached, one store per run and set of inputs (same files, sizes and times: a rerun resumes or reuses it; delete the folder to free space). Default: $MEDEMBED_CACHE, else $XDG_CACHE_HOME/medembed/predict, else ~/.cache/medembed/predict."),
+    explain: Path = typer.Option(None, "--explain", help="Folder for one attention-map PNG per image (token-head runs: where the head looked, over the image); other heads say in one line that they have none."),
     extract: ExtractOptions = None,
     transfer: TransferOptions = None,
 ) -> None:
@@ -35,7 +36,7 @@ def predict(
     """
     from medembed.predict import predict as run_predict
 
-    summary = run_predict(run, inputs, out, extract, transfer, root=root, cache_dir=cache_dir)
+    summary = run_predict(run, inputs, out, extract, transfer, root=root, cache_dir=cache_dir, explain=explain)
     labelled = f"; {summary.labelled} labelled in the manifest ({summary.labelled_abnormal} abnormal), in the label column" if summary.labelled else ""
     typer.echo(f"{summary.scored} of {summary.images} images scored, {summary.abnormal} called abnormal, {summary.failed} could not be read{labelled}", err=out is None)
     flagged = "" if summary.ood_flagged is None else f", {summary.ood_flagged} flagged out of distribution"

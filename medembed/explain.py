@@ -98,3 +98,15 @@ def attention_png(path: Path, weights: np.ndarray, geometry) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(drawn).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def explain_note(run: Run, rows, paths: dict[str, Path], out_dir: Path) -> str:
+    """`write_attention_maps`, told in one line: what was written where, or why the run has no map."""
+    summary = write_attention_maps(run, rows, paths, out_dir)
+    if summary.no_map:
+        return f"--explain: {summary.no_map}; nothing written to {out_dir}"
+    line = f"--explain: wrote {len(summary.written)} attention map{'s' if len(summary.written) != 1 else ''} to {out_dir}"
+    if summary.failed:
+        image_id, reason = next(iter(summary.failed.items()))
+        line += f"; {len(summary.failed)} not drawn (first: {image_id}: {reason})"
+    return line

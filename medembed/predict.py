@@ -224,9 +224,10 @@ def cache_store(cache_dir: Path, run: Run, key: str) -> Path:
 
 def score_images(run_dir: Path, inputs: list[Path], options: ExtractOptions | None = None,
                  transfer: TransferOptions | None = None, root: Path | None = None,
-                 cache_dir: Path | None = None) -> Predictions:
+                 cache_dir: Path | None = None, explain: Path | None = None) -> Predictions:
     """Score images with a run of any kind: the per-image table (probability, decision, conformal set, OOD score
-    and flag at `transfer`'s alpha and false-alarm rate, then the manifest's columns) and the per-study one."""
+    and flag at `transfer`'s alpha and false-alarm rate, then the manifest's columns) and the per-study one.
+    `explain`: a folder for one attention-map PNG per image (`medembed.explain`; a note says what was written)."""
     run = load_run(Path(run_dir))
     given = images_manifest([Path(i) for i in inputs], None if root is None else Path(root))
     manifest = given.manifest
@@ -243,6 +244,10 @@ def score_images(run_dir: Path, inputs: list[Path], options: ExtractOptions | No
     annotations, notes = annotate(run, rows, p, transfer)
     carried = _carried_columns(given.columns)
     files = manifest.resolve(given.root)
+    if explain is not None:
+        from medembed.explain import explain_note
+
+        notes.append(explain_note(run, rows, dict(zip(manifest.image_id.tolist(), files)), Path(explain)))
     table = []
     for k, (image_id, path, study) in enumerate(zip(manifest.image_id, given.paths, manifest.study_id)):
         probability = by_id.get(image_id)
@@ -282,11 +287,12 @@ def _carried_columns(columns: dict[str, np.ndarray]) -> dict[str, list[Any]]:
 
 
 def predict(run_dir: Path, inputs: list[Path], out: Path | None, options: ExtractOptions | None = None,
-            transfer: TransferOptions | None = None, root: Path | None = None, cache_dir: Path | None = None) -> PredictSummary:
+            transfer: TransferOptions | None = None, root: Path | None = None, cache_dir: Path | None = None,
+            explain: Path | None = None) -> PredictSummary:
     """`score_images`, written: the per-image table to `out` (CSV, or Parquet for `.parquet`; standard output
     when None) and, when studies are known and `out` is a file, the per-study one to `<out>_studies.<suffix>`."""
     table_format(out)  # no pyarrow for a .parquet output: refused before any image is read
-    result = score_images(run_dir, inputs, options, transfer, root, cache_dir)
+    result = score_images(run_dir, inputs, options, transfer, root, cache_dir, explain)
     write_table(out, result.header, result.rows)
     studies = None
     if out is not None and result.study_rows:

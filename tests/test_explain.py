@@ -168,3 +168,32 @@ def test_a_pooled_head_has_no_map_and_says_so_in_one_line(tmp_path):
     summary = write_attention_maps(run, None, {}, tmp_path / "maps")
     assert summary.no_map == "no attention map: a pooled-embedding logreg head gives no weight per image region (only the attention token head does)"
     assert not (tmp_path / "maps").exists()
+
+
+def test_predict_explain_writes_one_map_per_image_of_real_radiographs(tmp_path, small_manifest, fracatlas_root):
+    # Real FracAtlas images: a token store of EfficientNet-Lite0's final map at 2 x 2, an attention run on it, and
+    # the installed CLI's predict --explain (the pooled head's one line is test_a_pooled_head_has_no_map...).
+    from medembed.data.manifest import read_manifest
+    from medembed.encoders.runtime import build_encoder
+    from medembed.explain import map_file_name
+    from medembed.extract.runner import extract
+    from medembed.options.extract import ExtractOptions
+    from tests.cli.test_entry_point import run_cli
+
+    options = {"size": 64, "tokens": "2x2"}
+    store = tmp_path / "tokens.h5"
+    extract(read_manifest(small_manifest), fracatlas_root, build_encoder("efficientnet-lite0", options), store,
+            ExtractOptions(batch_size=8, num_workers=0), encoder_options=options)
+    params = {"hidden": 8, "attention": 4, "max_epochs": 2, "n_jobs": 1}
+    fit_run([store], tmp_path / "attention", FitOptions(head="attention", level="final@2x2", head_params=params, n_resamples=0))
+    manifest = read_manifest(small_manifest)
+    files = [fracatlas_root / path for path in manifest.path[manifest.split == "test"][:3]]
+    done = run_cli("predict", tmp_path / "attention", *files, "--out", tmp_path / "p.csv", "--explain", tmp_path / "maps", "--workers", "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"note: --explain: wrote 3 attention maps to {tmp_path / 'maps'}" in done.stderr
+    by_name = {map_file_name(f.name): f for f in files}  # images given as files: their ids are their names under their common folder
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == sorted(by_name)
+    for path in (tmp_path / "maps").iterdir():
+        with Image.open(path) as image, Image.open(by_name[path.name]) as original:
+            assert image.mode == "RGB" and max(image.size) <= 512
+            assert abs(image.size[0] / image.size[1] - original.size[0] / original.size[1]) < 0.02  # the image's own shape
