@@ -111,16 +111,18 @@ def evaluate(
 
     metrics = evaluate_run(run, stores=store or None, split=split, n_resamples=bootstrap, transfer=transfer)
     print_headline(metrics)
-    track(tracking, run, metrics, "evaluate", {"evaluate": {"split": split, "stores": [str(s) for s in store or []], "bootstrap": bootstrap, "transfer": vars(transfer)}})
     written = evaluation_directory(run, evaluation_name(split, store or None, bootstrap, transfer))
     typer.echo(f"evaluation written to {written} (report: {written / 'report.md'}); the fit's own results in {run} are unchanged")
+    asked = {"split": split, "stores": [str(s) for s in store or []], "bootstrap": bootstrap, "transfer": vars(transfer), "written": str(written)}
+    track(tracking, run, metrics, "evaluate", {"evaluate": asked}, figures=written / "figures")
 
 
-def track(tracking: TrackingOptions | None, directory: Path, metrics: dict, kind: str, params: dict | None = None) -> None:
+def track(tracking: TrackingOptions | None, directory: Path, metrics: dict, kind: str, params: dict | None = None,
+          figures: Path | None = None) -> None:
     """Log a written run directory to MLflow when tracking is on (medembed.tracking), and say where."""
     from medembed.tracking import track_run
 
-    run_id = track_run(tracking, directory, metrics, kind, params)
+    run_id = track_run(tracking, directory, metrics, kind, params, figures=figures)
     if run_id:
         typer.echo(f"tracked in MLflow: run {run_id}, experiment {tracking.experiment!r} at {tracking.uri}")
 

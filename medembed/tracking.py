@@ -6,7 +6,7 @@ What one MLflow run holds, for a run directory (`track_run`):
     tags       medembed.kind, medembed.directory, the command line, the git commit (from run.json's provenance)
     metrics    every {"value", "ci"} of the metrics as `<level>.<metric>` plus `<...>.ci_low` / `<...>.ci_high`
                (per body part and subgroup too), and a multi-seed run's `<...>.mean` / `<...>.sd`
-    artifacts  figures/ (the run's figures) and run/ (the whole run directory)
+    artifacts  figures/ (the run's figures, or the evaluation's) and run/ (the whole run directory)
 A sweep (`track_sweep`) is one parent run (its config as params, results.csv/md and figures as artifacts) with one
 nested run per results row (encoder, head, budget, seed; its metrics and interval bounds).
 
@@ -144,10 +144,11 @@ def _warn_failed(options: TrackingOptions, error: BaseException, directory: Path
 
 
 def track_run(options: TrackingOptions | None, directory: Path, metrics: dict[str, Any], kind: str,
-              params: dict[str, Any] | None = None) -> str | None:
+              params: dict[str, Any] | None = None, figures: Path | None = None) -> str | None:
     """Log the written run directory `directory` (its run.json's options and provenance), `metrics` (a metrics
-    document) and `params` (what this command was asked on top of the run's options) as one MLflow run named after
-    the directory. Returns the MLflow run id; None when tracking is off, MLflow is not installed, or it failed
+    document), `params` (what this command was asked on top of the run's options) and the figures of `figures`
+    (default: the run's figures/; an evaluation's own folder for `evaluate`) as one MLflow run named after the
+    directory. Returns the MLflow run id; None when tracking is off, MLflow is not installed, or it failed
     (then one warning line)."""
     if options is None or not options.enabled:
         return None
@@ -176,8 +177,9 @@ def track_run(options: TrackingOptions | None, directory: Path, metrics: dict[st
         client, experiment_id = _client(options)
         run_id = client.create_run(experiment_id, run_name=f"{directory.name} ({kind})", tags={"mlflow.source.name": "medembed"}).info.run_id
         _log(client, run_id, param_values(logged), metric_values(metrics), tags)
-        if (directory / "figures").is_dir():
-            client.log_artifacts(run_id, str(directory / "figures"), "figures")
+        figures = Path(figures) if figures is not None else directory / "figures"
+        if figures.is_dir():
+            client.log_artifacts(run_id, str(figures), "figures")
         client.log_artifacts(run_id, str(directory), "run")
         client.set_terminated(run_id)
         return run_id

@@ -73,6 +73,9 @@ def test_evaluate_logs_into_its_experiment_with_what_was_asked(tracked):
     assert f"tracked in MLflow: run {run.info.run_id}, experiment 'evals'" in evaluate.stdout
     assert run.data.tags["medembed.kind"] == "evaluate" and run.data.params["evaluate.bootstrap"] == "20"
     assert "image.auroc.ci_low" in run.data.metrics
+    written = Path(run.data.params["evaluate.written"])  # the evaluation's own folder, beside the fit's results
+    assert written.parent.name == "evaluations" and (written / "report.md").is_file()
+    assert {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "figures")} == {p.name for p in (written / "figures").iterdir()}
 
 
 def test_sweep_logs_a_parent_run_and_one_nested_run_per_cell(tmp_path):
