@@ -33,10 +33,11 @@ def cnn(
 
     protocol.seed = options.seed  # one --seed: the CNN's initialisation and the protocol's
     run = run_cnn_baseline(manifest, root, out, options, protocol, log=typer.echo)
+    from medembed.protocol.report import format_cell
+
     overall = run.metrics["image"]["overall"]
-    interval = overall["auroc"].get("ci")
     typer.echo(
-        f"test (image level): AUROC {overall['auroc']['value']:.3f}" + (f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval else "")
+        f"test (image level): AUROC {format_cell(overall['auroc'], 'auroc')}"
         + f", kappa {overall['kappa']['value']:.3f}; best epoch {run.history['best_epoch']} of {run.history['epochs']}"
     )
     typer.echo(_timing(run.seconds) + f"; wrote {out}")

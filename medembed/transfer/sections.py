@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from medembed.protocol.report import format_cell, markdown_table, write_metrics_json
+from medembed.protocol.report import format_cell, format_interval, markdown_table, write_metrics_json
 from medembed.protocol.splits import Split
 from medembed.transfer.conformal import coverage, fit_conformal, prediction_sets
 from medembed.transfer.ood import embedding_matrix, ood_threshold
@@ -142,11 +142,11 @@ def drift_markdown(drift: dict[str, Any]) -> str:
 
 
 def _signed(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:+.3f}"
+    return "n/a" if value is None or math.isnan(value) else f"{value:+.3f}".replace("-", "\u2212")  # as format_interval writes it
 
 
 def _interval(ci: list[float] | None) -> str:
-    return "n/a" if not ci or any(v is None or math.isnan(v) for v in ci) else f"{ci[0]:+.3f} to {ci[1]:+.3f}"
+    return "n/a" if not ci or any(v is None or math.isnan(v) for v in ci) else format_interval(ci)
 
 
 def fitted_extras(fitted: Any, splits: dict[str, Split], seed: int, n_resamples: int, options: TransferOptions | None = None) -> Any:
