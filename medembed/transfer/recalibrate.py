@@ -114,6 +114,8 @@ def recalibrate(run_dir: Path, target: Path, out: Path, options: RecalibrateOpti
     rest of the target."""
     options = options or RecalibrateOptions()
     transfer = transfer or TransferOptions()
+    if Path(out).resolve().is_relative_to(Path(run_dir).resolve()):  # the source run is read, never rewritten
+        raise MedembedError(f"{out}: is the source run {run_dir} or inside it; recalibrate writes a new run: give another --out")
     run = load_run(run_dir)
     rows, notes = run_inputs(run).target(target, root, options.split, transfer.columns_from)
     rows = labelled(rows)

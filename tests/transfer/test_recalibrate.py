@@ -66,3 +66,10 @@ def test_the_cnn_is_recalibrated_through_its_probabilities(cnn_run, fracatlas_su
     result = recalibrate(cnn_run, fracatlas_subset, tmp_path / "cnn2", options, root=fracatlas_root)
     assert result["labelled"] + result["evaluated"] == 16
     assert load_run(tmp_path / "cnn2").record.kind == "cnn"
+
+
+def test_recalibrate_never_writes_over_its_source_run(tmp_path):
+    for out in (tmp_path / "run", tmp_path / "run" / "inside"):
+        with pytest.raises(MedembedError, match="is the source run .* recalibrate writes a new run"):
+            recalibrate(tmp_path / "run", tmp_path / "target.h5", out)
+    assert not (tmp_path / "run").exists()
