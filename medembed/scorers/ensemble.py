@@ -180,7 +180,7 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
         scorer.meta_ = _checked_meta(document["meta"], scorer, path)
         scorer.members_ = [load_head(Path(directory) / f"member-{k}") for k in range(len(scorer.member_names()))]
         for k, head in enumerate(scorer.members_):
-            if head.name != scorer._member_head(k):
+            if head.name != scorer._member_head(k).partition(":")[0]:  # sklearn:MODULE.CLASS members are "sklearn" heads
                 raise MedembedError(f"{path}: member-{k} is a {head.name!r} head, its params name {scorer._member_head(k)!r}")
             if head.n_features_in_ != scorer._block_width(k):
                 raise MedembedError(f"{path}: member-{k} was fitted on {head.n_features_in_} features, its block has {scorer._block_width(k)}")
