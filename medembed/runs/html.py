@@ -190,6 +190,7 @@ class _MapMaker:
         self.note = ""
         self.rows = rows
         self.scorer = scorer
+        self._weights: dict[int, np.ndarray] = {}
         X = getattr(rows, "X", None)
         if scorer is None or X is None or np.ndim(X) != 3:
             return
@@ -202,10 +203,19 @@ class _MapMaker:
             except MedembedError as error:
                 self.note = str(error)
 
+    def prepare(self, rows: list[int]) -> None:
+        """Compute the weights of these rows in one pass of the head (the gallery's cases)."""
+        self._weights = {}
+        if self.geometry is not None and rows:
+            order = sorted(set(rows))
+            self._weights = dict(zip(order, self.scorer.attention_weights(np.asarray(self.rows.X[order]))))
+
     def weights(self, row: int) -> np.ndarray | None:
         if self.geometry is None:
             return None
-        return self.scorer.attention_weights(np.asarray(self.rows.X[row : row + 1]))[0]
+        if row not in self._weights:
+            self.prepare([row])
+        return self._weights[row]
 
 
 def _summary_line(record: Any, rows: Any, threshold: float) -> str:
@@ -247,12 +257,14 @@ def _interval_note(metrics: dict, levels: list[str]) -> str:
     if not bootstrap.get("n_resamples"):
         return "Values: point estimates (no bootstrap)."
     confidence = round(100 * (1 - float(bootstrap.get("alpha", 0.05))))
-    return f"Values: point estimate and {confidence}% percentile bootstrap interval ({bootstrap['n_resamples']} resamples of {bootstrap.get('unit', 'image')}s)."
+    unit = str(bootstrap.get("unit", "image"))
+    units = "studies" if unit == "study" else f"{unit}s"
+    return f"Values: point estimate and {confidence}% percentile bootstrap interval ({bootstrap['n_resamples']} resamples of {units})."
 
 
 def _figures_section(folder: Path) -> list[str]:
     out = ["<h2>Figures</h2>"]
-    pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    pngs = sorted(folder.glob("*.png"), key=_figure_order) if folder.is_dir() else []
     if not pngs:
         return out + ["<p class=\"note\">No figures were drawn.</p>"]
     items = []
@@ -265,12 +277,23 @@ def _figures_section(folder: Path) -> list[str]:
     return out + ["<div class=\"figures\">" + "".join(items) + "</div>"]
 
 
+_FIGURE_KINDS = ("roc", "pr", "reliability", "thresholds", "body_parts")
+
+
+def _figure_order(png: Path) -> tuple[int, int, str]:
+    """Image level before study level, each as ROC, PR, reliability, thresholds, body parts; others after."""
+    kind, _, level = png.stem.rpartition("_")
+    known = kind in _FIGURE_KINDS and level in LEVELS
+    return (LEVELS.index(level) if known else len(LEVELS), _FIGURE_KINDS.index(kind) if known else 0, png.name)
+
+
 def _gallery_sections(cases: dict[str, list[Case]], record: Any, locator: ImageLocator | None, where: str, maps: _MapMaker,
                       threshold: float) -> list[str]:
     out = ["<h2>Case gallery</h2>", f"<p class=\"note\">Image level, threshold {threshold:.3f}; {escape(where)}."
            + (" Thumbnails show the head's attention over the grid cells (inferno: more weight), placed through the run's preprocessing." if maps.geometry else "")
            + (f" {escape(maps.note)}." if maps.note else "") + "</p>"]
     spec = _spec(record)
+    maps.prepare([case.row for section in cases.values() for case in section])
     for heading, section in cases.items():
         out.append(f"<h3>{escape(heading)}</h3>")
         if not section:
