@@ -286,7 +286,8 @@ def fit(stores: PathLike | Sequence[PathLike], out: PathLike, **options: Any) ->
 def evaluate(run: Any, *, stores: PathLike | Sequence[PathLike] | None = None, split: str = "test",
              bootstrap: int | None = None, **options: Any) -> dict[str, Any]:
     """`medembed evaluate`: recompute a run's metrics on its test split (or `split`, or other `stores` with its
-    fingerprint) and rewrite its metrics.json, report and figures. `run` is a loaded run or its directory;
+    fingerprint) into RUN/evaluations/NAME/ (metrics.json, report and figures; the fit's own are left as they are,
+    see `medembed.evaluate.evaluation_name`). `run` is a loaded run or its directory;
     `bootstrap` resamples (default: the run's); `options` the transfer kit's (`alpha=`, `by=`, `ood_rate=`, ...).
     Returns the metrics (metrics.json's document)."""
     if "n_resamples" in options:
@@ -305,14 +306,15 @@ def evaluate(run: Any, *, stores: PathLike | Sequence[PathLike] | None = None, s
 
 
 def predict(run: Any, images_or_manifest: PathLike | Sequence[PathLike], root: PathLike | None = None,
-            cache_dir: PathLike | None = None, *, out: PathLike | None = None, **options: Any) -> Any:
+            cache_dir: PathLike | None = None, *, out: PathLike | None = None, explain: PathLike | None = None,
+            **options: Any) -> Any:
     """`medembed predict`: score image files, folders of images or one manifest CSV with a run's own encoder,
     calibration and thresholds. `run` is a `Run` or its directory.
 
     `root`: the folder a manifest's relative paths are under (default: the manifest's folder); `cache_dir`: where
     the embeddings are cached (default: `$MEDEMBED_CACHE`, `$XDG_CACHE_HOME/medembed/predict` or
     `~/.cache/medembed/predict`); `out`: also write the table there (CSV, or Parquet for `.parquet`; studies to
-    `<out>_studies`). `options` are predict's other flags (`batch_size=`, `workers=`, `device=`, `alpha=`,
+    `<out>_studies`); `explain`: a folder for attention maps (token-head runs). `options` are predict's other flags (`batch_size=`, `workers=`, `device=`, `alpha=`,
     `ood_rate=`, ...).
 
     Returns a pandas DataFrame, one row per image: image_id, path (as given), study_id, probability (NaN where the
@@ -325,12 +327,13 @@ def predict(run: Any, images_or_manifest: PathLike | Sequence[PathLike], root: P
     root = None if root is None else _path(root, "root")
     cache_dir = None if cache_dir is None else _path(cache_dir, "cache_dir")
     out = None if out is None else _path(out, "out")
+    explain = None if explain is None else _path(explain, "explain")
     from medembed.predict import score_images
     from medembed.tables import import_pandas, sibling, table_format, table_frame, write_table
 
     import_pandas("api.predict")  # no pandas (or no pyarrow for a .parquet out): said before any image is read
     table_format(out)
-    result = score_images(directory, inputs, extract_options, transfer, root=root, cache_dir=cache_dir)
+    result = score_images(directory, inputs, extract_options, transfer, root=root, cache_dir=cache_dir, explain=explain)
     if out is not None:
         write_table(out, result.header, result.rows)
         if result.study_rows:
