@@ -143,3 +143,17 @@ def test_report_html_loads_in_a_headless_browser(html_run, tmp_path):
     with Image.open(shot) as image:
         grey = np.asarray(image.convert("L"))
     assert grey.shape == (1600, 1200) and len(np.unique(grey)) > 20 and grey.std() > 5  # rendered, not blank
+
+
+def test_an_image_run_s_gallery_follows_its_manifest_paths_inside_the_root(tmp_path):
+    from medembed.runs.html import ImageLocator
+
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    Image.new("L", (40, 40)).save(root / "a" / "x.png")
+    Image.new("L", (40, 40)).save(tmp_path / "outside.png")
+    locator = ImageLocator(root, {"one": "a/x.png", "two": "../outside.png", "three": str(tmp_path / "outside.png"), "four": "a/gone.png"})
+    assert locator.find("one") == (root / "a" / "x.png", "a/x.png")
+    assert locator.find("two") == (None, "its manifest path leads outside the root")
+    assert locator.find("three") == (None, "its manifest path leads outside the root")
+    assert locator.find("four") == (None, "no such image under the root")

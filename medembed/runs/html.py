@@ -112,16 +112,23 @@ def gallery_cases(rows: Any, p: np.ndarray, threshold: float, size: int = GALLER
 
 
 class ImageLocator:
-    """Finds the file of an image id under a root, never outside it: `root/<id>` when the id is a relative path
-    to an image file, else the one image file under root whose name without suffix is the id."""
+    """Finds the file of an image id under a root, never outside it: the manifest's path of the id when `paths`
+    (id -> relative path, an image run's manifest) holds it, else `root/<id>` when the id is a relative path to an
+    image file, else the one image file under root whose name without suffix is the id."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, paths: dict[str, str] | None = None) -> None:
         self.root = Path(root)
         self._real_root = self.root.resolve()
         self._by_stem: dict[str, list[str]] | None = None
+        self._paths = paths or {}
 
     def find(self, image_id: str) -> tuple[Path | None, str]:
         """(the file, its path relative to the root) or (None, why it was not found)."""
+        if image_id in self._paths:
+            relative = self._paths[image_id]
+            if os.path.isabs(relative) or paths_outside_root([relative])[0] or not self._contained(self.root / relative):
+                return None, "its manifest path leads outside the root"
+            return (self.root / relative, relative) if (self.root / relative).is_file() else (None, "no such image under the root")
         if image_id and not os.path.isabs(image_id) and not paths_outside_root([image_id])[0]:
             candidate = self.root / image_id
             if candidate.suffix.lower() in _IMAGE_SUFFIXES and self._contained(candidate) and candidate.is_file():
@@ -161,7 +168,20 @@ def image_locator(record: Any, image_root: Path | None) -> tuple[ImageLocator | 
             return None, root
     if not Path(root).is_dir():
         return None, f"the image root {root} is not a folder on this machine (pass --root to evaluate)"
-    return ImageLocator(Path(root)), f"images read from {root}"
+    return ImageLocator(Path(root), _manifest_paths(record)), f"images read from {root}"
+
+
+def _manifest_paths(record: Any) -> dict[str, str]:
+    """An image run's manifest as id -> path ({} for embedding runs, or a manifest that cannot be read)."""
+    if "manifest" not in record.inputs:
+        return {}
+    from medembed.data.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(Path(record.inputs["manifest"]))
+    except (MedembedError, OSError):
+        return {}
+    return dict(zip(manifest.image_id.tolist(), manifest.path.tolist()))
 
 
 def _recorded_root(record: Any) -> Path | str:
