@@ -71,8 +71,9 @@ def test_predict_takes_a_run_path_writes_out_and_types_the_columns(example, tmp_
     assert frame["probability"].between(0, 1).all() and set(frame["abnormal"]) <= {0, 1} and (frame["error"] == "").all()
     assert (tmp_path / "p.csv").read_text().count("\n") == 3 and frame.attrs["cache"].startswith(str(tmp_path / "cache"))
     run = api.load_run(work / "runs" / "frac-logreg")
-    same = run.predict(images[0], cache_dir=tmp_path / "cache")  # a Run's predict is api.predict with it
+    same = run.predict(images[0], cache_dir=tmp_path / "cache", explain=tmp_path / "maps")  # api.predict with the run
     assert same.loc[0, "probability"] == pytest.approx(frame.loc[0, "probability"], abs=1e-6)  # batches of 2 or 1
+    assert any(note.startswith("--explain: ") and "nothing written" in note for note in same.attrs["notes"])  # a logreg has no map
 
 
 def test_predict_on_a_manifest_with_root_carries_its_columns(example, tmp_path):
