@@ -314,8 +314,8 @@ def predict(run: Any, images_or_manifest: PathLike | Sequence[PathLike], root: P
     `root`: the folder a manifest's relative paths are under (default: the manifest's folder); `cache_dir`: where
     the embeddings are cached (default: `$MEDEMBED_CACHE`, `$XDG_CACHE_HOME/medembed/predict` or
     `~/.cache/medembed/predict`); `out`: also write the table there (CSV, or Parquet for `.parquet`; studies to
-    `<out>_studies`); `explain`: a folder for attention maps (token-head runs). `options` are predict's other flags (`batch_size=`, `workers=`, `device=`, `alpha=`,
-    `ood_rate=`, ...).
+    `<out>_studies`); `explain`: a folder for attention maps (token-head runs). `options` are predict's other
+    flags (`batch_size=`, `workers=`, `device=`, `alpha=`, `ood_rate=`, ...).
 
     Returns a pandas DataFrame, one row per image: image_id, path (as given), study_id, probability (NaN where the
     image could not be read), abnormal, error, prediction_set, ood_score, ood, then a manifest's label and other
