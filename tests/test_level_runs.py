@@ -1,7 +1,8 @@
-"""Ensembles of token-level members (`fit A.h5 B.h5 --ensemble mean --head attention --level block14,block19`, an
-adapter's seeds, several levels of one store): real EfficientNet-Lite stores of FracAtlas images at 64 px; the run
-round-trips through load_run, predict re-extracts every member's level and reproduces the run's probabilities,
-tampered files and bad level combinations are refused in one line."""
+"""Runs on token levels of real EfficientNet-Lite stores (FracAtlas images at 64 px): a deeper adapter (`--head adapter
+--level block12`, `--level auto` among adapter levels) and ensembles of token-level members (`fit A.h5 B.h5 --ensemble
+mean --head attention --level block14,block19`, an adapter's seeds, several levels of one store). Each run
+round-trips through load_run, predict re-extracts the levels and reproduces the run's probabilities, tampered files
+and bad level combinations are refused in one line."""
 
 import csv
 import json
@@ -45,6 +46,47 @@ def stores(tmp_path_factory, small_manifest, fracatlas_root):
     return paths
 
 
+def predicted_matches_stored(run, tmp_path, small_manifest, fracatlas_root) -> None:
+    """`medembed predict` on the run's test images (re-extracted by its encoders, levels included) gives the
+    probabilities the run gives its own stored rows."""
+    loaded = load_run(run)
+    rows = run_inputs(loaded).rows("test")
+    stored = dict(zip(rows.image_id, loaded.probabilities(rows)))
+    manifest = read_manifest(small_manifest)
+    test = manifest.subset(np.flatnonzero((manifest.split == "test") & ~np.isin(manifest.image_id, ["IMG0004028", "IMG0004029"])))
+    files = [str(fracatlas_root / path) for path in test.path]
+    done = run_cli("predict", run, *files, "--out", tmp_path / "p.csv", "--workers", "0", "--cache-dir", tmp_path / "cache")
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "p.csv", newline="") as handle:
+        predicted = {row["image_id"].split("/")[-1]: float(row["probability"]) for row in csv.DictReader(handle)}
+    for image_id, path in zip(test.image_id, test.path):
+        assert predicted[path.split("/")[-1]] == pytest.approx(stored[image_id], abs=2e-3)
+
+
+def test_a_block12_adapter_run_through_the_cli_records_its_cost_and_predict_reproduces_it(stores, tmp_path, small_manifest, fracatlas_root):
+    lite0, _ = stores
+    run = tmp_path / "adapter"
+    done = run_cli("fit", lite0, "--head", "adapter", "--level", "block12", "-p", "max_epochs=2", "-p", "batch_size=8", "-p", "n_jobs=1",
+                   "--bootstrap", "0", "--out", run)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((run / "run.json").read_text())
+    cost = record["details"]["seeds"][0]["selection"]["cost"]
+    assert cost["starts_after"] == "block12" and cost["adapts"] == "block13..block15 and the head conv" and cost["input_tokens"] == [5, 192]
+    assert record["options"]["head_params"] == {"max_epochs": 2, "batch_size": 8, "n_jobs": 1}
+    head = load_run(run).scorer
+    assert (head.level, head.encoder, head.encoder_options) == ("block12", "efficientnet-lite0", LITE0)
+    predicted_matches_stored(run, tmp_path, small_manifest, fracatlas_root)
+
+
+def test_level_auto_chooses_among_the_levels_an_adapter_can_start_from(stores, tmp_path):
+    lite0, _ = stores
+    fit_run([lite0], tmp_path / "auto", FitOptions(head="adapter", level="auto", head_params={"max_epochs": 1, "batch_size": 8, "n_jobs": 1}, **FAST))
+    selection = json.loads((tmp_path / "auto" / "run.json").read_text())["details"]["level_selection"]
+    assert set(selection["val_auroc"]) == {"block12", "block14"} and selection["chosen"] in ("block12", "block14")
+    assert "cannot start from level 'final@1x1'" in selection["skipped"]["final@1x1"]
+    assert selection["cost"]["block14"]["adapts"] == "block15 and the head conv"
+
+
 def test_attention_members_of_two_encoders_levels_fit_load_and_predict(stores, tmp_path, small_manifest, fracatlas_root):
     lite0, lite1 = stores
     run = tmp_path / "attention"
@@ -60,17 +102,7 @@ def test_attention_members_of_two_encoders_levels_fit_load_and_predict(stores, t
     rows = run_inputs(loaded).rows("test")
     assert isinstance(rows.X, MemberInputs) and [b.shape[1:] for b in rows.X.blocks] == [(5, 192), (5, 192)]
     assert rows.X.pooled.shape[1] == 2560  # both encoders' pooled vectors, what the OOD reference sees
-    stored = dict(zip(rows.image_id, loaded.probabilities(rows)))
-    # predict: the test images re-extracted by both members' encoders (with their levels)
-    manifest = read_manifest(small_manifest)
-    test = manifest.subset(np.flatnonzero((manifest.split == "test") & ~np.isin(manifest.image_id, ["IMG0004028", "IMG0004029"])))
-    files = [str(fracatlas_root / path) for path in test.path]
-    done = run_cli("predict", run, *files, "--out", tmp_path / "p.csv", "--workers", "0", "--cache-dir", tmp_path / "cache")
-    assert done.returncode == 0, done.stderr[-2000:]
-    with open(tmp_path / "p.csv", newline="") as handle:
-        predicted = {row["image_id"].split("/")[-1]: float(row["probability"]) for row in csv.DictReader(handle)}
-    for image_id, path in zip(test.image_id, test.path):
-        assert predicted[path.split("/")[-1]] == pytest.approx(stored[image_id], abs=2e-3)
+    predicted_matches_stored(run, tmp_path, small_manifest, fracatlas_root)
 
 
 def test_an_adapters_seeds_and_two_levels_of_one_store_through_the_cli(stores, tmp_path):

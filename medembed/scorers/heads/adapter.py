@@ -115,8 +115,9 @@ def adapter_cost(encoder: Any, level: str, n_train: int | None = None) -> dict[s
     backward taken as 3x forward, the usual estimate)."""
     tokens, channels = _token_shape(encoder, level)
     counted = encoder.tail_cost(level)
-    first = "block0" if level == "stem" else f"block{int(level.removeprefix('block')) + 1}"
-    adapted = "the head conv" if level == f"block{len(encoder.level_names()) - 3}" else f"{first}..block{len(encoder.level_names()) - 3} and the head conv"
+    first, last = 0 if level == "stem" else int(level.removeprefix("block")) + 1, len(encoder.level_names()) - 3
+    blocks = {0: "", 1: f"block{last} and "}.get(last - first + 1, f"block{first}..block{last} and ")
+    adapted = f"{blocks}the head conv"
     cost = {
         "starts_after": level,
         "adapts": adapted,
