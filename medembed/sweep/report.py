@@ -1,7 +1,8 @@
 """results.md and the figures of a sweep, drawn from its results rows.
 
-Every number is a study-level metric's mean ± sd over seeds, computed by `medembed.protocol.metrics.summarize_seeds`
-(the same summary as `medembed fit --seeds`) and formatted by `medembed.protocol.report.format_cell`. Figures are drawn
+Every number is a study-level metric's mean ± sd over seeds with the first seed's value and interval beside it,
+computed by `medembed.protocol.metrics.summarize_seeds` and picked by `headline_leaf` (the same headline as
+`medembed fit --seeds`), formatted by `medembed.protocol.report.format_cell`. Figures are drawn
 on `matplotlib.figure.Figure` objects (Agg, no pyplot state).
 """
 
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from medembed.protocol.metrics import summarize_seeds
+from medembed.protocol.metrics import headline_leaf, summarize_seeds
 from medembed.protocol.report import METRIC_LABELS, format_cell, markdown_table
 from medembed.sweep.results import row_key
 
@@ -30,17 +31,34 @@ Cell = tuple[str, str, float]  # encoder, head, budget
 
 
 def summarize_cells(rows: list[dict[str, Any]]) -> dict[Cell, dict[str, dict]]:
-    """{(encoder, head, budget): {metric: seed summary}} over the seeds of the cells that ran.
+    """{(encoder, head, budget): {metric: leaf}} over the seeds of the cells that ran.
 
-    Metrics: HEADLINE at LEVEL, and train_images; each a summarize_seeds leaf {"mean", "sd", "n_seeds", "values"}.
-    Rows with a note (cells that could not run) are left out.
+    Each HEADLINE metric at LEVEL is the cell's headline as a run of several seeds has it (`headline_leaf`): the
+    summarize_seeds summary {"mean", "sd", "n_seeds", "values"} joined with the first seed's "value", "ci" (its
+    bootstrap interval, None where the rows have none) and "seed"; train_images is a seed summary. Rows with a note
+    (cells that could not run) are left out.
     """
     by_cell: dict[Cell, list[dict]] = defaultdict(list)
     for row in rows:
         if not row["note"]:
-            values = {metric: {"value": row[f"{LEVEL}_{metric}"]} for metric in HEADLINE}
-            by_cell[(row["encoder"], row["head"], row["budget"])].append({**values, "train_images": {"value": row["train_images"]}})
-    return {cell: summarize_seeds(results) for cell, results in sorted(by_cell.items())}
+            by_cell[(row["encoder"], row["head"], row["budget"])].append(row)
+    summary = {}
+    for cell, cell_rows in sorted(by_cell.items()):
+        cell_rows = sorted(cell_rows, key=lambda row: row["seed"])
+        results = [_seed_result(row) for row in cell_rows]
+        run = {**results[0], "over_seeds": {**summarize_seeds(results), "seeds": [int(row["seed"]) for row in cell_rows]}}
+        summary[cell] = {**{metric: headline_leaf(run, LEVEL, metric) for metric in HEADLINE}, "train_images": run["over_seeds"]["train_images"]}
+    return summary
+
+
+def _seed_result(row: dict[str, Any]) -> dict[str, Any]:
+    """One results row as a result of one seed: HEADLINE at LEVEL with their intervals, and train_images."""
+    overall = {}
+    for metric in HEADLINE:
+        low, high = row.get(f"{LEVEL}_{metric}_low"), row.get(f"{LEVEL}_{metric}_high")
+        known = low is not None and high is not None and not (math.isnan(low) or math.isnan(high))
+        overall[metric] = {"value": row[f"{LEVEL}_{metric}"], "ci": [low, high] if known else None}
+    return {LEVEL: {"overall": overall}, "train_images": {"value": row["train_images"]}}
 
 
 def write_report(rows: list[dict[str, Any]], config: SweepConfig, record: dict[str, Any]) -> tuple[Path, list[Path]]:
@@ -71,8 +89,9 @@ def results_markdown(summary: dict[Cell, dict[str, dict]], rows: list[dict[str, 
         "nested across budgets, drawn per seed); probability calibration "
         f"`{config.calibration}` and the `{config.threshold}` threshold are chosen on the whole val split; metrics on the "
         f"whole test split, study probability = {config.aggregation} of its images'. "
-        f"Values: {LEVEL}-level mean ± sd over seeds ({seeds}); a bare value is one seed's. Every cell's values with 95% bootstrap intervals "
-        f"({config.bootstrap} resamples): `results.csv`.",
+        f"Values: {LEVEL}-level mean ± sd over seeds ({seeds}), with the first seed's value and 95% bootstrap interval "
+        f"({config.bootstrap} resamples) in parentheses; a cell of one seed: its value and interval. Every cell's values with their "
+        "intervals: `results.csv`.",
     ]
     if summary:
         full = max(budget for _, _, budget in summary)
@@ -92,11 +111,12 @@ def results_markdown(summary: dict[Cell, dict[str, dict]], rows: list[dict[str, 
 
 
 def _cell_text(leaf: dict | None, metric: str) -> str:
-    """mean ± sd; the bare value for one seed (its sd is undefined); '—' for a cell not in the sweep."""
+    """mean ± sd (seed 0: value [interval]), as a run of several seeds is shown everywhere; one seed's value and
+    interval for a cell of one seed (its sd is undefined); '—' for a cell not in the sweep."""
     if leaf is None:
         return "—"
     if leaf["n_seeds"] == 1:
-        return format_cell({"value": leaf["mean"], "ci": None}, metric)
+        return format_cell({"value": leaf["value"], "ci": leaf.get("ci")}, metric)
     return format_cell(leaf, metric)
 
 

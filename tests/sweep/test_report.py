@@ -44,3 +44,15 @@ def test_figures_draw_every_series(tmp_path):
 
 def test_budgets_read_as_percentages():
     assert [percent(b) for b in (0.01, 0.125, 1.0)] == ["1%", "12.5%", "100%"]
+
+
+def test_sweep_cells_read_as_a_multi_seed_runs_headline():
+    """mean ± sd with the first seed's interval beside it, as fit, report.md and compare show a run of several seeds."""
+    from medembed.sweep.report import _cell_text
+
+    rows = [dict(r, study_auroc_low=r["study_auroc"] - 0.1, study_auroc_high=r["study_auroc"] + 0.05) for r in ROWS]
+    summary = summarize_cells(rows)
+    assert _cell_text(summary[("enc", "logreg", 1.0)]["auroc"], "auroc") == "0.850 ± 0.071 (seed 0: 0.800 [0.700, 0.850])"
+    assert _cell_text(summary[("cnn", "finetune", 1.0)]["auroc"], "auroc") == "0.850 [0.750, 0.900]"  # one seed: no sd
+    assert _cell_text(summary[("enc", "logreg", 1.0)]["kappa"], "kappa") == "0.450 ± 0.071 (seed 0: 0.400)"  # no interval in the rows
+    assert _cell_text(None, "auroc") == "—"
