@@ -107,3 +107,18 @@ def test_the_readme_own_data_block_runs_as_printed(tmp_path):
     assert (types["probability"], types["abnormal"], types["label"], types["path"]) == ("double", "int64", "int64", "string")
     assert table.column("probability").to_pylist() == pytest.approx([float(r["probability"]) for r in rows], abs=1e-6)
     assert table.column("label").to_pylist() == [int(m["label"]) for m in manifest]
+
+    # a manifest whose paths are not under its folder, and --root for a folder: one line each, exit 2, nothing written
+    (work / "elsewhere").mkdir()
+    shutil.copy(work / "mine.csv", work / "elsewhere" / "mine.csv")
+    first = work / "elsewhere" / manifest[0]["path"]
+    for args, message in [
+        (["elsewhere/mine.csv"], f"elsewhere/mine.csv: none of its {n} images exists (the first: {first}); "
+                                 "its paths are relative to the manifest's folder (give --root DIR for another)"),
+        (["my_xrays/", "--root", "my_xrays/"], "--root is the folder a manifest CSV's paths are relative to; "
+                                                "image files and folders are scored as given"),
+    ]:
+        refused = subprocess.run([MEDEMBED, "predict", "runs/mine-logreg", *args, "--out", "refused.csv"], cwd=work, env=env,
+                                 capture_output=True, text=True, timeout=120, check=False)
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [f"error: {message}"], refused.stderr
+        assert not (work / "refused.csv").exists()
