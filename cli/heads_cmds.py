@@ -68,9 +68,12 @@ def head_entries() -> list[dict[str, Any]]:
                 entry["parameters"].pop(own)
             entry["note"] = "any other -p key is the classifier's own keyword argument (`medembed heads sklearn:sklearn.svm.SVC` lists them)"
         if name == "adapter":
+            from medembed.scorers.heads.adapter import adapter_cost_note
+
             for filled in ADAPTER_FROM_STORE:
                 entry["parameters"].pop(filled)
                 entry["set_by_fit"][filled] = "the store and --level"
+            entry["note"] = adapter_cost_note()  # what each starting level costs, counted on the meta device
         entries.append(entry)
     for pooling in POOLINGS:
         entry = _entry(pooling, type(make_study_pooling(pooling, {}, 0)), f"--study-pooling {pooling}", "a study's image embeddings [n, D]")
