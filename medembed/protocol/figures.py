@@ -331,18 +331,26 @@ def _bar_label(name: str, bar: PartBar) -> str:
 
 
 def _body_part_figure(parts: dict[str, PartBar | tuple[float, float, float]], level: str, band: str = "", title: str = "") -> Figure:
-    """Bars at the point estimates, n under each; undefined values written "n/a" (no bar, not a bar at 0); each
-    interval drawn from its low to its high bound.
+    """AUROC per body part as `draw_bars` draws it, the chance line at 0.5."""
+    bars = {name: bar if isinstance(bar, PartBar) else PartBar(*bar) for name, bar in parts.items()}
+    figure, axes = _new_axes(title or f"AUROC per body part ({level} level)", "", "AUROC")
+    draw_bars(axes, bars, "AUROC", band, chance=0.5)
+    figure.subplots_adjust(bottom=0.27 if len(bars) > 5 else 0.2)
+    return figure
+
+
+def draw_bars(axes: Any, bars: dict[str, PartBar], label: str, band: str = "", chance: float | None = None) -> None:
+    """One bar per group at its value with n (and abnormal count) under it; an undefined value (NaN) written
+    "n/a" (with why, from the counts) over a hatched outline, never a bar at 0; each interval drawn from its low
+    to its high bound, named `band` in the legend. For any per-group metric in [0, 1] (body parts, subgroups).
 
     A percentile bootstrap interval need not contain its point estimate (a skewed metric with few resamples), so
     the interval is drawn on its own, not as distances from the bar's top (which would be negative there)."""
-    bars = {name: bar if isinstance(bar, PartBar) else PartBar(*bar) for name, bar in parts.items()}
-    figure, axes = _new_axes(title or f"AUROC per body part ({level} level)", "", "AUROC")
     names = list(bars)
     values, low, high = np.array([(bar.value, bar.low, bar.high) for bar in bars.values()], dtype=np.float64).reshape(-1, 3).T
     x = np.arange(len(names))
     defined = np.isfinite(values)
-    axes.bar(x[defined], values[defined], color="steelblue", label="AUROC")
+    axes.bar(x[defined], values[defined], color="steelblue", label=label)
     for k in np.flatnonzero(~defined):
         axes.bar(x[k], 1.0, color="none", edgecolor="lightgrey", hatch="///", linewidth=0.5)
         axes.text(x[k], 0.5, _undefined_reason(bars[names[k]]), rotation=90, ha="center", va="center", color="dimgrey",
@@ -353,11 +361,10 @@ def _body_part_figure(parts: dict[str, PartBar | tuple[float, float, float]], le
         # Centred on the interval's midpoint with half its width: the bar spans exactly [low, high].
         axes.errorbar(x[drawn], (low + high) / 2, yerr=(high - low) / 2, fmt="none", ecolor="black", capsize=3,
                       linewidth=0.8, label=band or "interval")
-    axes.axhline(0.5, linestyle=":", color="grey", label="chance (0.5)")
+    if chance is not None:
+        axes.axhline(chance, linestyle=":", color="grey", label=f"chance ({chance:g})")
     # Room above the bars for the legend; the axis itself is labelled 0 to 1 only.
     axes.set(ylim=(0, 1.38), yticks=np.linspace(0, 1, 6))
     axes.set_xticks(x, [_bar_label(name, bars[name]) for name in names])
     axes.tick_params(axis="x", labelrotation=45 if len(names) > 5 else 0, labelsize=5.5 if len(names) > 5 else 6.5)
     axes.legend(loc="upper center", ncols=2)
-    figure.subplots_adjust(bottom=0.27 if len(names) > 5 else 0.2)
-    return figure
