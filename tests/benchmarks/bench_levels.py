@@ -7,6 +7,14 @@ fit time per seed and the level's store bytes per image, from one EfficientNet-L
     python tests/benchmarks/bench_levels.py --store work/tokens/fracatlas-effl0-levels.h5 --out work/tokens/bench
                                                                                   (or `make bench-levels`)
 
+The deeper adapters' rows (`block12`, `block10`: full grids, 19,200 and 44,128 B per image) need a store with
+those levels (`--levels block14,block12,block10`); rows whose level the store lacks are skipped and say so.
+`--epoch-cost` measures instead what one adapter training epoch costs per starting level: real Lite0 weights,
+float16 tokens of each level's 224 px shape, a few timed batches of 32 (forward, backward, AdamW step) after
+one warm-up batch, extrapolated to FracAtlas's 2,858 train images (no store needed):
+
+    python tests/benchmarks/bench_levels.py --epoch-cost --threads 2
+
 Every row is one `medembed fit` (same split, same protocol: threshold f1 chosen on val, 1000 bootstrap
 resamples, seeds 0-2 of the heads) whose command is printed beside it. Each row's result is written to
 OUT/rows/NAME.json as it finishes (rows can run in parallel processes with --only; a rerun skips rows measured).
@@ -35,11 +43,14 @@ class Row:
     head: str
     level: str = ""
     params: dict = field(default_factory=dict)
+    ensemble: str = ""
+    ensemble_seeds: int = 1
 
     def command(self, store: Path) -> str:
         level = f" --level {self.level}" if self.level else ""
         params = "".join(f" -p {key}={value}" for key, value in self.params.items())
-        return f"medembed fit {store} --head {self.head}{level}{params} --seeds {SEEDS} --out runs/{self.name}"
+        ensemble = f" --ensemble {self.ensemble} --ensemble-seeds {self.ensemble_seeds}" if self.ensemble else ""
+        return f"medembed fit {store} --head {self.head}{level}{params}{ensemble} --seeds {SEEDS} --out runs/{self.name}"
 
 
 ROWS = (
@@ -53,7 +64,13 @@ ROWS = (
     Row("final@4x4-attention", "attention", "final@4x4"),
     Row("block14+block10@7x7-attention", "attention", "block14+block10@7x7"),
     Row("block14-adapter", "adapter", "block14"),
+    Row("block14-adapter-bn-train", "adapter", "block14", {"bn": "train"}),
+    Row("block12-adapter", "adapter", "block12"),
+    Row("block10-adapter", "adapter", "block10"),
+    Row("block14-adapter-3-seed-mean", "adapter", "block14", ensemble="mean", ensemble_seeds=3),
 )
+EPOCH_COST_LEVELS = ("block15", "block14", "block12", "block10", "block7", "block4", "stem")
+FRACATLAS_TRAIN = 2858
 
 
 def bytes_per_image(store: Path, level: str) -> int:
@@ -66,7 +83,8 @@ def bytes_per_image(store: Path, level: str) -> int:
 
 
 def measure(row: Row, store: Path, out: Path) -> dict:
-    options = FitOptions(head=row.head, level=row.level, head_params=dict(row.params), seeds=SEEDS)
+    options = FitOptions(head=row.head, level=row.level, head_params=dict(row.params), seeds=SEEDS, ensemble=row.ensemble,
+                         ensemble_seeds=row.ensemble_seeds)
     return {
         "name": row.name, "command": row.command(store), "bytes_per_image": bytes_per_image(store, row.level),
         **timed_fit([store], out / "runs" / row.name, options),
@@ -85,18 +103,71 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def epoch_cost(levels: tuple[str, ...], batches: int, threads: int, batch_size: int = 32) -> str:
+    """A markdown table: per starting level, its tokens and store bytes, counted forward GFLOP per image, measured
+    seconds per training batch and the train epoch over FracAtlas's train split that they extrapolate to."""
+    import os
+    import time
+
+    import torch
+
+    from medembed.scorers.heads.adapter import AdapterHead, adapter_cost
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    lines = [
+        f"| starts after | adapts | tokens [T, C] | store B/image (fp16) | forward GFLOP/image | s per batch of {batch_size} (measured) | train epoch s, {FRACATLAS_TRAIN:,} images (extrapolated) |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for level in levels:
+        head = AdapterHead(encoder="efficientnet-lite0", level=level)
+        built, _ = head.start()
+        cost = adapter_cost(built, level)
+        network = head._network(pretrained=True).train()
+        optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+        tokens = torch.randn(batch_size, *cost["input_tokens"]).half()
+        targets = (torch.arange(batch_size) % 2).float()
+        seconds = []
+        for step in range(batches + 1):  # the first batch warms up (allocations, oneDNN kernel choice)
+            started = time.perf_counter()
+            optimizer.zero_grad()
+            torch.nn.functional.binary_cross_entropy_with_logits(network(tokens).squeeze(1), targets).backward()
+            optimizer.step()
+            if step:
+                seconds.append(time.perf_counter() - started)
+        per_batch = float(np.median(seconds))
+        lines.append(
+            f"| {level} | {cost['adapts']} | {cost['input_tokens']} | {cost['store_bytes_per_image_float16']:,} | {cost['forward_gflop_per_image']:.3f} "
+            f"| {per_batch:.2f} | {per_batch * FRACATLAS_TRAIN / batch_size:.0f} |"
+        )
+        print(lines[-1], flush=True)
+    load = os.getloadavg()[0]
+    return "\n".join(lines) + f"\n\n({threads} torch threads, median of {batches} batches, load average {load:.1f} on {os.cpu_count()} CPUs)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, default=Path("work/tokens/fracatlas-effl0-levels.h5"))
     parser.add_argument("--out", type=Path, default=Path("work/tokens/bench"))
     parser.add_argument("--only", nargs="*", help="Measure only these rows (names as in the table).")
     parser.add_argument("--table", action="store_true", help="Only assemble the table of the rows measured so far.")
+    parser.add_argument("--epoch-cost", action="store_true", help="Measure the adapter's training cost per starting level instead (no store).")
+    parser.add_argument("--levels", nargs="*", default=list(EPOCH_COST_LEVELS), help="With --epoch-cost: the starting levels.")
+    parser.add_argument("--batches", type=int, default=3, help="With --epoch-cost: timed batches per level.")
+    parser.add_argument("--threads", type=int, default=2, help="With --epoch-cost: torch threads.")
     args = parser.parse_args()
+    if args.epoch_cost:
+        print(epoch_cost(tuple(args.levels), args.batches, args.threads))
+        return
     rows_dir = args.out / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
+    levels = open_store(args.store).token_shapes if not args.table else {}
     for row in ROWS if not args.table else ():
         path = rows_dir / f"{row.name}.json"
         if path.exists() or (args.only and row.name not in args.only):
+            continue
+        if row.level and any(name not in levels for name in row.level.split("+")):
+            print(f"{row.name}: skipped, {args.store} has no level {row.level!r} (extract --levels {row.level})", flush=True)
             continue
         result = measure(row, args.store, args.out)
         path.write_text(json.dumps(result, indent=1))
