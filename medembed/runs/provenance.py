@@ -205,11 +205,17 @@ def resolve_moved_inputs(inputs: dict[str, Any], details: dict[str, Any], proven
     relative = provenance.get("relative_inputs", {})
     notes: list[str] = []
 
+    def exists(path: Path) -> bool:
+        try:
+            return path.exists()
+        except OSError:  # a name longer than the OS allows (a tampered run.json): no such file
+            return False
+
     def moved(path: str, rel: str) -> str:
-        if not rel or Path(path).exists():
+        if not rel or exists(Path(path)):
             return path
         candidate = Path(run_dir) / rel
-        if not candidate.exists():
+        if not exists(candidate):
             return path
         notes.append(f"{path} is gone; read {candidate} (its path relative to the run directory)")
         return str(candidate)
