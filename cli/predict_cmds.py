@@ -17,7 +17,7 @@ def predict(
     inputs: list[Path] = typer.Argument(..., metavar="INPUTS", help="Image files, folders of images, or one manifest CSV (its label and every other column are carried to the output)."),
     out: Path = typer.Option(None, "--out", "-o", help="Table of image probabilities and decisions: CSV, or Parquet for a .parquet name (needs pyarrow: pip install 'medembed\\[parquet]'); studies go to <out>_studies beside it. Default: CSV on standard output."),
     root: Path = typer.Option(None, "--root", help="Folder a manifest CSV's relative paths are under. Default: the manifest's own folder."),
-    cache_dir: Path = typer.Option(None, "--cache-dir", help="Where the embeddings of the scored images are cached, one store per run and set of inputs (same files, sizes and times: a rerun resumes or reuses it; delete the folder to free space). Default: $MEDEMBED_CACHE, else $XDG_CACHE_HOME/medembed/predict, else ~/.cache/medembed/predict."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Where the embeddings of the scored images are cached, one store per run and set of inputs (same files, sizes and times: a rerun resumes or reuses it; delete the folder to free space). Default: $MEDEMBED_CACHE, else medembed/predict under $XDG_CACHE_HOME, else under ~/.cache."),
     explain: Path = typer.Option(None, "--explain", help="Folder for one attention-map PNG per image (token-head runs: where the head looked, over the image); other heads say in one line that they have none."),
     extract: ExtractOptions = None,
     transfer: TransferOptions = None,
