@@ -10,6 +10,20 @@ REPO = Path(__file__).resolve().parent.parent
 FRACATLAS_ROOT = Path(os.environ.get("MEDEMBED_FRACATLAS", REPO.parent / "shared" / "data" / "fracatlas"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def predict_cache(tmp_path_factory) -> Path:
+    """predict's embedding cache in a temporary folder for the whole session (in-process calls and the `medembed`
+    subprocesses, which inherit the environment), so the suite never writes into the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("predict-cache")
+    previous = os.environ.get("MEDEMBED_CACHE")
+    os.environ["MEDEMBED_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("MEDEMBED_CACHE", None)
+    else:
+        os.environ["MEDEMBED_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def fracatlas_root() -> Path:
     """The FracAtlas folder (../shared/data/fracatlas). Required in CI, skipped elsewhere when absent."""
