@@ -182,8 +182,11 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
         for k, head in enumerate(scorer.members_):
             if head.name != scorer._member_head(k).partition(":")[0]:  # sklearn:MODULE.CLASS members are "sklearn" heads
                 raise MedembedError(f"{path}: member-{k} is a {head.name!r} head, its params name {scorer._member_head(k)!r}")
-            if head.n_features_in_ != scorer._block_width(k):
-                raise MedembedError(f"{path}: member-{k} was fitted on {head.n_features_in_} features, its block has {scorer._block_width(k)}")
+            width = scorer._block_width(k)
+            if scorer.blocks and head.name == "concat":  # the concat head reads its block's tokens flattened, T * C
+                width *= int(scorer.blocks[scorer._member_block(k)]["token_shape"][1])
+            if head.n_features_in_ != width:
+                raise MedembedError(f"{path}: member-{k} was fitted on {head.n_features_in_} features, its block has {width}")
             if scorer.blocks:
                 scorer._check_token_member(k, head, path)
         scorer.classes_ = np.array([0, 1])
