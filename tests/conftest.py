@@ -1,6 +1,7 @@
 """Shared fixtures: the real FracAtlas data beside the checkout, skipped with a reason where absent."""
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ FRACATLAS_ROOT = Path(os.environ.get("MEDEMBED_FRACATLAS", REPO.parent / "shared
 
 
 @pytest.fixture(scope="session", autouse=True)
-def predict_cache(tmp_path_factory) -> Path:
+def predict_cache(tmp_path_factory) -> Iterator[Path]:
     """predict's embedding cache in a temporary folder for the whole session (in-process calls and the `medembed`
     subprocesses, which inherit the environment), so the suite never writes into the user's ~/.cache."""
     folder = tmp_path_factory.mktemp("predict-cache")
