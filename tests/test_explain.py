@@ -186,6 +186,10 @@ def test_predict_explain_writes_one_map_per_image_of_real_radiographs(tmp_path, 
             ExtractOptions(batch_size=8, num_workers=0), encoder_options=options)
     params = {"hidden": 8, "attention": 4, "max_epochs": 2, "n_jobs": 1}
     fit_run([store], tmp_path / "attention", FitOptions(head="attention", level="final@2x2", head_params=params, n_resamples=0))
+    from medembed.runs.attention import map_geometry
+    from medembed.runs.record import load_run
+
+    assert map_geometry(load_run(tmp_path / "attention").record, 5).map_shape == (2, 2)  # the encoder's own final map at 64 px
     manifest = read_manifest(small_manifest)
     files = [fracatlas_root / path for path in manifest.path[manifest.split == "test"][:3]]
     done = run_cli("predict", tmp_path / "attention", *files, "--out", tmp_path / "p.csv", "--explain", tmp_path / "maps", "--workers", "0")
@@ -197,3 +201,20 @@ def test_predict_explain_writes_one_map_per_image_of_real_radiographs(tmp_path, 
         with Image.open(path) as image, Image.open(by_name[path.name]) as original:
             assert image.mode == "RGB" and max(image.size) <= 512
             assert abs(image.size[0] / image.size[1] - original.size[0] / original.size[1]) < 0.02  # the image's own shape
+
+
+def test_cells_are_the_adaptive_pooling_windows_of_the_encoder_s_own_feature_map():
+    from medembed.runs.attention import MapGeometry, level_map_shape
+
+    assert level_map_shape("efficientnet-lite0", {}, "final") == (7, 7)  # 224 px: from the block definitions
+    assert level_map_shape("efficientnet-lite0", {"size": 64}, "block14") == (2, 2)
+    assert level_map_shape("no-such-encoder", {}, "final") is None  # equal cells then
+    boxes = MapGeometry((4, 4), SPEC, "final@4x4", (7, 7)).boxes(70, 70)
+    # 4 cells of a 7-wide map: windows [0, 2), [1, 4), [3, 6), [5, 7) feature-map pixels of 10 image pixels each
+    np.testing.assert_allclose(boxes[:4, 1], [0, 10, 30, 50])
+    np.testing.assert_allclose(boxes[:4, 3], [20, 40, 60, 70])
+    weights = np.zeros(16)
+    weights[1] = 1.0
+    heat = attention_on_image(weights, Placement.of(70, 70, True), (4, 4), map_shape=(7, 7))
+    assert np.flatnonzero(heat[0] > 0).tolist() == list(range(10, 40))  # where cells 0 and 2 overlap it, their mean
+    assert heat[0, 15] == pytest.approx(0.5) and heat[0, 25] == pytest.approx(1.0) and heat[0, 35] == pytest.approx(0.5)

@@ -24,15 +24,17 @@ _ALPHA = 0.5  # how much of the heat colour covers the image
 
 @dataclass(frozen=True)
 class MapGeometry:
-    """What placing a run's attention on an image needs: the level's grid (R, C) and the preprocessing."""
+    """What placing a run's attention on an image needs: the level's grid (R, C), the preprocessing, and the
+    feature map's (H, W) the grid pools (None when the encoder cannot say: cells are then equal parts)."""
 
     grid: tuple[int, int]
     spec: PreprocessSpec
     level: str
+    map_shape: tuple[int, int] | None = None
 
     def boxes(self, height: int, width: int) -> np.ndarray:
         """`[R * C, 4]` (top, left, bottom, right) of each cell in an `height x width` original image."""
-        return cell_boxes(Placement.of(height, width, self.spec.pad_to_square), self.grid)
+        return cell_boxes(Placement.of(height, width, self.spec.pad_to_square), self.grid, self.map_shape)
 
 
 def no_map_reason(record: RunRecord, scorer: Any) -> str:
@@ -67,7 +69,20 @@ def map_geometry(record: RunRecord, token_count: int) -> MapGeometry:
     grid = grids.pop()
     if grid[0] * grid[1] != token_count - 1:
         raise MedembedError(f"level {record.level!r} is a {grid[0]} x {grid[1]} grid but the rows hold {token_count - 1} cell tokens")
-    return MapGeometry(grid, PreprocessSpec.from_dict(_spec_fields(record)), record.level)
+    shapes = {level_map_shape(record.fingerprint.get("encoder", ""), record.encoder_options, parse_level(name).name) for name in names}
+    return MapGeometry(grid, PreprocessSpec.from_dict(_spec_fields(record)), record.level, shapes.pop() if len(shapes) == 1 else None)
+
+
+def level_map_shape(encoder: str, options: dict[str, Any], level: str) -> tuple[int, int] | None:
+    """(H, W) of the encoder's `level` feature map at its input size, from its block definitions (no weights
+    loaded); None when medembed cannot build that encoder here or it does not know the level."""
+    try:
+        from medembed.encoders.runtime import build_encoder
+
+        shape = build_encoder(encoder, options).level_map_shapes().get(level)
+    except Exception:  # noqa: BLE001 - an encoder not installed here: the map falls back to equal cells
+        return None
+    return (int(shape[1]), int(shape[2])) if shape else None
 
 
 def _spec_fields(record: RunRecord) -> dict[str, Any]:
@@ -93,7 +108,7 @@ def overlay(pixels: np.ndarray, weights: np.ndarray, geometry: MapGeometry, orig
     pixels = np.asarray(pixels, dtype=np.float64)
     grey = pixels if pixels.ndim == 2 else pixels.mean(axis=2)
     placement = Placement.of(original[0], original[1], geometry.spec.pad_to_square)
-    heat = attention_on_image(weights, placement, geometry.grid, out_shape=grey.shape)
+    heat = attention_on_image(weights, placement, geometry.grid, out_shape=grey.shape, map_shape=geometry.map_shape)
     peak = heat.max()
     scaled = heat / peak if peak > 0 else heat
     colour = matplotlib.colormaps["inferno"](scaled)[..., :3]
