@@ -157,3 +157,15 @@ def test_an_image_run_s_gallery_follows_its_manifest_paths_inside_the_root(tmp_p
     assert locator.find("two") == (None, "its manifest path leads outside the root")
     assert locator.find("three") == (None, "its manifest path leads outside the root")
     assert locator.find("four") == (None, "no such image under the root")
+
+
+def test_thumbnails_come_from_medembed_s_decoder_dicom_included(tmp_path):
+    from medembed.runs.html import thumbnail
+    from tests.test_images import _write_dicom
+
+    stored = np.tile(np.linspace(0, 4095, 400), (300, 1)).astype(np.uint16)  # a 12-bit ramp left to right, landscape
+    dicom = _write_dicom(tmp_path / "scan.dcm", stored, photometric="MONOCHROME1")  # inverted on decoding
+    with Image.open(io.BytesIO(base64.b64decode(thumbnail(dicom)))) as image:
+        assert image.format == "JPEG" and image.size == (160, 120) and image.mode == "L"
+        pixels = np.asarray(image).astype(int)
+    assert pixels[:, :10].mean() > 200 and pixels[:, -10:].mean() < 55  # MONOCHROME1: the high values are dark
