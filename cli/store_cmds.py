@@ -13,21 +13,28 @@ def info(
     as_json: bool = typer.Option(False, "--json/--no-json", help="Print the summary as JSON."),
     verify: bool = typer.Option(False, "--verify/--no-verify", help="Also read every chunk and check checksums, alignment and values (exit 1 on a problem)."),
 ) -> None:
-    """Print rows, dim, dtype, fingerprint, provenance, failed count and label counts per split of a store.
+    """Print rows, dim, dtype, fingerprint, provenance, failed count and label counts per split of a store, and its
+    augmentation bank (extract --augment K) if it has one: views per split, recipe, bytes.
 
     Example: medembed info fracatlas-effl0.h5 --verify
     """
+    from medembed.data.augment import bank_path, bank_summary, format_bank
     from medembed.store import format_summary, open_store
 
     opened = open_store(store)
     summary = opened.summary()
+    bank = bank_summary(store)
     if as_json:
-        typer.echo(json.dumps(summary, indent=2, default=str))
+        typer.echo(json.dumps(summary | ({"augmentation_bank": bank} if bank else {}), indent=2, default=str))
     else:
         for line in format_summary(summary):
             typer.echo(line)
+        for line in format_bank(bank) if bank else ():
+            typer.echo(line)
     if verify:
         problems = opened.verify()
+        if bank:  # the bank is a store of its own: the same end-to-end checks, and its checks against this store
+            problems += [f"{bank_path(store).name}: {problem}" for problem in open_store(bank_path(store)).verify() + bank["problems"]]
         for problem in problems:
             typer.secho(f"problem: {problem}", fg=typer.colors.RED, err=True)
         typer.echo(f"verify       {'OK' if not problems else f'{len(problems)} problem(s)'}")

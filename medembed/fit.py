@@ -16,6 +16,7 @@ from typing import Any
 
 from sklearn.metrics import roc_auc_score
 
+from medembed.data.augment import bank_path, load_train_views
 from medembed.errors import MedembedError
 from medembed.protocol.metrics import summarize_seeds
 from medembed.scorers.ensemble import make_ensemble
@@ -91,6 +92,7 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
     for store in stores:
         if open_store(store).being_written():  # its splits would be a moving subset: refuse rather than fit on it
             raise MedembedError(open_store(store).partial_reason())
+    views_record: dict[str, Any] = {}
     if options.ensemble:  # several encoders' stores are joined by image id, not concatenated as shards
         check_ensemble_levels(stores, options)
         joined = load_joined_splits(stores, val_fraction=options.val_fraction, seed=options.seed, level=options.level)
@@ -98,6 +100,8 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
         new_scorer = lambda seed: make_ensemble(options.head, options.head_params, options.ensemble, joined.widths, options.ensemble_folds, seed,  # noqa: E731
                                                 blocks=joined.blocks, member_seeds=options.ensemble_seeds)
         fit_params = {"groups": splits["train"].patient_id}
+        if any(bank_path(s).exists() for s in stores):
+            notes.append("augmentation bank not used: ensemble members train on the original train images")
     else:
         level_choice = None
         if options.level == AUTO_LEVEL:  # the chosen level is what the run records (the caller's options stay as given)
@@ -107,6 +111,15 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
         splits, fingerprint, notes = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed, level=options.level or None)
         new_scorer = lambda seed: make_head(options.head, seed=seed, **head_params)  # noqa: E731
         fit_params = None
+        views, views_record, view_notes = load_train_views(stores, splits["train"].image_id, options.level or None)
+        if views is not None:  # the store's augmentation bank: heads that train in epochs draw from it
+            if getattr(new_scorer(options.seed), "consumes_views", False) and not options.study_pooling:
+                fit_params, views_record["used"] = {"views": views}, True
+                notes += view_notes
+            else:
+                views_record["used"] = False
+                notes.append(f"augmentation bank not used: head {options.study_pooling or options.head} does not draw views per epoch "
+                             f"(only mlp does); it trains on the {len(splits['train'])} original train images")
         if level_choice:
             notes.append(f"--level auto chose {options.level} (val AUROC {level_choice['val_auroc'][options.level]:.3f} of {len(level_choice['val_auroc'])} levels)")
             if log:
@@ -151,6 +164,7 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
             "seeds": [{"seed": f.seed, "selection": getattr(f.scorer, "selection_", {})} for f in fitted],
             **({"members": joined.members} if options.ensemble else {}),
             **({"level_selection": level_choice} if not options.ensemble and level_choice else {}),
+            **({"augmentation": views_record} if views_record else {}),
         },
     )
     extras = fitted_extras(best, splits, options.seed, options.n_resamples)

@@ -40,6 +40,7 @@ from medembed.extract.device_preprocess import PackedBatch, pack, preprocess_pac
 from medembed.encoders import Encoder
 from medembed.errors import MedembedError
 from medembed.extract.loop import DurableWriter, PinnedPool, StageTimes, WriteJob, timed
+from medembed.data.augment import SOURCE_COLUMN, VIEW_COLUMN
 from medembed.data.images import CompactPixels, ImageDecodeError, PreprocessSpec
 from medembed.data.manifest import Manifest, validate_manifest
 from medembed.options.extract import CPU_BATCH, CUDA_BATCH, ExtractOptions
@@ -53,7 +54,10 @@ from medembed.store import (
 )
 
 if TYPE_CHECKING:
+    from medembed.data.augment import AugmentedPreprocess
     from medembed.data.corrupt import CorruptedPreprocess
+    from medembed.options.augment import AugmentOptions
+
 
 
 @dataclass
@@ -113,10 +117,11 @@ class ManifestImages(Dataset):
     preprocessed `[C, S, S]` float32 array, or with `compact` the decoded `CompactPixels` (`spec.decode_compact`).
 
     A file that does not exist (even one removed during the run, or a symbolic link to nothing) has the reason MISSING.
+    With `views` ((source image id, view index) per path) the spec is an `AugmentedPreprocess` and each item that view.
     """
 
-    def __init__(self, paths: list[Path], spec: PreprocessSpec, compact: bool = False) -> None:
-        self.paths, self.spec, self.compact = paths, spec, compact
+    def __init__(self, paths: list[Path], spec: PreprocessSpec, compact: bool = False, views: list[tuple[str, int]] | None = None) -> None:
+        self.paths, self.spec, self.compact, self.views = paths, spec, compact, views
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -124,6 +129,8 @@ class ManifestImages(Dataset):
     def __getitem__(self, index: int) -> tuple[int, np.ndarray | CompactPixels | None, str]:
         try:
             path = self.paths[index]
+            if self.views is not None:
+                return index, self.spec.load_view(path, *self.views[index]), ""
             return index, self.spec.decode_compact(path) if self.compact else self.spec.load(path), ""
         except ImageDecodeError as error:
             return index, None, MISSING if not os.path.exists(self.paths[index]) else error.reason
@@ -200,7 +207,8 @@ def extract(
     options: ExtractOptions | None = None,
     on_progress: Callable[[int], None] | None = None,
     encoder_options: dict | None = None,
-    preprocess: PreprocessSpec | CorruptedPreprocess | None = None,
+    preprocess: PreprocessSpec | CorruptedPreprocess | AugmentedPreprocess | None = None,
+    attrs: dict[str, str] | None = None,
 ) -> ExtractSummary:
     """Embed every image of `manifest` (paths relative to `root`) into the store `out`, resuming if it exists.
 
@@ -208,7 +216,8 @@ def extract(
     `out`. `on_progress(n)` is called with the number of images skipped, then after each batch with the number it handled.
     `encoder_options` (what `get_encoder` was given) are recorded so `predict` can rebuild the encoder.
     `preprocess` replaces the encoder's own preprocessing, for loading and in the store fingerprint (e.g. a
-    corrupted variant for robustness tests: those embeddings get their own fingerprint).
+    corrupted variant for robustness tests: those embeddings get their own fingerprint). `attrs` are further store
+    attributes recorded when the store is created (an augmentation bank's recipe: see `extract_bank`).
 
     Refused before anything runs: a manifest with errors (see `check_manifest`), a store with another
     fingerprint (encoder, preprocessing, precision, ...), and a root under which none of the images to
@@ -231,6 +240,7 @@ def extract(
         "manifest_rows": len(manifest),
         "image_root": str(root),
         "encoder_options": json.dumps(encoder_options or {}, sort_keys=True),
+        **(attrs or {}),
     }
     summary = ExtractSummary(total=len(rows), store=out, precision=precision, profile=options.profile)
     start = time.perf_counter()
@@ -262,6 +272,103 @@ def extract(
     if world > 1:
         summary.metadata_updated = _merge_shards(out, rank, world, manifest)
     return summary
+
+
+@dataclass
+class BankSummary:
+    """What `extract_bank` did: the views run's own summary, and the bank's size in views."""
+
+    path: Path
+    recipe_text: str
+    train_images: int
+    views_per_image: int
+    run: ExtractSummary
+
+    def format(self) -> str:
+        run = self.run
+        missing = f", {run.missing} missing" if run.missing else ""
+        lines = [
+            f"augmentation bank {self.path}: {run.done} view(s) embedded, {run.skipped} skipped (already in the bank), "
+            f"{run.failed} failed{missing}, of {run.total} = {self.views_per_image} x {self.train_images} train images, in "
+            f"{run.seconds:.1f} s ({run.images_per_second:.1f} views/s); val and test get no views",
+            f"  recipe: {self.recipe_text}",
+        ]
+        lines += [f"  failed: {count} x {reason}" for reason, count in run.failure_reasons.most_common()]
+        return "\n".join(lines)
+
+
+def view_manifest(manifest: Manifest, views: int) -> Manifest:
+    """One row per view 1..`views` of each train image of `manifest`: id `<image id>#view<k>`, the image's path and
+    columns, and SOURCE_COLUMN / VIEW_COLUMN; refused when the manifest has columns of those names."""
+    from medembed.data.augment import view_id
+
+    clash = [name for name in (SOURCE_COLUMN, VIEW_COLUMN) if name in manifest.columns]
+    if clash:
+        raise MedembedError(f"the manifest has a column {clash[0]!r}, which an augmentation bank uses for itself; rename it to extract with --augment")
+    train = np.flatnonzero(manifest.split == "train")
+    rows = np.repeat(train, views)
+    index = np.tile(np.arange(1, views + 1), len(train))
+    part = manifest.subset(rows)
+    columns = dict(part.columns)
+    columns["image_id"] = np.array([view_id(i, k) for i, k in zip(part.image_id, index)], dtype=object)
+    columns[SOURCE_COLUMN] = part.image_id
+    columns[VIEW_COLUMN] = np.array([str(k) for k in index], dtype=object)
+    return Manifest(columns)
+
+
+def check_bank_recipe(out: Path, augment: AugmentOptions) -> Path:
+    """The bank path of store `out`; refused in one line when a bank is there with another recipe (or none)."""
+    from medembed.data.augment import AugmentRecipe, bank_path
+
+    recipe = AugmentRecipe.from_options(augment)
+    path = bank_path(out)
+    if path.exists():
+        recorded = open_store(path).attrs.get("augment")
+        if recorded is None:
+            raise MedembedError(f"{path} is a store but not an augmentation bank (no recipe recorded); move it away to extract with --augment")
+        old = AugmentRecipe.from_json(recorded, str(path))
+        if old != recipe:
+            raise MedembedError(f"{path} holds views of another recipe ({old.describe()}; this run: {recipe.describe()}); "
+                                "delete the bank or extract into another --out")
+    return path
+
+
+def extract_bank(
+    manifest: Manifest,
+    root: Path,
+    encoder: Encoder,
+    out: Path,
+    options: ExtractOptions | None,
+    augment: AugmentOptions,
+    on_progress: Callable[[int], None] | None = None,
+    encoder_options: dict | None = None,
+) -> BankSummary:
+    """Embed `augment.augment` seeded views of every train image of `manifest` into the augmentation bank of the
+    store `out` (`medembed.data.augment.bank_path`), resuming it if it exists; the main store must exist already
+    (extract it first) and have this run's fingerprint. Refused in one line: a bank with another recipe, a main
+    store of another encoder or preprocessing, and torchrun (the bank is written by one process)."""
+    from medembed.data.augment import AugmentedPreprocess, AugmentRecipe
+
+    options = options or ExtractOptions()
+    out = Path(out)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise MedembedError("--augment is not supported under torchrun yet: extract the bank in one process (rerun the command without torchrun)")
+    recipe = AugmentRecipe.from_options(augment)
+    if not out.exists():
+        raise MedembedError(f"{out}: no store to augment; its originals are extracted first (no image was embedded)")
+    main = open_store(out)
+    precision = resolve_precision(options.precision, resolve_device(options.device))
+    source = store_fingerprint(encoder, options.store_dtype, precision) | {"preprocess_hash": encoder.preprocess.hash()}
+    diff = fingerprint_mismatch(main.fingerprint, source)
+    if diff:
+        raise MedembedError(f"{out} was written with another encoder, preprocessing or precision than this run ({'; '.join(diff)}); its bank must match it")
+    path = check_bank_recipe(out, augment)
+    views = view_manifest(manifest, recipe.views)
+    if not len(views):
+        raise MedembedError(f"the manifest has no train images to augment ({len(manifest)} rows, none with split 'train')")
+    attrs = {"augment": recipe.to_json(), "source_fingerprint": json.dumps(dict(main.fingerprint), sort_keys=True), "source_store": out.name}
+    run = extract(views, root, encoder, path, options, on_progress, encoder_options, preprocess=AugmentedPreprocess(encoder.preprocess, recipe), attrs=attrs)
+    return BankSummary(path, recipe.describe(), int((manifest.split == "train").sum()), recipe.views, run)
 
 
 def refresh_metadata(writer: StoreWriter, manifest: Manifest) -> int:
@@ -344,8 +451,11 @@ def _run(
     summary.preprocess_on = f"{device} device" if compact else "decoding workers"
     workers = options.num_workers if options.num_workers is not None else default_workers(device)
     paths = _resolve(todo, root, options)
+    views = None
+    if hasattr(spec, "load_view"):  # an augmentation bank: each row is one view of a train image
+        views = [(str(source), int(view)) for source, view in zip(todo.columns[SOURCE_COLUMN], todo.columns[VIEW_COLUMN])]
     loader = DataLoader(
-        ManifestImages(paths, spec, compact=compact),
+        ManifestImages(paths, spec, compact=compact, views=views),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate_compact if compact else collate_images,

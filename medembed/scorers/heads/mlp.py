@@ -3,6 +3,11 @@
 Training is seeded and reproducible on CPU: weights and dropout draw from the global torch generator inside
 `torch.random.fork_rng` (so the caller's random state is left as it was), shuffling from a private generator.
 Saved as safetensors (weights and standardisation) plus the params in head.json.
+
+With `views` (`medembed.data.augment.TrainViews`: the embedded augmented views of train rows, from a store's
+augmentation bank) each epoch trains on one choice per train image, drawn uniformly among its original and its views
+from a private generator seeded by the head's seed; the standardisation is fitted on the originals, and val (early
+stopping) is always the originals.
 """
 
 from collections.abc import Iterator, Sequence
@@ -17,6 +22,7 @@ from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from medembed.data.augment import TrainViews
 from medembed.errors import MedembedError
 from medembed.scorers.heads._checks import check_float, check_int, check_sequence, set_training_params
 from medembed.scorers.heads._features import Standardizer
@@ -36,6 +42,7 @@ class MLPHead(Head):
     """Linear -> ReLU -> Dropout blocks, then one logit; AdamW; the epoch with the best val AUROC is kept."""
 
     name = "mlp"
+    consumes_views = True  # fit(..., views=TrainViews): one view (or the original) per train image per epoch
 
     def __init__(
         self,
@@ -66,9 +73,27 @@ class MLPHead(Head):
         self.dropout = dropout
         set_training_params(self, lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=max_epochs, patience=patience, n_jobs=n_jobs)
 
+    def fit(self, X: np.ndarray, y: np.ndarray, *, eval_set: Any = None, views: TrainViews | None = None) -> "MLPHead":
+        """`Head.fit`; `views`: augmented views of the rows of `X` to draw from each epoch (needs `eval_set`)."""
+        if views is not None:
+            if not isinstance(views, TrainViews):
+                raise MedembedError(f"views must be TrainViews, got {type(views).__name__}")
+            if eval_set is None:
+                raise MedembedError("fit with views needs eval_set (holding out rows would separate them from their views)")
+            views.check(np.shape(X)[0], tuple(np.shape(X)[1:]))
+        self._views = views
+        try:
+            return super().fit(X, y, eval_set=eval_set)
+        finally:
+            del self._views
+
     def _fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> dict[str, Any]:
         self.standardizer_ = Standardizer.fit(X)
         inputs = torch.from_numpy(self.standardizer_.transform(X))
+        views = getattr(self, "_views", None)
+        if views is not None:  # the originals then the views, one pool the epochs draw from
+            pool = torch.cat([inputs, torch.from_numpy(self.standardizer_.transform(self._features(views.X, "views")))])
+            draws = np.random.default_rng(self.seed)
         targets = torch.from_numpy(y.astype(np.float32))
         val_inputs = torch.from_numpy(self.standardizer_.transform(X_val))
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(self._positive_class_weight(y)))
@@ -81,7 +106,8 @@ class MLPHead(Head):
             shuffle = torch.Generator().manual_seed(self.seed)
             best = 0
             for epoch in range(self.max_epochs):
-                loss = _train_epoch(network, optimizer, loss_fn, inputs, targets, self.batch_size, shuffle)
+                epoch_inputs = inputs if views is None else pool[torch.from_numpy(views.draw(len(inputs), draws))]
+                loss = _train_epoch(network, optimizer, loss_fn, epoch_inputs, targets, self.batch_size, shuffle)
                 train_loss.append(loss)
                 val_auroc.append(float(roc_auc_score(y_val, _logits(network, val_inputs))))
                 if epoch == 0 or val_auroc[epoch] > val_auroc[best]:
@@ -92,7 +118,8 @@ class MLPHead(Head):
         network.load_state_dict(best_state)
         self.network_ = network.eval()
         epochs = list(range(1, len(val_auroc) + 1))
-        return selection_record("epochs", epochs, val_auroc, best, train_loss=train_loss)
+        extra = {"views": views.record()} if views is not None else {}
+        return selection_record("epochs", epochs, val_auroc, best, train_loss=train_loss, **extra)
 
     def _positive_proba(self, X: np.ndarray) -> np.ndarray:
         with _torch_threads(self.n_jobs):
