@@ -169,3 +169,12 @@ def test_thumbnails_come_from_medembed_s_decoder_dicom_included(tmp_path):
         assert image.format == "JPEG" and image.size == (160, 120) and image.mode == "L"
         pixels = np.asarray(image).astype(int)
     assert pixels[:, :10].mean() > 200 and pixels[:, -10:].mean() < 55  # MONOCHROME1: the high values are dark
+
+
+def test_a_run_of_several_seeds_shows_its_table_over_seeds(tmp_path):
+    from tests.test_fit import write_store
+
+    fit_run([write_store(tmp_path / "s.h5")], tmp_path / "run", FitOptions(head="logreg", seeds=2, n_resamples=10))
+    text = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+    over = text.split("<h2>Over seeds</h2>")[1].split("<h2>")[0]
+    assert "±" in over and "mean ± sd over 2 seeds" in over

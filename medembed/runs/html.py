@@ -246,16 +246,12 @@ def _summary_line(record: Any, rows: Any, threshold: float) -> str:
 
 
 def _metrics_sections(metrics: dict) -> list[str]:
+    """The headline table (and, for a run of several seeds, the one over seeds) and the per-body-part tables."""
     levels = [level for level in LEVELS if level in metrics]
-    out = ["<h2>Metrics</h2>"]
-    header = "".join(f"<th>{level.capitalize()} level</th>" for level in levels)
-    body = ""
-    for metric, label in METRIC_LABELS.items():
-        if any(metric in metrics[level]["overall"] for level in levels):
-            cells = "".join(f"<td class=\"n\">{escape(format_cell(metrics[level]['overall'].get(metric), metric))}</td>" for level in levels)
-            body += f"<tr><th>{escape(label)}</th>{cells}</tr>"
-    out.append(f"<table><tr><th>Metric</th>{header}</tr>{body}</table>")
-    out.append(f"<p class=\"note\">{escape(_interval_note(metrics, levels))}</p>")
+    out = ["<h2>Metrics</h2>", *_headline(metrics, levels)]
+    over_seeds = metrics.get("over_seeds")
+    if isinstance(over_seeds, dict) and all(isinstance(over_seeds.get(level), dict) and "overall" in over_seeds[level] for level in levels):
+        out += ["<h2>Over seeds</h2>", *_headline(over_seeds, levels)]
     for level in levels:
         by_part = metrics[level].get("by_body_part") or {}
         if by_part:
@@ -267,6 +263,16 @@ def _metrics_sections(metrics: dict) -> list[str]:
             )
             out.append(f"<table><tr><th>Body part</th>{head}</tr>{lines}</table>")
     return out
+
+
+def _headline(metrics: dict, levels: list[str]) -> list[str]:
+    header = "".join(f"<th>{level.capitalize()} level</th>" for level in levels)
+    body = ""
+    for metric, label in METRIC_LABELS.items():
+        if any(metric in metrics[level]["overall"] for level in levels):
+            cells = "".join(f"<td class=\"n\">{escape(format_cell(metrics[level]['overall'].get(metric), metric))}</td>" for level in levels)
+            body += f"<tr><th>{escape(label)}</th>{cells}</tr>"
+    return [f"<table><tr><th>Metric</th>{header}</tr>{body}</table>", f"<p class=\"note\">{escape(_interval_note(metrics, levels))}</p>"]
 
 
 def _interval_note(metrics: dict, levels: list[str]) -> str:
