@@ -130,11 +130,6 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
         new_scorer = lambda seed: make_study_pooling(options.study_pooling, options.head_params, seed)  # noqa: E731
         fit_params = {"study_id": splits["train"].study_id, "eval_study_id": splits["val"].study_id}
     notes += [reason for reason in (open_store(s).partial_reason() for s in stores) if reason]
-    val_y = splits["val"].y  # what val is too small to choose (thresholds, calibration, the report's conformal sets)
-    small = val_size_warning(val_y, val_shortfalls(val_y, options) + conformal_shortfalls(val_y, TransferOptions().alphas))
-    if small:  # on the console and in the report's notes
-        warnings.warn(small, stacklevel=2)
-        notes.append(small)
     fitted = [
         fit_and_evaluate(new_scorer(options.seed + k), splits, options, options.seed + k, fit_params=fit_params)
         for k in range(options.seeds)
@@ -144,6 +139,11 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
     # seeds that stands for the run wherever its headline is shown (medembed.protocol.metrics.headline_leaf).
     over_seeds = {"over_seeds": {**summarize_seeds([f.metrics for f in fitted]), "seeds": [f.seed for f in fitted]}} if len(fitted) > 1 else {}
     metrics = {**best.metrics, **over_seeds}
+    val_y = splits["val"].y  # what val was too small to choose (thresholds, calibration, the report's conformal sets)
+    small = val_size_warning(val_y, val_shortfalls(val_y, options) + conformal_shortfalls(val_y, TransferOptions().alphas))
+    if small:  # on the console (after the fit: a refusal of the options stays the only line) and in the report's notes
+        warnings.warn(small, stacklevel=2)
+        notes.append(small)
     store = open_store(stores[0])
     record = RunRecord(
         kind="ensemble" if options.ensemble else "study-pooling" if options.study_pooling else "head",
