@@ -1,0 +1,199 @@
+"""The augmentation bank (extract --augment K): seeded views of train images beside the store, and fit drawing them.
+
+Real FracAtlas images (26-row subset), EfficientNet-Lite0's real weights at 64 px."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from medembed.data.augment import (
+    SOURCE_COLUMN,
+    AugmentedPreprocess,
+    AugmentRecipe,
+    TrainViews,
+    bank_path,
+    load_train_views,
+    parse_view_id,
+    view_id,
+)
+from medembed.data.manifest import read_manifest
+from medembed.encoders.runtime import build_encoder
+from medembed.errors import MedembedError
+from medembed.extract.runner import extract, extract_bank
+from medembed.options.augment import AugmentOptions
+from medembed.options.extract import ExtractOptions
+from medembed.protocol.splits import load_splits
+from medembed.scorers.heads import make_head
+from medembed.store import open_store
+
+from tests.conftest import REPO, kill_after_batches
+
+ENCODER = {"size": 64}
+OPTIONS = ExtractOptions(batch_size=4, num_workers=0)
+K = 2
+MEDEMBED = Path(sys.executable).parent / "medembed"  # the installed entry point
+
+
+def encoder():
+    return build_encoder("efficientnet-lite0", dict(ENCODER))
+
+
+@pytest.fixture(scope="module")
+def banked(tmp_path_factory, small_manifest, fracatlas_root) -> Path:
+    """A store of the 26-row subset and its bank of K views per train image, extracted in-process, uninterrupted."""
+    out = tmp_path_factory.mktemp("banked") / "s.h5"
+    manifest = read_manifest(small_manifest)
+    built = encoder()
+    extract(manifest, fracatlas_root, built, out, OPTIONS, encoder_options=ENCODER)
+    summary = extract_bank(manifest, fracatlas_root, built, out, OPTIONS, AugmentOptions(augment=K), encoder_options=ENCODER)
+    assert summary.run.total == K * int((manifest.split == "train").sum())
+    assert f"{summary.run.done} view(s) embedded" in summary.format()
+    return out
+
+
+def test_views_are_seeded_and_differ_from_the_original(small_manifest, fracatlas_root):
+    manifest = read_manifest(small_manifest)
+    path, image_id = fracatlas_root / manifest.path[0], str(manifest.image_id[0])
+    spec = encoder().preprocess
+    views = AugmentedPreprocess(spec, AugmentRecipe.from_options(AugmentOptions(augment=3)))
+    first, again = views.load_view(path, image_id, 1), views.load_view(path, image_id, 1)
+    np.testing.assert_array_equal(first, again)  # a function of (image id, view, seed) only
+    original = spec.load(path)
+    assert first.shape == original.shape and first.dtype == np.float32
+    assert not np.allclose(first, original, atol=1e-3)
+    assert not np.allclose(first, views.load_view(path, image_id, 2), atol=1e-3)
+    other_seed = AugmentedPreprocess(spec, AugmentRecipe.from_options(AugmentOptions(augment=3, augment_seed=1)))
+    assert not np.allclose(first, other_seed.load_view(path, image_id, 1), atol=1e-3)
+    assert other_seed.hash() != views.hash() != spec.hash()
+    # a recipe of no-ops gives the original back
+    identity = AugmentRecipe.from_options(AugmentOptions(augment=1, crop_scale=1.0, crop_ratio=1.0, flip=0.0, rotate=0.0, brightness=0.0, contrast=0.0))
+    np.testing.assert_allclose(AugmentedPreprocess(spec, identity).load_view(path, image_id, 1), original, atol=1e-5)
+
+
+def test_view_ids_round_trip_and_bad_options_are_refused():
+    assert parse_view_id(view_id("a#view1", 2)) == ("a#view1", 2)
+    assert parse_view_id("IMG0001") is None and parse_view_id("x#view0") is None
+    for bad in ({"augment": -1}, {"augment": 65}, {"flip": 1.5}, {"rotate": 90.0}, {"crop_scale": 0.0}, {"contrast": float("nan")}):
+        with pytest.raises(MedembedError, match="option"):
+            AugmentOptions(**bad)
+
+
+def test_bank_holds_views_of_train_images_only_and_the_store_is_unchanged(banked, small_manifest):
+    manifest = read_manifest(small_manifest)
+    main, bank = open_store(banked), open_store(bank_path(banked))
+    assert "augment" not in main.attrs  # the main store is what it is without --augment
+    assert json.loads(str(bank.attrs["source_fingerprint"])) == main.fingerprint
+    assert bank.fingerprint["preprocess_hash"] != main.fingerprint["preprocess_hash"]
+    assert {k: v for k, v in bank.fingerprint.items() if k != "preprocess_hash"} == {k: v for k, v in main.fingerprint.items() if k != "preprocess_hash"}
+    table = bank.read()
+    train = set(manifest.image_id[manifest.split == "train"].tolist())
+    assert set(table.columns[SOURCE_COLUMN].tolist()) <= train and set(table.columns["split"].tolist()) == {"train"}
+    stored = set(main.image_ids()) & train
+    assert len(table) == K * len(stored)
+    # a view's embedding is not its original's
+    rows = main.read()
+    original = dict(zip(rows.image_id.tolist(), rows.embeddings.astype(np.float32)))
+    for image_id, vector in zip(table.columns[SOURCE_COLUMN].tolist(), table.embeddings.astype(np.float32)):
+        assert np.abs(vector - original[image_id]).max() > 1e-2
+    assert main.verify() == [] and bank.verify() == []
+
+
+def test_cli_bank_resumes_after_sigkill_to_the_same_views_and_refuses_another_recipe(tmp_path, banked, small_manifest, fracatlas_root):
+    out = tmp_path / "killed.h5"
+    args = [str(MEDEMBED), "extract", str(small_manifest), "--root", str(fracatlas_root), "--encoder", "efficientnet-lite0",
+            "--option", "size=64", "--out", str(out), "--batch-size", "2", "--workers", "0", "--augment", str(K)]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    kill_after_batches(proc, bank_path(out), batches=2, timeout=240)
+    partial = len(open_store(bank_path(out)))
+    assert 0 < partial < len(open_store(bank_path(banked))), "the kill did not land in the views run"
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "augmentation bank" in done.stdout and "val and test get no views" in done.stdout
+    resumed, reference = (open_store(bank_path(p)).read() for p in (out, banked))
+    resumed, reference = (t.subset(np.argsort(t.image_id.astype(str))) for t in (resumed, reference))
+    assert resumed.image_id.tolist() == reference.image_id.tolist()
+    np.testing.assert_allclose(resumed.embeddings.astype(np.float32), reference.embeddings.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+    another = subprocess.run(args[:-1] + ["3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert another.returncode == 2 and "another recipe" in another.stderr and "Traceback" not in another.stderr
+    assert len(another.stderr.strip().splitlines()) == 1
+    bad = subprocess.run(args + ["--aug-flip", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "flip" in bad.stderr and "Traceback" not in bad.stderr
+
+    shown = subprocess.run([str(MEDEMBED), "info", str(out), "--verify"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert f"K={K} x" in shown.stdout and "bytes of rows" in shown.stdout and "verify       OK" in shown.stdout
+    as_json = json.loads(subprocess.run([str(MEDEMBED), "info", str(out), "--json"], cwd=REPO, capture_output=True, text=True, timeout=300).stdout)
+    bank = as_json["augmentation_bank"]
+    assert bank["views"] == len(reference) and bank["view_bytes"] == len(reference) * 1280 * 2 and bank["problems"] == []
+
+
+def test_fit_reads_train_views_and_refuses_mixed_or_tampered_banks(tmp_path, banked, small_manifest, fracatlas_root):
+    splits, _, _ = load_splits([banked])
+    views, record, notes = load_train_views([banked], splits["train"].image_id, None)
+    assert views is not None and record["views"] == len(views.X) and "augmentation bank" in notes[0]
+    assert set(views.row.tolist()) == set(range(len(splits["train"])))
+    # views of images that are not train rows here are left out: val and test never see one
+    fewer, _, fewer_notes = load_train_views([banked], splits["train"].image_id[1:], None)
+    assert len(fewer.X) == len(views.X) - K and "left out" in fewer_notes[-1]
+    # shards: one with a bank and one without, or banks of two recipes, are refused in one line
+    copy = tmp_path / "copy.h5"
+    shutil.copy(banked, copy)
+    with pytest.raises(MedembedError, match="with and without an augmentation bank"):
+        load_train_views([banked, copy], splits["train"].image_id, None)
+    shutil.copy(bank_path(banked), bank_path(copy))
+    with h5py.File(bank_path(copy), "r+") as f:  # a tampered recipe no longer matches the bank's fingerprint
+        recipe = json.loads(f.attrs["augment"])
+        f.attrs["augment"] = json.dumps(recipe | {"rotate": 20.0})
+    with pytest.raises(MedembedError, match="fingerprints differ"):
+        load_train_views([copy], splits["train"].image_id, None)
+    shown = subprocess.run([str(MEDEMBED), "info", str(copy), "--verify"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 1 and "fingerprints differ" in shown.stderr
+    with h5py.File(bank_path(copy), "r+") as f:
+        f.attrs["augment"] = "[1, 2]"
+    with pytest.raises(MedembedError, match="recipe has keys"):
+        load_train_views([copy], splits["train"].image_id, None)
+    bank_path(copy).unlink()
+    extract_bank(read_manifest(small_manifest), fracatlas_root, encoder(), copy, OPTIONS, AugmentOptions(augment=1), encoder_options=ENCODER)
+    with pytest.raises(MedembedError, match="different recipes"):
+        load_train_views([banked, copy], splits["train"].image_id, None)
+
+
+def test_mlp_draws_one_view_per_image_per_epoch(banked):
+    splits, _, _ = load_splits([banked])
+    train, val = splits["train"], splits["val"]
+    views, _, _ = load_train_views([banked], train.image_id, None)
+    chosen = np.stack([views.draw(len(train), np.random.default_rng(seed)) for seed in range(200)])
+    for row in range(len(train)):  # each row draws its original or one of its own views, and every one of them
+        own = {row} | {len(train) + m for m in np.flatnonzero(views.row == row)}
+        assert set(chosen[:, row].tolist()) == own
+    params = {"max_epochs": 4, "patience": 4, "hidden": [16]}
+    plain = make_head("mlp", seed=0, **params).fit(train.X, train.y, eval_set=[(val.X, val.y)])
+    augmented = make_head("mlp", seed=0, **params).fit(train.X, train.y, eval_set=[(val.X, val.y)], views=views)
+    again = make_head("mlp", seed=0, **params).fit(train.X, train.y, eval_set=[(val.X, val.y)], views=views)
+    assert augmented.selection_["train_loss"] == again.selection_["train_loss"]  # seeded
+    assert augmented.selection_["train_loss"] != plain.selection_["train_loss"]  # the views were trained on
+    assert augmented.selection_["views"]["views"] == len(views.X)
+    with pytest.raises(MedembedError, match="views of shape"):
+        make_head("mlp", seed=0, **params).fit(train.X, train.y, eval_set=[(val.X, val.y)], views=TrainViews(views.X[:, :10], views.row, views.recipe))
+
+
+@pytest.mark.filterwarnings("ignore:the val split is small")
+def test_fit_run_records_the_bank_and_other_heads_say_they_do_not_use_it(tmp_path, banked):
+    from medembed.fit import fit_run
+    from medembed.scorers.options import FitOptions
+
+    fit_run([banked], tmp_path / "mlp", FitOptions(head="mlp", head_params={"max_epochs": 3, "hidden": [16]}))
+    run = json.loads((tmp_path / "mlp" / "run.json").read_text())
+    assert run["details"]["augmentation"]["used"] is True and run["details"]["augmentation"]["recipe"]["views"] == K
+    assert any(note.startswith("augmentation bank:") for note in run["notes"])
+    fit_run([banked], tmp_path / "logreg", FitOptions(head="logreg"))
+    run = json.loads((tmp_path / "logreg" / "run.json").read_text())
+    assert run["details"]["augmentation"]["used"] is False
+    assert any("augmentation bank not used: head logreg" in note for note in run["notes"])
