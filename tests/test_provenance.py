@@ -2,6 +2,7 @@
 relative to the run directory (a run moved with its store still finds it), validated when read back."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -139,3 +140,13 @@ def test_level_auto_says_its_choice_on_the_console(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     chosen = json.loads((tmp_path / "run" / "run.json").read_text())["options"]["level"]
     assert f"--level auto chose {chosen} (val AUROC" in done.stdout
+
+
+def test_a_recalibrated_run_records_its_own_invocation_not_the_source_runs(cli_run, tmp_path):
+    _, store, run = cli_run
+    target = write_store(tmp_path / "target.h5", seed=3)
+    done = run_checkout_cli("recalibrate", run, target, "--labelled", "30", "--bootstrap", "0", "--out", tmp_path / "recalibrated")
+    assert done.returncode == 0, done.stderr[-2000:]
+    provenance = json.loads((tmp_path / "recalibrated" / "run.json").read_text())["provenance"]
+    assert provenance["invocation"]["argv"][:2] == ["medembed", "recalibrate"]
+    assert provenance["relative_inputs"]["stores"] == [os.path.relpath(store.resolve(), (tmp_path / "recalibrated").resolve())]
