@@ -69,9 +69,20 @@ def source_sections(directory: Path, reference: SiteReference | None, rows: Spli
 
 
 def save_subgroup_figure(directory: Path, result: dict[str, Any]) -> None:
+    """figures/subgroups.png (300 dpi) and .pdf; a figure that cannot be drawn is one FigureWarning, not a failure."""
+    import warnings
+
+    from medembed.protocol.figures import FORMATS, FigureWarning, save_figure
+
     figures = Path(directory) / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    subgroup_figure(result).savefig(figures / "subgroups.png", dpi=120)
+    files = [figures / f"subgroups.{suffix}" for suffix in FORMATS]
+    try:
+        save_figure(lambda: subgroup_figure(result), files)
+    except Exception as error:  # noqa: BLE001 - a figure is a by-product: the report is written without it
+        for file in files:
+            file.unlink(missing_ok=True)
+        warnings.warn(f"{files[0]}: figure not drawn ({type(error).__name__}: {error})", FigureWarning, stacklevel=2)
 
 
 def _rate(value: float | None) -> str:

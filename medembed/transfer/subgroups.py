@@ -68,19 +68,26 @@ def largest_gaps(groups: dict[str, dict]) -> dict[str, dict[str, Any]]:
 
 
 def subgroup_figure(result: dict[str, Any], metrics: tuple[str, ...] = ("auroc", "sensitivity", "specificity")) -> Figure:
-    """One row of panels per column: each metric per group with its 95% interval."""
-    figure = Figure(figsize=(4.0 * len(metrics), 3.2 * len(result)), layout="constrained")
+    """One row of panels per column: each metric per group as `draw_bars` draws it (n and abnormal count under
+    each bar, an undefined value written n/a, never a bar at 0), with its 95% bootstrap interval."""
+    from medembed.protocol.figures import PartBar, draw_bars
+    from medembed.protocol.report import METRIC_LABELS
+
+    figure = Figure(figsize=(2.6 * len(metrics), 2.5 * len(result)), layout="constrained")
     axes = figure.subplots(len(result), len(metrics), squeeze=False)
     for row, (column, entry) in enumerate(result.items()):
-        names = list(entry["groups"])
         for col, metric in enumerate(metrics):
-            ax = axes[row][col]
-            values = np.array([entry["groups"][g][metric]["value"] for g in names], dtype=float)
-            cis = [entry["groups"][g][metric]["ci"] or [np.nan, np.nan] for g in names]
-            low = np.array([v - c[0] for v, c in zip(values, cis)], dtype=float)
-            high = np.array([c[1] - v for v, c in zip(values, cis)], dtype=float)
-            ax.bar(range(len(names)), np.nan_to_num(values), yerr=np.nan_to_num(np.vstack([low, high])), capsize=3, color="tab:blue", alpha=0.8)
-            ax.set_xticks(range(len(names)), [f"{column}={g}" for g in names], rotation=30, ha="right", fontsize="small")
-            ax.set(ylim=(0, 1.05), title=f"{metric} by {column}")
-            ax.grid(axis="y", alpha=0.3)
+            bars = {
+                str(group): PartBar(_number(m[metric]["value"]), *[_number(b) for b in (m[metric]["ci"] or (None, None))],
+                                    n=int(m["n"]["value"]), n_pos=int(m["n_pos"]["value"]))
+                for group, m in entry["groups"].items()
+            }
+            band = "95% bootstrap interval" if any(math.isfinite(bar.low) for bar in bars.values()) else ""
+            draw_bars(axes[row][col], bars, METRIC_LABELS.get(metric, metric), band)
+            axes[row][col].set_title(f"{METRIC_LABELS.get(metric, metric)} by {column}")
     return figure
+
+
+def _number(value: Any) -> float:
+    """A metric value as a float; None (an undefined value reloaded from JSON) is NaN."""
+    return math.nan if value is None else float(value)

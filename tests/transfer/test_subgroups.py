@@ -62,3 +62,18 @@ def test_the_runs_own_evaluation_reports_subgroups(head_run):
     report = (evaluation / "report.md").read_text()
     assert "### By site" in report and "### By body_part" in report and "## Conformal prediction sets" in report
     assert (evaluation / "figures" / "subgroups.png").is_file()
+
+
+def test_the_figure_writes_n_per_bar_and_n_a_for_a_group_without_abnormal_images(tmp_path):
+    from medembed.transfer.sections import save_subgroup_figure
+
+    site = ["a"] * 10 + ["b"] * 10 + ["c"] * 4
+    rows = _rows(site)
+    rows.y[20:] = 0  # site c: normal images only, so its AUROC and sensitivity are undefined
+    result = subgroup_metrics(np.where(rows.y == 1, 0.9, 0.1), rows, ["site"], threshold=0.5, n_resamples=20)
+    auroc_panel = subgroup_figure(result).axes[0]
+    texts = [text.get_text() for text in auroc_panel.texts]
+    assert texts == ["n/a: no abnormal"]  # drawn as undefined, not as a bar at 0
+    assert [label.get_text() for label in auroc_panel.get_xticklabels()] == ["a\nn=10\n5 abn.", "b\nn=10\n5 abn.", "c\nn=4\n0 abn."]
+    save_subgroup_figure(tmp_path, result)
+    assert sorted(path.name for path in (tmp_path / "figures").iterdir()) == ["subgroups.pdf", "subgroups.png"]
