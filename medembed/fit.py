@@ -119,7 +119,7 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
             else:
                 views_record["used"] = False
                 notes.append(f"augmentation bank not used: head {options.study_pooling or options.head} does not draw views per epoch "
-                             f"(only mlp does); it trains on the {len(splits['train'])} original train images")
+                             f"(mlp, attention and adapter do); it trains on the {len(splits['train'])} original train images")
         if level_choice:
             notes.append(f"--level auto chose {options.level} (val AUROC {level_choice['val_auroc'][options.level]:.3f} of {len(level_choice['val_auroc'])} levels)")
             if log:

@@ -197,3 +197,29 @@ def test_fit_run_records_the_bank_and_other_heads_say_they_do_not_use_it(tmp_pat
     run = json.loads((tmp_path / "logreg" / "run.json").read_text())
     assert run["details"]["augmentation"]["used"] is False
     assert any("augmentation bank not used: head logreg" in note for note in run["notes"])
+
+
+@pytest.mark.filterwarnings("ignore:the val split is small")
+def test_attention_and_adapter_heads_draw_views_of_a_token_level(tmp_path, small_manifest, fracatlas_root):
+    from medembed.fit import fit_run
+    from medembed.scorers.options import FitOptions
+
+    options = {"size": 64, "levels": "block14"}
+    out = tmp_path / "tokens.h5"
+    built, manifest = build_encoder("efficientnet-lite0", options), read_manifest(small_manifest)
+    extract(manifest, fracatlas_root, built, out, OPTIONS, encoder_options=options)
+    extract_bank(manifest, fracatlas_root, built, out, OPTIONS, AugmentOptions(augment=1), encoder_options=options)
+    assert open_store(bank_path(out)).token_shapes == open_store(out).token_shapes
+    splits, _, _ = load_splits([out], level="block14")
+    views, _, _ = load_train_views([out], splits["train"].image_id, "block14")
+    assert views.X.shape[1:] == splits["train"].X.shape[1:]
+    params = {"max_epochs": 3, "patience": 3}
+    train, val = splits["train"], splits["val"]
+    plain = make_head("attention", seed=0, **params).fit(train.X, train.y, eval_set=[(val.X, val.y)])
+    drawn = make_head("attention", seed=0, **params).fit(train.X, train.y, eval_set=[(val.X, val.y)], views=views)
+    assert drawn.selection_["train_loss"] != plain.selection_["train_loss"] and drawn.selection_["views"]["views"] == len(views.X)
+    for head in ("attention", "adapter"):
+        fit_run([out], tmp_path / head, FitOptions(head=head, level="block14", head_params={"max_epochs": 2}))
+        run = json.loads((tmp_path / head / "run.json").read_text())
+        assert run["details"]["augmentation"]["used"] is True, head
+        assert run["details"]["seeds"][0]["selection"]["views"]["views"] == len(views.X)

@@ -36,7 +36,7 @@ from torch import nn
 from medembed.errors import MedembedError
 from medembed.scorers.heads._checks import check_choice, check_float, set_training_params
 from medembed.scorers.heads.base import Head
-from medembed.scorers.heads.mlp import _logits, _torch_threads
+from medembed.scorers.heads.mlp import ViewsMixin, _logits, _torch_threads
 from medembed.scorers.heads._weights import read_checked
 from medembed.scorers.heads.tokens import TokenHeadMixin, check_tokens, train_early_stopped
 
@@ -147,7 +147,7 @@ def _token_shape(encoder: Any, level: str) -> list[int]:
     return [1 + height * width, channels]
 
 
-class AdapterHead(TokenHeadMixin, Head):
+class AdapterHead(ViewsMixin, TokenHeadMixin, Head):
     """The encoder's layers after `level`, fine-tuned on that level's cached tokens (its full, square grid)."""
 
     name = "adapter"
@@ -235,6 +235,8 @@ class AdapterHead(TokenHeadMixin, Head):
             raise MedembedError(f"-p bn=train: the last training batch would hold one image on a 1x1 map (no batch statistics); change batch_size ({self.batch_size})")
         inputs, val_inputs = torch.from_numpy(X), torch.from_numpy(X_val)
         targets = torch.from_numpy(y.astype(np.float32))
+        views = self._training_views()  # a store's augmentation bank: one view or the original per image per epoch
+        pool = None if views is None else torch.cat([inputs, torch.from_numpy(self._features(views.X, "views"))])
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[]), _torch_threads(self.n_jobs):
             torch.manual_seed(self.seed)
@@ -244,7 +246,7 @@ class AdapterHead(TokenHeadMixin, Head):
                 {"params": network.classifier.parameters(), "lr": self.head_lr},
             ]
             optimizer = torch.optim.AdamW(groups, weight_decay=self.weight_decay)
-            self.network_, selection = train_early_stopped(self, network, optimizer, inputs, targets, val_inputs, y_val)
+            self.network_, selection = train_early_stopped(self, network, optimizer, inputs, targets, val_inputs, y_val, views=views, pool=pool)
         seconds = time.perf_counter() - started
         self.token_shape_ = list(X.shape[1:])
         cost = adapter_cost(built, level, n_train=len(X))

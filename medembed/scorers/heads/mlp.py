@@ -38,11 +38,42 @@ MAX_WIDTH = 65536  # a hidden layer wider than this is a typo (1e9 would allocat
 MAX_LAYERS = 64  # deeper is a typo too (and a tampered head.json naming a million layers would take minutes to build)
 
 
-class MLPHead(Head):
+class ViewsMixin:
+    """`fit(X, y, eval_set=..., views=TrainViews)` for heads that train in epochs and draw one view (or the original)
+    per train image per epoch; `_fit` reads the views with `_training_views()` (None without)."""
+
+    consumes_views = True
+
+    def fit(self, X: Any, y: np.ndarray, *, eval_set: Any = None, views: TrainViews | None = None) -> Any:
+        """`Head.fit`; `views`: augmented views of the rows of `X` to draw from each epoch (needs `eval_set`)."""
+        if views is not None:
+            if not isinstance(views, TrainViews):
+                raise MedembedError(f"views must be TrainViews, got {type(views).__name__}")
+            if eval_set is None:
+                raise MedembedError("fit with views needs eval_set (holding out rows would separate them from their views)")
+            views.check(np.shape(X)[0], tuple(np.shape(X)[1:]))
+        self._views = views
+        try:
+            return super().fit(X, y, eval_set=eval_set)
+        finally:
+            del self._views
+
+    def _training_views(self) -> TrainViews | None:
+        return getattr(self, "_views", None)
+
+
+def epoch_inputs(inputs: torch.Tensor, pool: torch.Tensor | None, views: TrainViews | None, draws: np.random.Generator) -> torch.Tensor:
+    """One epoch's train inputs: `inputs` itself without views, else for each row its original or one of its views
+    (`pool` = the originals then the views, as `inputs` are prepared), drawn from `draws`."""
+    if views is None or pool is None:
+        return inputs
+    return pool[torch.from_numpy(views.draw(len(inputs), draws))]
+
+
+class MLPHead(ViewsMixin, Head):
     """Linear -> ReLU -> Dropout blocks, then one logit; AdamW; the epoch with the best val AUROC is kept."""
 
     name = "mlp"
-    consumes_views = True  # fit(..., views=TrainViews): one view (or the original) per train image per epoch
 
     def __init__(
         self,
@@ -73,27 +104,12 @@ class MLPHead(Head):
         self.dropout = dropout
         set_training_params(self, lr=lr, weight_decay=weight_decay, batch_size=batch_size, max_epochs=max_epochs, patience=patience, n_jobs=n_jobs)
 
-    def fit(self, X: np.ndarray, y: np.ndarray, *, eval_set: Any = None, views: TrainViews | None = None) -> "MLPHead":
-        """`Head.fit`; `views`: augmented views of the rows of `X` to draw from each epoch (needs `eval_set`)."""
-        if views is not None:
-            if not isinstance(views, TrainViews):
-                raise MedembedError(f"views must be TrainViews, got {type(views).__name__}")
-            if eval_set is None:
-                raise MedembedError("fit with views needs eval_set (holding out rows would separate them from their views)")
-            views.check(np.shape(X)[0], tuple(np.shape(X)[1:]))
-        self._views = views
-        try:
-            return super().fit(X, y, eval_set=eval_set)
-        finally:
-            del self._views
-
     def _fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray) -> dict[str, Any]:
         self.standardizer_ = Standardizer.fit(X)
         inputs = torch.from_numpy(self.standardizer_.transform(X))
-        views = getattr(self, "_views", None)
-        if views is not None:  # the originals then the views, one pool the epochs draw from
-            pool = torch.cat([inputs, torch.from_numpy(self.standardizer_.transform(self._features(views.X, "views")))])
-            draws = np.random.default_rng(self.seed)
+        views = self._training_views()
+        pool = None if views is None else torch.cat([inputs, torch.from_numpy(self.standardizer_.transform(self._features(views.X, "views")))])
+        draws = np.random.default_rng(self.seed)
         targets = torch.from_numpy(y.astype(np.float32))
         val_inputs = torch.from_numpy(self.standardizer_.transform(X_val))
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(self._positive_class_weight(y)))
@@ -106,8 +122,7 @@ class MLPHead(Head):
             shuffle = torch.Generator().manual_seed(self.seed)
             best = 0
             for epoch in range(self.max_epochs):
-                epoch_inputs = inputs if views is None else pool[torch.from_numpy(views.draw(len(inputs), draws))]
-                loss = _train_epoch(network, optimizer, loss_fn, epoch_inputs, targets, self.batch_size, shuffle)
+                loss = _train_epoch(network, optimizer, loss_fn, epoch_inputs(inputs, pool, views, draws), targets, self.batch_size, shuffle)
                 train_loss.append(loss)
                 val_auroc.append(float(roc_auc_score(y_val, _logits(network, val_inputs))))
                 if epoch == 0 or val_auroc[epoch] > val_auroc[best]:

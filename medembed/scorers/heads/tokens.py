@@ -4,7 +4,8 @@
   learning"): each token goes through Linear -> ReLU -> Dropout; the grid tokens are pooled with softmax
   weights from tanh(V h) * sigmoid(U h); the attended vector and the global token's are concatenated into one
   logit. Channels are standardised on train (statistics over every train token), training is AdamW with
-  early stopping on val AUROC, seeded and reproducible on CPU as the MLP head (same training loop).
+  early stopping on val AUROC, seeded and reproducible on CPU as the MLP head (same training loop). With
+  `views` (a store's augmentation bank) each epoch draws one view or the original per train image, as the MLP.
 - `concat`: every token concatenated into one `[T * C]` vector, then the logistic-regression head (C chosen
   on val): the "regional grid + linear head" of a small grid such as final@2x2.
 
@@ -31,7 +32,8 @@ from medembed.scorers.heads._json import HeadLoadError, checked_standardizer, re
 from medembed.scorers.heads._weights import expected_shapes, read_checked
 from medembed.scorers.heads.base import HEAD_FILE, Head, selection_record
 from medembed.scorers.heads.logreg import DEFAULT_C_GRID, LogisticRegressionHead
-from medembed.scorers.heads.mlp import MAX_WIDTH, _logits, _torch_threads, _train_epoch
+from medembed.data.augment import TrainViews
+from medembed.scorers.heads.mlp import MAX_WIDTH, ViewsMixin, _logits, _torch_threads, _train_epoch, epoch_inputs
 
 WEIGHTS_FILE = "attention.safetensors"
 
@@ -95,7 +97,7 @@ class TokenHeadMixin:
         return tokens
 
 
-class AttentionTokenHead(TokenHeadMixin, Head):
+class AttentionTokenHead(ViewsMixin, TokenHeadMixin, Head):
     """Gated-attention pooling MLP over a token level; the epoch with the best val AUROC is kept."""
 
     name = "attention"
@@ -135,11 +137,13 @@ class AttentionTokenHead(TokenHeadMixin, Head):
         inputs = torch.from_numpy(self._standardized(X))
         val_inputs = torch.from_numpy(self._standardized(X_val))
         targets = torch.from_numpy(y.astype(np.float32))
+        views = self._training_views()
+        pool = None if views is None else torch.cat([inputs, torch.from_numpy(self._standardized(self._features(views.X, "views")))])
         with torch.random.fork_rng(devices=[]), _torch_threads(self.n_jobs):
             torch.manual_seed(self.seed)
             network = self._build_network()
             optimizer = torch.optim.AdamW(network.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            self.network_, selection = train_early_stopped(self, network, optimizer, inputs, targets, val_inputs, y_val)
+            self.network_, selection = train_early_stopped(self, network, optimizer, inputs, targets, val_inputs, y_val, views=views, pool=pool)
         return selection
 
     def _positive_proba(self, X: np.ndarray) -> np.ndarray:
@@ -190,19 +194,21 @@ class AttentionTokenHead(TokenHeadMixin, Head):
 
 def train_early_stopped(
     head: Head, network: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-    val_inputs: torch.Tensor, y_val: np.ndarray,
+    val_inputs: torch.Tensor, y_val: np.ndarray, views: TrainViews | None = None, pool: torch.Tensor | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train `network` in shuffled mini-batches (`head`'s batch_size, seed, class weight) for at most `head.max_epochs`,
     stopping after `head.patience` epochs without a better val AUROC; returns it at its best epoch (eval mode) and
-    the selection record."""
+    the selection record. With `views` each epoch trains on one draw per row from `pool` (the originals, then the
+    views, prepared as `inputs`: `medembed.scorers.heads.mlp.epoch_inputs`)."""
     positive_weight = head._positive_class_weight(targets.numpy().astype(np.int64))
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(positive_weight))
     shuffle = torch.Generator().manual_seed(head.seed)
+    draws = np.random.default_rng(head.seed)
     val_auroc: list[float] = []
     train_loss: list[float] = []
     best = 0
     for epoch in range(head.max_epochs):
-        train_loss.append(_train_epoch(network, optimizer, loss_fn, inputs, targets, head.batch_size, shuffle))
+        train_loss.append(_train_epoch(network, optimizer, loss_fn, epoch_inputs(inputs, pool, views, draws), targets, head.batch_size, shuffle))
         val_auroc.append(float(roc_auc_score(y_val, _logits(network, val_inputs))))
         if epoch == 0 or val_auroc[epoch] > val_auroc[best]:
             best = epoch
@@ -210,7 +216,8 @@ def train_early_stopped(
         elif epoch - best >= head.patience:
             break
     network.load_state_dict(best_state)
-    return network.eval(), selection_record("epochs", list(range(1, len(val_auroc) + 1)), val_auroc, best, train_loss=train_loss)
+    extra = {"views": views.record()} if views is not None else {}
+    return network.eval(), selection_record("epochs", list(range(1, len(val_auroc) + 1)), val_auroc, best, train_loss=train_loss, **extra)
 
 
 class ConcatTokenHead(LogisticRegressionHead):
