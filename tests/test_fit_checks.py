@@ -79,3 +79,16 @@ def test_ensemble_of_stores_differing_only_in_levels_is_refused_naming_both(tmp_
     other = write_store(tmp_path / "c.h5", seed=1, fingerprint=make_fingerprint(**{**base, "encoder": "other"}))
     done = run_checkout_cli("fit", a, other, "--ensemble", ensemble, "--head", "logreg", "--bootstrap", "0", "--out", tmp_path / "run")
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_sweep_notes_a_small_val_split_once_per_source(tmp_path):
+    from medembed.sweep import load_config, run_sweep
+    from tests.sweep.conftest import sweep_toml, write_study
+
+    manifest, store = write_study(tmp_path / "study")  # val: 18 patients, 36 images, 12 abnormal
+    config = tmp_path / "sweep.toml"
+    config.write_text(sweep_toml(manifest, store, tmp_path / "out", heads='["logreg"]', budgets="[0.5, 1.0]", seeds="[0]"))
+    summary = run_sweep(load_config(config))
+    small = [note for note in summary.notes if "the val split is small" in note]
+    assert small == ["synthetic: the val split is small: 36 images (12 abnormal, 24 normal), too few for the f1 threshold "
+                     f"(needs >= {MIN_THRESHOLD_PER_CLASS} of each class to be stable); what it chooses may not carry over to test"]

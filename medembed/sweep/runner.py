@@ -41,7 +41,7 @@ from medembed.scorers.options import FitOptions
 from medembed.fit import level_head_params
 from medembed.scorers.heads import make_head
 from medembed.data.manifest import Manifest, read_manifest
-from medembed.protocol.steps import fit_and_evaluate
+from medembed.protocol.steps import fit_and_evaluate, val_shortfalls, val_size_warning
 from medembed.protocol.splits import Split, load_joined_splits, load_splits
 from medembed.store import open_store
 from medembed.sweep.budgets import MIN_PER_CLASS, budget_subset
@@ -183,6 +183,9 @@ class _Sweep:
         self.level, self.level_store = level, path
         self.results.check_source("sources", label, {"fingerprint": fingerprint, "notes": notes})
         self.notes += [f"{label}: {note}" for note in notes]
+        small = val_size_warning(splits["val"].y, val_shortfalls(splits["val"].y, options))  # every cell chooses on this val
+        if small and f"{label}: {small}" not in self.notes:
+            self.notes.append(f"{label}: {small}")
         _check_matches_manifest(splits, self.manifest, path, self.config.manifest)
         train_ids = splits["train"].image_id
         for key, chosen in self._budgets(todo):
