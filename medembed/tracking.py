@@ -37,6 +37,7 @@ _KEY = re.compile(r"[^\w\-. /]")  # the characters MLflow accepts in param and m
 _MAX_PARAM = 6000  # MLflow's longest param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
 _MAX_BATCH = 100  # params per log_batch request (MAX_PARAMS_TAGS_PER_BATCH)
 _MAX_METRICS = 1000  # metrics per log_batch request (MAX_METRICS_PER_BATCH)
+HTTP_RETRIES = 3  # retries of a tracking server that does not answer (backoff 2, 4, 8 s), unless MLFLOW_HTTP_REQUEST_MAX_RETRIES is set
 
 
 def check_tracking(options: TrackingOptions | None) -> None:
@@ -60,6 +61,10 @@ def _client(options: TrackingOptions) -> tuple[Any, str]:
         # MLflow 3 keeps its file store in maintenance mode and refuses it unless allowed; a local folder is what
         # a user without a server asked for (set MLFLOW_ALLOW_FILE_STORE=false to keep MLflow's refusal).
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    if uri.startswith(("http://", "https://")):
+        # MLflow retries an unreachable server 7 times with exponential backoff (minutes) before it fails; a run is
+        # already written when it is tracked, so fail sooner unless the user chose otherwise.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_RETRIES))
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(options.experiment)
     experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(options.experiment)
