@@ -111,7 +111,9 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
         splits, fingerprint, notes = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed, level=options.level or None)
         new_scorer = lambda seed: make_head(options.head, seed=seed, **head_params)  # noqa: E731
         fit_params = None
-        views, views_record, view_notes = load_train_views(stores, splits["train"].image_id, options.level or None)
+        views, views_record, view_notes = load_train_views(stores, splits["train"].image_id, options.level or None) if options.augment_bank else (None, {}, [])
+        if not options.augment_bank and any(bank_path(s).exists() for s in stores):
+            notes.append("augmentation bank not used (--no-augment-bank): the head trains on the original train images")
         if views is not None:  # the store's augmentation bank: heads that train in epochs draw from it
             if getattr(new_scorer(options.seed), "consumes_views", False) and not options.study_pooling:
                 fit_params, views_record["used"] = {"views": views}, True

@@ -193,6 +193,9 @@ def test_fit_run_records_the_bank_and_other_heads_say_they_do_not_use_it(tmp_pat
     run = json.loads((tmp_path / "mlp" / "run.json").read_text())
     assert run["details"]["augmentation"]["used"] is True and run["details"]["augmentation"]["recipe"]["views"] == K
     assert any(note.startswith("augmentation bank:") for note in run["notes"])
+    fit_run([banked], tmp_path / "off", FitOptions(head="mlp", head_params={"max_epochs": 3, "hidden": [16]}, augment_bank=False))
+    run = json.loads((tmp_path / "off" / "run.json").read_text())
+    assert "augmentation" not in run["details"] and any("--no-augment-bank" in note for note in run["notes"])
     fit_run([banked], tmp_path / "logreg", FitOptions(head="logreg"))
     run = json.loads((tmp_path / "logreg" / "run.json").read_text())
     assert run["details"]["augmentation"]["used"] is False

@@ -31,6 +31,7 @@ class FitOptions(ProtocolOptions):
     ensemble_seeds: int = option(1, "With --ensemble: fit every member N times (seeds seed..seed+N-1), each a member of the mean or stack (e.g. --head adapter --ensemble-seeds 3).")
     level: str = option("", "Token level the head reads instead of the pooled embeddings (heads attention | concat | adapter): a store level (block14), levels with one token count joined by + (block14+block10@7x7), or auto (the best val AUROC of the store's levels). With --ensemble: one level (every store's), one per store (block14,block19), or several of one store.")
     study_pooling: str = option("", "Learned study pooling instead of a head: attention (gated attention over a study's image embeddings, trained on train studies; -p sets hidden, attention, max_epochs...). Every image gets its study's score.")
+    augment_bank: bool = option(True, "Heads that train in epochs (mlp, attention, adapter) draw one view or the original per train image per epoch from the store's augmentation bank when it has one (S.views.h5, from extract --augment K); --no-augment-bank: the originals only. Other heads never use it.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
