@@ -34,7 +34,8 @@ def info(
     if verify:
         problems = opened.verify()
         if bank:  # the bank is a store of its own: the same end-to-end checks, and its checks against this store
-            problems += [f"{bank_path(store).name}: {problem}" for problem in open_store(bank_path(store)).verify() + bank["problems"]]
+            found = (open_store(bank_path(store)).verify() if bank["readable"] else []) + bank["problems"]
+            problems += [f"{bank_path(store).name}: {problem}" for problem in found]
         for problem in problems:
             typer.secho(f"problem: {problem}", fg=typer.colors.RED, err=True)
         typer.echo(f"verify       {'OK' if not problems else f'{len(problems)} problem(s)'}")

@@ -155,6 +155,11 @@ def test_fit_reads_train_views_and_refuses_mixed_or_tampered_banks(tmp_path, ban
         load_train_views([copy], splits["train"].image_id, None)
     shown = subprocess.run([str(MEDEMBED), "info", str(copy), "--verify"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert shown.returncode == 1 and "fingerprints differ" in shown.stderr
+    bank_bytes = bank_path(copy).read_bytes()
+    bank_path(copy).write_bytes(b"not hdf5")  # a bank that is not a store: info still shows the store, --verify fails
+    shown = subprocess.run([str(MEDEMBED), "info", str(copy), "--verify"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 1 and "rows" in shown.stdout and "copy.views.h5" in shown.stderr and "Traceback" not in shown.stderr
+    bank_path(copy).write_bytes(bank_bytes)
     with h5py.File(bank_path(copy), "r+") as f:
         f.attrs["augment"] = "[1, 2]"
     with pytest.raises(MedembedError, match="recipe has keys"):

@@ -345,8 +345,13 @@ def bank_summary(store_path: Path | str) -> dict[str, Any] | None:
     path = bank_path(store_path)
     if not path.exists():
         return None
-    store, bank = open_store(store_path), open_store(path)
-    summary = bank.summary()
+    store = open_store(store_path)
+    try:
+        bank = open_store(path)
+        summary = bank.summary()
+    except MedembedError as error:  # not a store at all: say so beside the store's own summary
+        return {"path": str(path), "recipe": "(unreadable)", "views_per_image": 0, "views": 0, "train_images": 0, "views_by_split": {},
+                "row_bytes": 0, "view_bytes": 0, "bytes_on_disk": path.stat().st_size, "failed": 0, "problems": [str(error)], "readable": False}
     row_bytes = np.dtype(bank.dtype).itemsize * (bank.dim + sum(t * c for t, c in bank.token_shapes.values()))
     views = int(summary["rows"])
     train = int(store.summary()["splits"].get("train", {}).get("rows", 0))
@@ -363,7 +368,7 @@ def bank_summary(store_path: Path | str) -> dict[str, Any] | None:
         "path": str(path), "recipe": recipe_text, "views_per_image": k, "views": views, "train_images": train,
         "views_by_split": {name: counts["rows"] for name, counts in summary["splits"].items()},
         "row_bytes": row_bytes, "view_bytes": views * row_bytes, "bytes_on_disk": on_disk, "failed": int(summary["failed"]),
-        "problems": problems,
+        "problems": problems, "readable": True,
     }
 
 
