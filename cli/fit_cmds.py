@@ -71,7 +71,7 @@ def evaluate(
     corrupt: str = typer.Option(None, "--corrupt", help="Robustness: re-read the test images under corruptions noise,blur,contrast,gamma,jpeg (or all)."),
     severity: str = typer.Option("1..5", "--severity", help="With --corrupt: severities 1..5, a list 1,3,5, or one."),
     manifest: Path = typer.Option(None, "--manifest", help="With --corrupt: the manifest of the run's images."),
-    root: Path = typer.Option(None, "--root", help="With --corrupt, or --on a manifest: folder the manifest's paths are relative to."),
+    root: Path = typer.Option(None, "--root", help="With --corrupt, or --on a manifest: folder the manifest's paths are relative to; otherwise the folder of the images report.html's gallery shows (default: the root the store recorded)."),
     on: Path = typer.Option(None, "--on", help="External validation: score this store (a manifest with --root for image runs) with the run's calibration and thresholds."),
     extract: ExtractOptions = None,
     transfer: TransferOptions = None,
@@ -109,7 +109,7 @@ def evaluate(
         return
     from medembed.evaluate import evaluate_run, evaluation_directory, evaluation_name
 
-    metrics = evaluate_run(run, stores=store or None, split=split, n_resamples=bootstrap, transfer=transfer)
+    metrics = evaluate_run(run, stores=store or None, split=split, n_resamples=bootstrap, transfer=transfer, image_root=root)
     print_headline(metrics)
     written = evaluation_directory(run, evaluation_name(split, store or None, bootstrap, transfer))
     typer.echo(f"evaluation written to {written} (report: {written / 'report.md'}); the fit's own results in {run} are unchanged")

@@ -284,11 +284,12 @@ def fit(stores: PathLike | Sequence[PathLike], out: PathLike, **options: Any) ->
 
 
 def evaluate(run: Any, *, stores: PathLike | Sequence[PathLike] | None = None, split: str = "test",
-             bootstrap: int | None = None, **options: Any) -> dict[str, Any]:
+             bootstrap: int | None = None, root: PathLike | None = None, **options: Any) -> dict[str, Any]:
     """`medembed evaluate`: recompute a run's metrics on its test split (or `split`, or other `stores` with its
     fingerprint) into RUN/evaluations/NAME/ (metrics.json, report and figures; the fit's own are left as they are,
     see `medembed.evaluate.evaluation_name`). `run` is a loaded run or its directory;
-    `bootstrap` resamples (default: the run's); `options` the transfer kit's (`alpha=`, `by=`, `ood_rate=`, ...).
+    `bootstrap` resamples (default: the run's); `root` the folder of report.html's gallery images (as `--root`);
+    `options` the transfer kit's (`alpha=`, `by=`, `ood_rate=`, ...).
     Returns the metrics (metrics.json's document)."""
     if "n_resamples" in options:
         if bootstrap is not None:
@@ -302,7 +303,7 @@ def evaluate(run: Any, *, stores: PathLike | Sequence[PathLike] | None = None, s
     from medembed.evaluate import evaluate_run
 
     return evaluate_run(directory, stores=None if stores is None else _paths(stores, "stores"), split=split,
-                        n_resamples=bootstrap, transfer=transfer)
+                        n_resamples=bootstrap, transfer=transfer, image_root=None if root is None else Path(root))
 
 
 def predict(run: Any, images_or_manifest: PathLike | Sequence[PathLike], root: PathLike | None = None,

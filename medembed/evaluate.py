@@ -81,11 +81,13 @@ def evaluation_directory(run_dir: Path, name: str) -> Path:
 
 
 def evaluate_run(
-    run_dir: Path, stores: list[Path] | None = None, split: str = "test", n_resamples: int | None = None, transfer: TransferOptions | None = None
+    run_dir: Path, stores: list[Path] | None = None, split: str = "test", n_resamples: int | None = None, transfer: TransferOptions | None = None,
+    image_root: Path | None = None,
 ) -> dict[str, Any]:
     """Re-evaluate any run directory on its inputs (or other stores with the same fingerprint), with the transfer
     sections (conformal coverage, OOD false alarms, subgroups of `transfer.by`); writes metrics, report, figures
     and predictions into RUN/evaluations/`evaluation_name(...)`/ (the fit's own files are left as they are).
+    report.html's gallery reads the images under `image_root` (default: the root the evaluated store recorded).
     Returns the metrics."""
     run = load_run(run_dir)
     options = run.record.protocol
@@ -107,6 +109,8 @@ def evaluate_run(
     extras = lambda directory: source_sections(  # noqa: E731
         directory, reference, rows, p, run.calibration.image_threshold, transfer, options.n_resamples, options.seed, unavailable)
     record = run.record
+    if stores:  # the evaluated stores' images, not the fit's, are what report.html's gallery shows
+        record = replace(record, inputs={**record.inputs, "stores": [str(Path(s).resolve()) for s in stores]})
     seeds = getattr(record.options, "seeds", 1)
     if seeds > 1:  # the run keeps one scorer: its headline's mean ± sd cannot be re-evaluated
         record = replace(record, notes=[*record.notes, f"fitted with {seeds} seeds; the run keeps the first seed's scorer, evaluated here"])
@@ -115,6 +119,7 @@ def evaluate_run(
         "n_resamples": options.n_resamples, "transfer": {f.name: getattr(transfer, f.name) for f in dataclasses.fields(TransferOptions)},
     }
     with replaced_directory(out) as staging:
-        write_evaluation(staging, record, Evaluation(p, rows, metrics), title=f"{Path(run_dir).name}, {out.name}", extras=extras)
+        write_evaluation(staging, record, Evaluation(p, rows, metrics), title=f"{Path(run_dir).name}, {out.name}", extras=extras,
+                         scorer=run.scorer, image_root=None if image_root is None else Path(image_root))
         atomic_write_json(staging / "evaluation.json", asked)
     return metrics

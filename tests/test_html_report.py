@@ -178,3 +178,25 @@ def test_a_run_of_several_seeds_shows_its_table_over_seeds(tmp_path):
     text = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
     over = text.split("<h2>Over seeds</h2>")[1].split("<h2>")[0]
     assert "±" in over and "mean ± sd over 2 seeds" in over
+
+
+def test_evaluate_shows_the_images_under_its_root_and_of_the_stores_it_evaluates(tmp_path):
+    from medembed.evaluate import evaluate_run
+
+    store = _images_store(tmp_path)
+    fit_run([store], tmp_path / "run", FitOptions(n_resamples=0))
+    moved = tmp_path / "moved"
+    (tmp_path / "images").rename(moved)  # the store's recorded root is gone; --root names where the images are now
+
+    def thumbnails(evaluation):
+        return [a["src"] for _, a in _parse(evaluation / "report.html").tags if a.get("src", "").startswith("data:image/jpeg")]
+
+    evaluate_run(tmp_path / "run", n_resamples=0)
+    evaluation = tmp_path / "run" / "evaluations" / "test-bootstrap0"
+    assert thumbnails(evaluation) == []
+    evaluate_run(tmp_path / "run", n_resamples=0, image_root=moved)
+    assert len(thumbnails(evaluation)) >= 6
+    other = _images_store(tmp_path / "other")  # --store: the gallery follows that store's recorded root
+    evaluate_run(tmp_path / "run", stores=[other], n_resamples=0)
+    page = "".join(_parse(tmp_path / "run" / "evaluations" / "test-on-s-bootstrap0" / "report.html").text)
+    assert f"images read from {tmp_path / 'other' / 'images'}" in page

@@ -167,7 +167,7 @@ def image_locator(record: Any, image_root: Path | None) -> tuple[ImageLocator | 
         if isinstance(root, str):
             return None, root
     if not Path(root).is_dir():
-        return None, f"the image root {root} is not a folder on this machine"
+        return None, f"the image root {root} is not a folder on this machine (medembed evaluate RUN --root DIR shows the images under DIR)"
     return ImageLocator(Path(root), _manifest_paths(record)), f"images read from {root}"
 
 
