@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
 
 from medembed.errors import MedembedError
 from medembed.options.protocol import CALIBRATIONS, OPTIMISED_RULES, ThresholdRule, parse_threshold_rule
@@ -221,6 +220,8 @@ class Calibrator:
         if self.kind == "platt":
             self.slope_, self.intercept_ = _fit_platt(y, p)
         else:
+            from sklearn.isotonic import IsotonicRegression  # here, not at import: compare and predict never fit one
+
             isotonic = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p, y)
             self.x_knots_ = np.asarray(isotonic.X_thresholds_, dtype=np.float64)
             self.y_knots_ = np.asarray(isotonic.y_thresholds_, dtype=np.float64)

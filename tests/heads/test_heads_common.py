@@ -25,6 +25,25 @@ def test_every_head_the_options_name_is_registered():
     assert set(HEAD_NAMES + TOKEN_HEADS) | {"sklearn"} == set(_HEADS)
 
 
+def test_each_registered_class_carries_its_registry_name_and_the_sklearn_prefix_agrees():
+    from medembed.scorers.heads import SKLEARN_PREFIX, _HEADS, head_class
+    from medembed.scorers.heads.sklearn_adapter import PREFIX
+
+    assert {name: head_class(name).name for name in _HEADS} == {name: name for name in _HEADS}
+    assert SKLEARN_PREFIX == PREFIX
+
+
+def test_options_of_a_pooled_head_are_checked_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from medembed.scorers.options import FitOptions; FitOptions(head='logreg'); "
+            "FitOptions(head='xgboost', head_params={'n_estimators': 10}); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
 def test_make_head_rejects_unknown_name_listing_the_known_ones():
     with pytest.raises(MedembedError, match="logreg, mlp, xgboost"):
         make_head("svm")
