@@ -231,3 +231,18 @@ def test_attention_and_adapter_heads_draw_views_of_a_token_level(tmp_path, small
         run = json.loads((tmp_path / head / "run.json").read_text())
         assert run["details"]["augmentation"]["used"] is True, head
         assert run["details"]["seeds"][0]["selection"]["views"]["views"] == len(views.X)
+
+
+def test_bank_refusals_before_any_view_is_embedded(tmp_path, monkeypatch, banked, small_manifest, fracatlas_root):
+    from medembed.extract.runner import check_bank_recipe
+
+    manifest = read_manifest(small_manifest)
+    with pytest.raises(MedembedError, match="no store to augment"):
+        extract_bank(manifest, fracatlas_root, encoder(), tmp_path / "none.h5", OPTIONS, AugmentOptions(augment=1))
+    with pytest.raises(MedembedError, match="another recipe"):
+        extract_bank(manifest, fracatlas_root, encoder(), banked, OPTIONS, AugmentOptions(augment=K, rotate=5.0))
+    with pytest.raises(MedembedError, match="another encoder, preprocessing or precision"):
+        extract_bank(manifest, fracatlas_root, build_encoder("efficientnet-lite0", {"size": 96}), banked, OPTIONS, AugmentOptions(augment=K))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MedembedError, match="torchrun"):
+        check_bank_recipe(banked, AugmentOptions(augment=K))

@@ -17,6 +17,10 @@ does not need a re-extraction.
 Several GPUs: ``torchrun --nproc-per-node N -m medembed.cli.main extract ...`` (or the ``medembed`` entry point
 under torchrun) gives each rank a disjoint shard of the manifest written to its own shard store; rank 0
 merges the shards into the output store at the end.
+
+`extract_bank` (``extract --augment K``) then embeds K seeded augmented views of every train image into the
+store's augmentation bank ``S.views.h5`` (`medembed.data.augment`): the same `extract` over a manifest of views, so
+it resumes, records failures and survives a kill as any store does; views preprocess in the decoding workers.
 """
 
 from __future__ import annotations
@@ -57,7 +61,6 @@ if TYPE_CHECKING:
     from medembed.data.augment import AugmentedPreprocess
     from medembed.data.corrupt import CorruptedPreprocess
     from medembed.options.augment import AugmentOptions
-
 
 
 @dataclass
@@ -317,9 +320,12 @@ def view_manifest(manifest: Manifest, views: int) -> Manifest:
 
 
 def check_bank_recipe(out: Path, augment: AugmentOptions) -> Path:
-    """The bank path of store `out`; refused in one line when a bank is there with another recipe (or none)."""
+    """The bank path of store `out`; refused in one line when a bank is there with another recipe (or none), and
+    under torchrun (the bank is written by one process)."""
     from medembed.data.augment import AugmentRecipe, bank_path
 
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise MedembedError("--augment is not supported under torchrun yet: extract the bank in one process (rerun the command without torchrun)")
     recipe = AugmentRecipe.from_options(augment)
     path = bank_path(out)
     if path.exists():
@@ -351,8 +357,7 @@ def extract_bank(
 
     options = options or ExtractOptions()
     out = Path(out)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise MedembedError("--augment is not supported under torchrun yet: extract the bank in one process (rerun the command without torchrun)")
+    path = check_bank_recipe(out, augment)
     recipe = AugmentRecipe.from_options(augment)
     if not out.exists():
         raise MedembedError(f"{out}: no store to augment; its originals are extracted first (no image was embedded)")
@@ -362,7 +367,6 @@ def extract_bank(
     diff = fingerprint_mismatch(main.fingerprint, source)
     if diff:
         raise MedembedError(f"{out} was written with another encoder, preprocessing or precision than this run ({'; '.join(diff)}); its bank must match it")
-    path = check_bank_recipe(out, augment)
     views = view_manifest(manifest, recipe.views)
     if not len(views):
         raise MedembedError(f"the manifest has no train images to augment ({len(manifest)} rows, none with split 'train')")
