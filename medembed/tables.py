@@ -18,15 +18,13 @@ Both are written atomically (a temporary file beside `path`, then a rename): a r
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from medembed._csv import csv_lines, text_cell
-from medembed._files import atomic_write_text, fsync_directory
+from medembed._files import atomic_write, atomic_write_text
 from medembed.errors import MedembedError
 
 PARQUET_SUFFIX = ".parquet"
@@ -124,18 +122,7 @@ def _write_parquet(path: Path, header: list[str], rows: Sequence[Sequence[Any]])
             cells = [None if cell is None else int(cell) for cell in cells]
         arrays.append(pa.array(cells, type=arrow_types[kind]))
     table = pa.Table.from_arrays(arrays, names=header)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
+    atomic_write(path, lambda handle: pq.write_table(table, handle))
 
 
 def import_pandas(what: str) -> Any:
