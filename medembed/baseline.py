@@ -18,7 +18,8 @@ from medembed.options.baselines import CNNOptions, CNNRunOptions, check_cnn_opti
 from medembed.options.protocol import ProtocolOptions
 from medembed.protocol.splits import Split, manifest_splits, split_sizes
 from medembed.protocol.steps import fit_and_evaluate
-from medembed.runs.record import Evaluation, RunRecord, write_run
+from medembed.runs.record import RunRecord
+from medembed.runs.writer import Evaluation, write_run
 from medembed.scorers.baselines._data import failed_note, read_checked_manifest
 from medembed.scorers.baselines._training import StageTimer
 from medembed.scorers.baselines.cnn import KIND, CNNScorer

@@ -22,7 +22,8 @@ from medembed.options import check_positive, long_flags
 from medembed.options.transfer import TransferOptions
 from medembed.protocol.steps import evaluate_split
 from medembed.runs.inputs import run_inputs, with_manifest_columns
-from medembed.runs.record import Evaluation, load_run, write_evaluation
+from medembed.runs.record import load_run
+from medembed.runs.writer import Evaluation, write_evaluation
 from medembed.transfer.reference import run_reference
 from medembed.transfer.sections import source_sections
 from medembed.transfer.subgroups import check_columns

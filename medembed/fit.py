@@ -24,7 +24,8 @@ from medembed.scorers.heads import make_head
 from medembed.protocol.steps import fit_and_evaluate, val_shortfalls, val_size_warning
 from medembed.options.transfer import TransferOptions
 from medembed.transfer.conformal import conformal_shortfalls
-from medembed.runs.record import Evaluation, RunRecord, write_run
+from medembed.runs.record import RunRecord
+from medembed.runs.writer import Evaluation, write_run
 from medembed.protocol.splits import load_joined_splits, load_splits, split_sizes
 from medembed.store import open_store
 from medembed.transfer.sections import fitted_extras
@@ -77,7 +78,7 @@ def level_head_params(head: str, level: str, store: Path, params: dict[str, Any]
 def check_ensemble_levels(stores: list[Path], options: FitOptions) -> None:
     """An ensemble's --level against its stores, before any rows are read: the level count (`block_plan`) and, for
     adapter members, that the adapter can start from each store's level (`level_head_params`)."""
-    from medembed.protocol.members import block_plan
+    from medembed.scorers.members import block_plan
     from medembed.scorers.ensemble import parse_heads
 
     for k, level in block_plan(len(stores), options.level):

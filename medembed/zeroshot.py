@@ -13,7 +13,8 @@ from medembed.options.protocol import ProtocolOptions
 from medembed.options.zeroshot import ZeroShotOptions
 from medembed.protocol.splits import load_splits, split_sizes
 from medembed.protocol.steps import fit_and_evaluate
-from medembed.runs.record import Evaluation, RunRecord, write_run
+from medembed.runs.record import RunRecord
+from medembed.runs.writer import Evaluation, write_run
 from medembed.scorers.zeroshot import (
     GENERIC_BODY_PART,
     SCORE_RULE,

@@ -202,7 +202,7 @@ def test_ensemble_options_are_refused_before_any_fit(stores, tmp_path, options, 
 def test_a_stack_of_token_members_learns_a_planted_cell_and_round_trips(tmp_path):
     """Attention and concat members on one token block, two seeds each, stacked on out-of-fold train predictions:
     the marked cell is found, and the saved ensemble reproduces its probabilities."""
-    from medembed.protocol.members import MemberInputs
+    from medembed.scorers.members import MemberInputs
 
     rng = np.random.default_rng(0)
 

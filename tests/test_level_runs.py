@@ -18,7 +18,7 @@ from medembed.errors import MedembedError
 from medembed.extract.runner import extract
 from medembed.fit import fit_run
 from medembed.options.extract import ExtractOptions
-from medembed.protocol.members import MemberInputs, block_plan
+from medembed.scorers.members import MemberInputs, block_plan
 from medembed.runs.inputs import run_inputs
 from medembed.runs.record import load_run
 from medembed.scorers.options import FitOptions

@@ -16,7 +16,7 @@ import numpy as np
 
 from medembed.errors import MedembedError
 from medembed.data.manifest import SPLITS, Manifest, assign_grouped_split
-from medembed.store import EmbeddingTable, fingerprint_mismatch, open_store, read_stores
+from medembed.store import EmbeddingTable, fingerprint_mismatch, level_tokens, open_store, read_stores
 
 
 # Columns Split holds as fields (or drops: label is y); every other column is carried in Split.extra.
@@ -123,7 +123,7 @@ class JoinedStores:
     notes: list[str]
     members: list[dict[str, Any]]  # per store: store, fingerprint, encoder_options, preprocess, dim
     widths: tuple[int, ...]
-    blocks: list[dict[str, Any]] = field(default_factory=list)  # token-level members' blocks (medembed.protocol.members)
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # token-level members' blocks (medembed.scorers.members)
 
 
 def join_stores(stores: list[Path]) -> tuple[EmbeddingTable, list[str]]:
@@ -167,9 +167,9 @@ def join_stores(stores: list[Path]) -> tuple[EmbeddingTable, list[str]]:
 
 def load_joined_splits(stores: list[Path], *, val_fraction: float, seed: int, level: str = "") -> JoinedStores:
     """Train/val/test splits of several encoders' stores joined by image id (one store: its own rows). With `level`
-    (an ensemble's --level, `medembed.protocol.members.block_plan`) each split's X is a `MemberInputs`: the pooled
+    (an ensemble's --level, `medembed.scorers.members.block_plan`) each split's X is a `MemberInputs`: the pooled
     rows plus each (store, level) block's tokens."""
-    from medembed.protocol.members import block_sources
+    from medembed.scorers.members import block_sources
 
     stores = [Path(s) for s in stores]
     blocks = block_sources(stores, level) if level else []  # a missing level is refused before any rows are read
@@ -178,7 +178,7 @@ def load_joined_splits(stores: list[Path], *, val_fraction: float, seed: int, le
     table, notes = join_stores(stores)
     splits = table_splits(table, stores, val_fraction=val_fraction, seed=seed, notes=notes)
     if blocks:
-        from medembed.protocol.members import MemberInputs, gather_blocks
+        from medembed.scorers.members import MemberInputs, gather_blocks
 
         gathered = gather_blocks(np.concatenate([rows.image_id for rows in splits.values()]), [(stores[b["store"]], b["level"]) for b in blocks])
         ends = np.cumsum([len(rows) for rows in splits.values()])
@@ -219,23 +219,6 @@ def check_distinct_members(opened: list[Any], *, tokens_asked: bool) -> None:
 
 def _encoder_options(store: Any) -> dict[str, Any]:
     return json.loads(str(store.attrs.get("encoder_options", "{}")))
-
-
-def level_tokens(stores: list[Path], level: str) -> np.ndarray:
-    """The tokens `[N, T, C]` of `level` (or of levels joined by "+", concatenated along C) of every row of the
-    stores, in `read_stores` order."""
-    names = [name.strip() for name in level.split("+") if name.strip()]
-    opened = [open_store(s) for s in stores]
-    for store in opened:
-        missing = [name for name in names if name not in store.token_shapes]
-        if missing:
-            have = ", ".join(store.token_shapes) or "none (extract with --levels or --tokens)"
-            raise MedembedError(f"{store.path}: no token level {missing[0]!r}; its levels: {have}")
-    counts = {name: opened[0].token_shapes[name][0] for name in names}
-    if len(set(counts.values())) > 1:
-        shown = ", ".join(f"{name} {count}" for name, count in counts.items())
-        raise MedembedError(f"levels {level!r} cannot be concatenated: their token counts differ ({shown}); pool them to one grid (@RxC)")
-    return np.concatenate([np.concatenate([store.read_tokens(name) for store in opened]) for name in names], axis=2)
 
 
 def manifest_splits(manifest: Manifest, *, val_fraction: float = 0.125, seed: int = 0) -> tuple[dict[str, Split], np.ndarray, list[str]]:

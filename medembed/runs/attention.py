@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medembed.data.geometry import Placement, attention_on_image, cell_boxes
 from medembed.data.images import PreprocessSpec
 from medembed.errors import MedembedError
-from medembed.runs.record import Run, RunRecord
+
+if TYPE_CHECKING:  # record.py writes report.html, which draws these maps: a runtime import would be a circle
+    from medembed.runs.record import Run, RunRecord
 
 _ALPHA = 0.5  # how much of the heat colour covers the image
 

@@ -32,9 +32,9 @@ from medembed.data.manifest import SPLITS, Manifest, read_manifest
 from medembed.errors import MedembedError
 from medembed.options.extract import DTYPES, ExtractOptions
 from medembed.options.transfer import ALL_ROWS
-from medembed.protocol.splits import Split, level_tokens, load_joined_splits, load_splits, manifest_splits
+from medembed.protocol.splits import Split, load_joined_splits, load_splits, manifest_splits
 from medembed.runs.record import RUN_FILE, Run
-from medembed.store import EmbeddingStore, EmbeddingTable, fingerprint_mismatch, open_store, read_stores
+from medembed.store import EmbeddingStore, EmbeddingTable, fingerprint_mismatch, level_tokens, open_store, read_stores
 
 if TYPE_CHECKING:  # both import torch, which reading a run's own rows never needs
     from medembed.encoders import Encoder
@@ -157,7 +157,7 @@ class JoinedStoreInputs:
                 failed.setdefault(image_id, f"member {k}: {reason}")
         held = _rows_held(rows, tables)
         if self.run.record.level:  # token-level members read their re-extracted levels beside the pooled rows
-            from medembed.protocol.members import MemberInputs, block_plan, gather_blocks
+            from medembed.scorers.members import MemberInputs, block_plan, gather_blocks
 
             sources = [(member_cache(cache, k), level) for k, level in block_plan(len(members), self.run.record.level)]
             held.X = MemberInputs(held.X, gather_blocks(held.image_id, sources))

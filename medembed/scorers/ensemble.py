@@ -18,7 +18,7 @@ every encoder (`medembed.runs.inputs.JoinedStoreInputs`). Combining members:
 Members choose their own hyperparameters on val exactly as a single head does; the ensemble's probability is
 then calibrated and thresholded on val by the protocol like any scorer's.
 
-Token-level members (`--level`, `medembed.protocol.members`): with `blocks` set, the input is a `MemberInputs`
+Token-level members (`--level`, `medembed.scorers.members`): with `blocks` set, the input is a `MemberInputs`
 (one `[N, T, C]` token array per (store, level) block) and every --head is a member on every block: attention
 or concat heads, or adapters, each adapter starting from its block's store encoder and level
 (`fit A.h5 B.h5 --ensemble mean --head adapter --level block14`). `member_seeds` N fits each member N times
@@ -38,7 +38,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from medembed._files import atomic_write_json, read_json
 from medembed.errors import MedembedError
-from medembed.protocol.members import MemberInputs
+from medembed.scorers.members import MemberInputs
 from medembed.scorers.heads import Head, load_head, make_head
 from medembed.scorers.heads._checks import check_embeddings, check_labels
 
@@ -93,7 +93,7 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
         combine: str = "mean", widths: tuple[int, ...] = (1,), folds: int = 5, seed: int = 0,
         blocks: tuple[dict[str, Any], ...] = (), member_seeds: int = 1,
     ) -> None:
-        """`blocks`: the token-level blocks (`medembed.protocol.members.block_sources`: store, level, token_shape,
+        """`blocks`: the token-level blocks (`medembed.scorers.members.block_sources`: store, level, token_shape,
         encoder, encoder_options), empty for members on the pooled embeddings; `member_seeds`: fits per member."""
         self.heads = heads
         self.head_params = head_params
@@ -402,7 +402,7 @@ def _checked_meta(meta: Any, scorer: EnsembleScorer, path: Path) -> dict[str, An
 def make_ensemble(heads: str, head_params: dict[str, Any], combine: str, widths: tuple[int, ...], folds: int, seed: int,
                   blocks: list[dict[str, Any]] | tuple[dict[str, Any], ...] = (), member_seeds: int = 1) -> EnsembleScorer:
     """An unfitted ensemble from fit's options: `heads` "logreg,mlp", flat `-p` params (see `split_head_params`),
-    the token blocks of --level (`medembed.protocol.members.block_sources`) and --ensemble-seeds."""
+    the token blocks of --level (`medembed.scorers.members.block_sources`) and --ensemble-seeds."""
     names = parse_heads(heads)
     return EnsembleScorer(heads=names, head_params=split_head_params(names, head_params), combine=combine, widths=tuple(widths), folds=folds,
                           seed=seed, blocks=tuple(blocks), member_seeds=member_seeds)

@@ -63,7 +63,7 @@ class FitOptions(ProtocolOptions):
                 make_head(head, **params)
                 check_level_head(head, self.level)
             if self.level:
-                from medembed.protocol.members import block_plan
+                from medembed.scorers.members import block_plan
 
                 if self.ensemble == "concat":
                     raise MedembedError("--ensemble concat joins pooled embeddings; members on token levels (--level) are combined by mean or stack")

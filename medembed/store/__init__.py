@@ -8,6 +8,7 @@ from medembed.store.reader import (
     EmbeddingTable,
     describe_preprocess,
     format_summary,
+    level_tokens,
     open_store,
     read_stores,
 )
@@ -26,5 +27,5 @@ from medembed.store.writer import StoreWriter, consolidate_store
 __all__ = [
     "FINGERPRINT_KEYS", "EmbeddingStore", "EmbeddingTable", "ProvenanceWarning", "StoreError", "StoreWarning", "StoreWriter",
     "collect_provenance", "consolidate_store", "describe_preprocess", "fingerprint_mismatch", "format_summary",
-    "make_fingerprint", "merge_stores", "open_store", "read_stores", "text_problem",
+    "level_tokens", "make_fingerprint", "merge_stores", "open_store", "read_stores", "text_problem",
 ]

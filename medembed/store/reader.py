@@ -619,6 +619,23 @@ def read_stores(paths: Sequence[Path | str], split: str | None = None) -> tuple[
     return _concat([s.read(split) for s in stores]), stores[0].fingerprint
 
 
+def level_tokens(stores: Sequence[Path | str], level: str) -> np.ndarray:
+    """The tokens `[N, T, C]` of `level` (or of levels joined by "+", concatenated along C) of every row of the
+    stores, in `read_stores` order."""
+    names = [name.strip() for name in level.split("+") if name.strip()]
+    opened = [open_store(s) for s in stores]
+    for store in opened:
+        missing = [name for name in names if name not in store.token_shapes]
+        if missing:
+            have = ", ".join(store.token_shapes) or "none (extract with --levels or --tokens)"
+            raise MedembedError(f"{store.path}: no token level {missing[0]!r}; its levels: {have}")
+    counts = {name: opened[0].token_shapes[name][0] for name in names}
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{name} {count}" for name, count in counts.items())
+        raise MedembedError(f"levels {level!r} cannot be concatenated: their token counts differ ({shown}); pool them to one grid (@RxC)")
+    return np.concatenate([np.concatenate([store.read_tokens(name) for store in opened]) for name in names], axis=2)
+
+
 def describe_preprocess(spec_json: str) -> str:
     """A store's or run's preprocessing JSON in words (see PreprocessSpec.describe); the JSON itself if not a plain spec."""
     try:

@@ -26,7 +26,8 @@ from medembed.options.protocol import ProtocolOptions
 from medembed.protocol.figures import plot_figures
 from medembed.protocol.report import markdown_report, write_metrics_json
 from medembed.runs.inputs import RunInputs, labelled, run_inputs
-from medembed.runs.record import Run, load_run, report_context
+from medembed.runs.record import Run, load_run
+from medembed.runs.writer import report_context
 from medembed.protocol.splits import Split
 from medembed.transfer.conformal import fit_conformal, prediction_sets, set_names
 from medembed.transfer.drift import prevalence_shift, shift_test

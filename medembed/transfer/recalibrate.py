@@ -25,7 +25,8 @@ from medembed.protocol.steps import Calibration, calibrate_on_val, evaluate_spli
 from medembed.options.protocol import ProtocolOptions
 from medembed.protocol.report import markdown_table, write_metrics_json
 from medembed.runs.inputs import labelled, run_inputs
-from medembed.runs.record import Evaluation, Run, load_run, write_run
+from medembed.runs.record import Run, load_run
+from medembed.runs.writer import Evaluation, write_run
 from medembed.scorers.contract import positive_scores
 from medembed.protocol.splits import Split
 from medembed.options.transfer import TransferOptions

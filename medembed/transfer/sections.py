@@ -163,7 +163,7 @@ def _interval(ci: list[float] | None) -> str:
 def fitted_extras(fitted: Any, splits: dict[str, Split], seed: int, n_resamples: int, options: TransferOptions | None = None) -> Any:
     """What a fit adds to its run directory, for one `medembed.protocol.steps.Fitted` of any scorer: the reference (val
     scores; a train-embedding sample for embedding scorers) and the report sections of the test split. Returned
-    as the `extras` callable `medembed.runs.record.write_run` takes."""
+    as the `extras` callable `medembed.runs.writer.write_run` takes."""
     from medembed.scorers.contract import positive_scores
     from medembed.transfer.reference import REFERENCE_DIR, build_reference
 

@@ -19,7 +19,8 @@ from medembed.scorers.options import FitOptions
 from medembed.fit import fit_run
 from medembed.runs.inputs import run_inputs
 from medembed.protocol.report import compare_table, read_metrics_json
-from medembed.runs.record import load_run, report_context
+from medembed.runs.record import load_run
+from medembed.runs.writer import report_context
 from tests.cli.test_entry_point import run_cli
 from tests.test_fit import write_store
 

@@ -73,7 +73,7 @@ class MemberInputs:
 def gather_blocks(image_id: np.ndarray, sources: list[tuple[Path, str]]) -> tuple[np.ndarray, ...]:
     """For rows `image_id` (each in every source store), the tokens of each `(store, level)` source in that row
     order (levels joined by "+" concatenated along C, as for a single token head)."""
-    from medembed.protocol.splits import level_tokens
+    from medembed.store import level_tokens
     from medembed.store import open_store
 
     blocks = []
