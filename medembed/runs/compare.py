@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from medembed.errors import MedembedError
+from medembed.options.protocol import MAX_RESAMPLES
 from medembed.protocol.metrics import headline_leaf
 from medembed.protocol.report import COMPARE_METRICS, LEVELS, compare_table, format_cell, markdown_table, read_metrics_json
 from medembed.runs.record import RunRecord, read_record
 
 FORMATS = ("md", "csv", "json", "parquet")
 PAIRED_RESAMPLES = 1000
-MAX_RESAMPLES = 100_000  # as fit's --bootstrap
 
 
 @dataclass
