@@ -325,7 +325,7 @@ def _read_bank(store: Any, bank: Any, level: str | None, mismatch: Any) -> tuple
         raise MedembedError(f"{where}: {len(bad)} row(s) are not views 1..{recipe.views} of their source image, e.g. {table.image_id[bad[0]]!r} "
                             f"(source {source[bad[0]]!r}, view {view[bad[0]]!r}); re-extract the bank")
     if level:
-        from medembed.protocol.splits import level_tokens
+        from medembed.store import level_tokens
 
         X = level_tokens([bank.path], level)
     else:
