@@ -18,7 +18,7 @@ def info(
 
     Example: medembed info fracatlas-effl0.h5 --verify
     """
-    from medembed.data.augment import bank_path, bank_summary, format_bank
+    from medembed.store.views import bank_path, bank_summary, format_bank
     from medembed.store import format_summary, open_store
 
     opened = open_store(store)

@@ -16,7 +16,7 @@ from typing import Any
 
 from sklearn.metrics import roc_auc_score
 
-from medembed.data.augment import bank_path, load_train_views
+from medembed.store.views import bank_path, load_train_views
 from medembed.errors import MedembedError
 from medembed.protocol.metrics import summarize_seeds
 from medembed.scorers.ensemble import make_ensemble

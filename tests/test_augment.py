@@ -12,16 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from medembed.data.augment import (
-    SOURCE_COLUMN,
-    AugmentedPreprocess,
-    AugmentRecipe,
-    TrainViews,
-    bank_path,
-    load_train_views,
-    parse_view_id,
-    view_id,
-)
+from medembed.data.augment import SOURCE_COLUMN, AugmentedPreprocess, AugmentRecipe, parse_view_id, view_id
+from medembed.store.views import TrainViews, bank_path, load_train_views
 from medembed.data.manifest import read_manifest
 from medembed.encoders.runtime import build_encoder
 from medembed.errors import MedembedError

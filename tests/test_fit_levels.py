@@ -70,7 +70,7 @@ def test_fit_level_evaluate_and_predict_reproduce_the_store(killed_then_resumed,
     manifest = read_manifest(small_manifest)
     test = manifest.subset(np.flatnonzero((manifest.split == "test") & ~np.isin(manifest.image_id, ["IMG0004028", "IMG0004029"])))
     files = [str(fracatlas_root / path) for path in test.path]
-    predicted = run_cli("predict", run, *files, "--out", tmp_path / "p.csv", "--workers", "0")
+    predicted = run_cli("predict", run, *files, "--out", tmp_path / "p.csv", "--workers", "0", "--cache-dir", tmp_path / "cache")
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     with open(tmp_path / "p.csv", newline="") as handle:
         by_file = {row["image_id"].split("/")[-1]: float(row["probability"]) for row in csv.DictReader(handle)}
@@ -79,7 +79,7 @@ def test_fit_level_evaluate_and_predict_reproduce_the_store(killed_then_resumed,
     stored = dict(zip(rows.image_id, loaded.probabilities(rows)))
     for image_id, path in zip(test.image_id, test.path):
         assert by_file[path.split("/")[-1]] == pytest.approx(stored[image_id], abs=2e-3)
-    cache = next(tmp_path.glob("p.*.embeddings.h5"))
+    cache = next((tmp_path / "cache").glob("*/*.embeddings.h5"))  # predict's cache, re-extracted with the run's levels
     assert open_store(cache).token_shapes == LEVELS
 
 

@@ -322,7 +322,8 @@ def view_manifest(manifest: Manifest, views: int) -> Manifest:
 def check_bank_recipe(out: Path, augment: AugmentOptions) -> Path:
     """The bank path of store `out`; refused in one line when a bank is there with another recipe (or none), and
     under torchrun (the bank is written by one process)."""
-    from medembed.data.augment import AugmentRecipe, bank_path
+    from medembed.data.augment import AugmentRecipe
+    from medembed.store.views import bank_path
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise MedembedError("--augment is not supported under torchrun yet: extract the bank in one process (rerun the command without torchrun)")

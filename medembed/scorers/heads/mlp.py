@@ -4,7 +4,7 @@ Training is seeded and reproducible on CPU: weights and dropout draw from the gl
 `torch.random.fork_rng` (so the caller's random state is left as it was), shuffling from a private generator.
 Saved as safetensors (weights and standardisation) plus the params in head.json.
 
-With `views` (`medembed.data.augment.TrainViews`: the embedded augmented views of train rows, from a store's
+With `views` (`medembed.store.views.TrainViews`: the embedded augmented views of train rows, from a store's
 augmentation bank) each epoch trains on one choice per train image, drawn uniformly among its original and its views
 from a private generator seeded by the head's seed; the standardisation is fitted on the originals, and val (early
 stopping) is always the originals.
@@ -22,7 +22,7 @@ from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from medembed.data.augment import TrainViews
+from medembed.store.views import TrainViews
 from medembed.errors import MedembedError
 from medembed.scorers.heads._checks import check_float, check_int, check_sequence, set_training_params
 from medembed.scorers.heads._features import Standardizer

@@ -32,7 +32,7 @@ from medembed.scorers.heads._json import HeadLoadError, checked_standardizer, re
 from medembed.scorers.heads._weights import expected_shapes, read_checked
 from medembed.scorers.heads.base import HEAD_FILE, Head, selection_record
 from medembed.scorers.heads.logreg import DEFAULT_C_GRID, LogisticRegressionHead
-from medembed.data.augment import TrainViews
+from medembed.store.views import TrainViews
 from medembed.scorers.heads.mlp import MAX_WIDTH, ViewsMixin, _logits, _torch_threads, _train_epoch, epoch_inputs
 
 WEIGHTS_FILE = "attention.safetensors"
