@@ -75,11 +75,9 @@ class EmbeddingTable:
         """The table as a pandas DataFrame, one row per image: `image_id`, the manifest columns, and `embedding`
         holding each row's [D] array (`np.stack(frame["embedding"])` gives the [N, D] matrix back).
         pandas is optional: without it, a MedembedError says how to install it."""
-        try:
-            import pandas as pd
-        except ImportError:
-            raise MedembedError("to_pandas needs pandas, which is not installed: pip install pandas (or use to_numpy())") from None
-        frame = pd.DataFrame({"image_id": self.image_id, **self.columns})
+        from medembed.tables import import_pandas
+
+        frame = import_pandas("to_pandas").DataFrame({"image_id": self.image_id, **self.columns})
         frame["embedding"] = list(self.embeddings)
         return frame
 
