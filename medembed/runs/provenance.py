@@ -24,11 +24,10 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from medembed._version import __version__
+from medembed._version import __version__, package_version
 from medembed.errors import MedembedError
 
 # Distributions whose versions change what a run computes; xgboost installs as xgboost-cpu here.
@@ -78,14 +77,8 @@ def _jsonable(value: Any) -> Any:
 def library_versions() -> dict[str, str]:
     """{name: version} of python, medembed and LIBRARIES (a library that is not installed is left out)."""
     found = {"python": platform.python_version(), "medembed": __version__}
-    for name, distributions in LIBRARIES.items():
-        for distribution in distributions:
-            try:
-                found[name] = version(distribution)
-                break
-            except PackageNotFoundError:
-                continue
-    return found
+    installed = {name: package_version(*distributions) for name, distributions in LIBRARIES.items()}
+    return found | {name: text for name, text in installed.items() if text}
 
 
 @functools.lru_cache(maxsize=1)

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Mapping, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from urllib.parse import unquote
 
 import h5py
 import numpy as np
 
-from medembed._version import __version__
+from medembed._version import __version__, package_version
 from medembed.errors import MedembedError
 
 SCHEMA_VERSION = 2  # 2: the segmented layout (an index file); plain files are still written as 1
@@ -95,13 +94,6 @@ def unrecorded_keys(recorded: Mapping[str, str], actual: Mapping[str, str]) -> l
     return [key for key in LATER_FINGERPRINT_KEYS if key not in recorded and str(actual.get(key, ""))]
 
 
-def _package_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return ""
-
-
 def collect_provenance(gpu: str = "") -> dict[str, str]:
     """The environment that computes embeddings: python, medembed, torch, transformers, numpy, h5py versions
     ('' for a package not installed; read from package metadata, nothing is imported) and `gpu` (the
@@ -109,8 +101,8 @@ def collect_provenance(gpu: str = "") -> dict[str, str]:
     return {
         "python": platform.python_version(),
         "medembed": __version__,
-        "torch": _package_version("torch"),
-        "transformers": _package_version("transformers"),
+        "torch": package_version("torch"),
+        "transformers": package_version("transformers"),
         "numpy": np.__version__,
         "h5py": h5py.__version__,
         "gpu": str(gpu),
