@@ -205,14 +205,14 @@ def format_cell(leaf: dict | None, metric: str) -> str:
     if "mean" in leaf:
         mean, sd = leaf["mean"], leaf["sd"]
         if metric in _INTEGER_METRICS and not sd:
-            return _number(mean, metric)
-        spread = f"{_number(mean, metric)} ± {_number(sd, metric)}"
+            return format_number(mean, metric)
+        spread = f"{format_number(mean, metric)} ± {format_number(sd, metric)}"
         if "value" not in leaf:
             return spread
         seed = leaf.get("seed")
         return f"{spread} ({'first seed' if seed is None else f'seed {seed}'}: {format_cell({'value': leaf['value'], 'ci': leaf.get('ci')}, metric)})"
     ci = leaf.get("ci")
-    value = _number(leaf["value"], metric)
+    value = format_number(leaf["value"], metric)
     if ci is None or value == "n/a" or any(bound is None or math.isnan(bound) for bound in ci):
         return value
     return f"{value} {format_interval(ci, metric)}"
@@ -220,10 +220,11 @@ def format_cell(leaf: dict | None, metric: str) -> str:
 
 def format_interval(ci: list[float] | tuple[float, float], metric: str = "") -> str:
     """An interval as printed everywhere: "[−0.132, 0.445]" (brackets, a comma, U+2212 for negatives)."""
-    return f"[{_number(ci[0], metric)}, {_number(ci[1], metric)}]"
+    return f"[{format_number(ci[0], metric)}, {format_number(ci[1], metric)}]"
 
 
-def _number(value: float | None, metric: str) -> str:
+def format_number(value: float | None, metric: str) -> str:
+    """One number as every table prints it: 3 decimals (counts as integers), U+2212 for negatives, "n/a" if undefined."""
     if value is None or math.isnan(value):
         return "n/a"
     text = f"{value:.0f}" if metric in _INTEGER_METRICS else f"{value:.3f}"
@@ -255,7 +256,7 @@ def _seed_table(result: dict, levels: list[str]) -> list[str]:
     n_seeds = max(len(v) for v in values.values())
     seeds = over_seeds.get("seeds") or list(range(n_seeds))
     rows = [
-        [str(seeds[k]) if k < len(seeds) else str(k)] + [_number(values[c][k], c[1]) if k < len(values[c]) else "" for c in columns]
+        [str(seeds[k]) if k < len(seeds) else str(k)] + [format_number(values[c][k], c[1]) if k < len(values[c]) else "" for c in columns]
         for k in range(n_seeds)
     ]
     return markdown_table(["Seed"] + [f"{METRIC_LABELS[metric]}, {level} level" for level, metric in columns], rows)

@@ -21,7 +21,7 @@ from typing import Any
 from medembed.errors import MedembedError
 from medembed.options.protocol import MAX_RESAMPLES
 from medembed.protocol.metrics import headline_leaf
-from medembed.protocol.report import COMPARE_METRICS, LEVELS, compare_table, format_cell, markdown_table, read_metrics_json
+from medembed.protocol.report import COMPARE_METRICS, LEVELS, compare_table, format_cell, format_number, markdown_table, read_metrics_json
 from medembed.runs.record import RunRecord, read_record
 
 FORMATS = ("md", "csv", "json", "parquet")
@@ -132,8 +132,8 @@ def paired_markdown(comparison: Comparison) -> str:
             settings.add((result["n_resamples"], result["alpha"], entry["unit"]))
             rows.append([
                 name, level, f"{entry['n']} ({entry['n_pos']} abnormal)" if level == "image" else f"{entry['n']} studies",
-                f"{_plain(auroc['b'])} vs {_plain(auroc['a'])}", _difference(auroc), _p(auroc["p_value"]), _p(auroc["delong"]["p_value"]),
-                f"{_plain(kappa['b'])} vs {_plain(kappa['a'])}", _difference(kappa), _p(kappa["p_value"]),
+                f"{format_number(auroc['b'], 'auroc')} vs {format_number(auroc['a'], 'auroc')}", _difference(auroc), _p(auroc["p_value"]), _p(auroc["delong"]["p_value"]),
+                f"{format_number(kappa['b'], 'kappa')} vs {format_number(kappa['a'], 'kappa')}", _difference(kappa), _p(kappa["p_value"]),
             ])
     described = "; ".join(
         f"{round(100 * (1 - alpha))}% percentile interval of {n} paired resamples of {'studies' if unit == 'study' else unit + 's'}"
@@ -145,10 +145,6 @@ def paired_markdown(comparison: Comparison) -> str:
         "per patient its image-level p is too small); each run's own calibrated thresholds decide its kappa."
     )
     return "\n".join([f"## Paired differences against {comparison.baseline}", "", *markdown_table(header, rows), "", note])
-
-
-def _plain(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
 def _difference(entry: dict[str, Any]) -> str:
