@@ -40,13 +40,21 @@
 
     [[baselines]]
     kind = "cnn"                        # fine-tuned EfficientNet-Lite0: one run per seed and budget
-    options = { size = 128, epochs = 5 }
+    label = "cnn-224"                   # optional: results' encoder column and run directories' name (default: kind)
+    options = { size = 224, epochs = 10 }
     budgets = [1.0]                     # optional (default [1.0]: each run fine-tunes a CNN)
     seeds = [0]                         # optional (default: the sweep's seeds)
 
     [[baselines]]
     kind = "autoencoder"                # trained once on the train images, then heads x budgets x seeds on its store
+    label = "ae-e20"                    # optional: results' encoder column and store name (default: kind)
     options = { epochs = 20 }
+
+A sweep may hold several baselines of one kind, each with its own `label` (e.g. a CNN at the default 128 px and
+one at the store's 224 px), for the CNN and the autoencoder alike: a CNN's runs go to
+OUT/baselines/<label>-budget<b>-seed<s>/, an autoencoder's store to OUT/stores/<label>.h5. Labels are distinct
+across [[encoders]] and [[baselines]]; a baseline's label may be its own kind (the default, so results of a
+config without labels stay valid) but not another kind's name.
 
 Relative paths resolve against the current directory. Every problem raises SweepConfigError naming the file
 and the key.
@@ -82,7 +90,7 @@ _TOP_KEYS = (
 )
 _ENSEMBLE_KEYS = ("label", "heads", "combine", "encoders", "params", "folds")
 _ENCODER_KEYS = ("name", "label", "options", "store", "levels", "token_heads")
-_BASELINE_KEYS = {CNN: ("kind", "options", "budgets", "seeds"), AUTOENCODER: ("kind", "options")}
+_BASELINE_KEYS = {CNN: ("kind", "label", "options", "budgets", "seeds"), AUTOENCODER: ("kind", "label", "options")}
 # Baseline options the sweep sets itself: the CNN's seed is each sweep seed.
 _BASELINE_OPTIONS = {
     CNN: tuple(f.name for f in fields(CNNOptions) if f.name != "seed"),
@@ -145,6 +153,7 @@ class BaselineSpec:
     autoencoder is trained once (its `seed` option) and its store gets the sweep's budgets and seeds."""
 
     kind: str  # "cnn" | "autoencoder"
+    label: str  # the results' encoder column; also its run directories' (CNN) or store's (autoencoder) name
     options: dict[str, Any]
     budgets: tuple[float, ...] = ()
     seeds: tuple[int, ...] = ()
@@ -185,9 +194,13 @@ class SweepConfig:
     def bootstrap(self) -> int:
         return self.protocol.n_resamples
 
-    def baseline(self, kind: str) -> BaselineSpec | None:
-        """The baseline of this kind, if the sweep has one."""
-        return next((b for b in self.baselines if b.kind == kind), None)
+    def baseline(self, label: str) -> BaselineSpec | None:
+        """The baseline with this label (a baseline's kind unless it sets one), if the sweep has one."""
+        return next((b for b in self.baselines if b.label == label), None)
+
+    def baselines_of(self, kind: str) -> tuple[BaselineSpec, ...]:
+        """The sweep's baselines of one kind, in config order."""
+        return tuple(b for b in self.baselines if b.kind == kind)
 
 
 def load_config(path: Path) -> SweepConfig:
@@ -216,11 +229,12 @@ def parse_config(document: dict[str, Any], source: Path) -> SweepConfig:
     baselines = tuple(_baseline(where, entry, i, seeds) for i, entry in enumerate(where.tables(document, "baselines")))
     if not encoders and not baselines:
         raise where.error("encoders", "the sweep needs at least one [[encoders]] or [[baselines]] entry")
-    labels = [e.label for e in encoders] + [b.kind for b in baselines]
+    labels = [e.label for e in encoders] + [b.label for b in baselines]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:
-        raise where.error("encoders", f"{', '.join(repeated)} appears twice; give each encoder a distinct `label` (baselines: one of each kind)")
-    ensembles = tuple(_ensemble(where, entry, i, encoders, heads) for i, entry in enumerate(where.tables(document, "ensembles")))
+        key = "baselines" if any(b.label in repeated for b in baselines) else "encoders"
+        raise where.error(key, f"{', '.join(repeated)} appears twice; give each encoder and baseline a distinct `label`")
+    ensembles = tuple(_ensemble(where, entry, i, encoders) for i, entry in enumerate(where.tables(document, "ensembles")))
     repeated = sorted({e.label for e in ensembles if [x.label for x in ensembles].count(e.label) > 1})
     if repeated:
         raise where.error("ensembles", f"{', '.join(repeated)} appears twice; give each ensemble a distinct `label`")
@@ -283,15 +297,22 @@ def _head_params(where: _Where, table: dict, heads: tuple[str, ...]) -> dict[str
     return {head: dict(table.get(head, {})) for head in heads}
 
 
+def _label(where: _Where, entry: dict, key: str, default: str | None, reserved: tuple[str, ...], reserved_as: str) -> str:
+    """entry's `label` (`default` where absent; required when None): a name usable as a file name and a results
+    column, and not one of `reserved` (`reserved_as` says what those are)."""
+    label = where.value(entry, "label", str, default, key=f"{key}.label")
+    if not _LABEL.match(label) or label in reserved:
+        raise where.error(f"{key}.label", f"{label!r} must be letters, digits, '.', '_' or '-' and not {reserved_as} ({', '.join(reserved)})")
+    return label
+
+
 def _encoder(where: _Where, entry: dict, index: int) -> EncoderSpec:
     key = f"encoders[{index}]"
     where.known_keys(entry, _ENCODER_KEYS, key)
     name = where.value(entry, "name", str, key=f"{key}.name")
     if name not in available_encoders():
         raise where.error(f"{key}.name", f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
-    label = where.value(entry, "label", str, name, key=f"{key}.label")
-    if not _LABEL.match(label) or label in BASELINE_KINDS:
-        raise where.error(f"{key}.label", f"{label!r} must be letters, digits, '.', '_' or '-' and not a baseline's name ({', '.join(BASELINE_KINDS)})")
+    label = _label(where, entry, key, name, BASELINE_KINDS, "a baseline's name")
     options = dict(where.value(entry, "options", dict, {}, key=f"{key}.options"))
     levels = tuple(where.items(entry, "levels", [], key=f"{key}.levels")) if "levels" in entry else ()
     token_heads = tuple(where.items(entry, "token_heads", ["attention"], key=f"{key}.token_heads")) if levels else ()
@@ -304,14 +325,12 @@ def _encoder(where: _Where, entry: dict, index: int) -> EncoderSpec:
     return EncoderSpec(name, label, options, where.path(entry, "store", required=False, key=f"{key}.store"), levels, token_heads)
 
 
-def _ensemble(where: _Where, entry: dict, index: int, encoders: tuple[EncoderSpec, ...], heads: tuple[str, ...]) -> EnsembleSpec:
+def _ensemble(where: _Where, entry: dict, index: int, encoders: tuple[EncoderSpec, ...]) -> EnsembleSpec:
     from medembed.scorers.ensemble import COMBINES, EnsembleScorer, split_head_params
 
     key = f"ensembles[{index}]"
     where.known_keys(entry, _ENSEMBLE_KEYS, key)
-    label = where.value(entry, "label", str, key=f"{key}.label")
-    if not _LABEL.match(label) or label in heads or label in HEAD_NAMES:
-        raise where.error(f"{key}.label", f"{label!r} must be letters, digits, '.', '_' or '-' and not a head's name")
+    label = _label(where, entry, key, None, HEAD_NAMES, "a head's name")  # the sweep's heads are among them
     members = tuple(where.items(entry, "heads", key=f"{key}.heads"))
     for head in members:
         if head not in HEAD_NAMES:
@@ -337,12 +356,14 @@ def _baseline(where: _Where, entry: dict, index: int, sweep_seeds: tuple[int, ..
     if kind not in BASELINE_KINDS:
         raise where.error(f"{key}.kind", f"unknown baseline {kind!r}; choose from {', '.join(BASELINE_KINDS)}")
     where.known_keys(entry, _BASELINE_KEYS[kind], f"{key} ({kind})")
+    label = _label(where, entry, key, kind, tuple(k for k in BASELINE_KINDS if k != kind), "another baseline's name")
     options = dict(where.value(entry, "options", dict, {}, key=f"{key}.options"))
     where.known_keys(options, _BASELINE_OPTIONS[kind], f"{key}.options ({kind})")
     if kind == AUTOENCODER:
-        return BaselineSpec(kind, options)
+        return BaselineSpec(kind, label, options)
     return BaselineSpec(
         kind,
+        label,
         options,
         budgets=_budgets(where, entry, "budgets", [1.0], f"{key}.budgets"),
         seeds=_seeds(where, entry, "seeds", list(sweep_seeds), f"{key}.seeds"),

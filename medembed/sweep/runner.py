@@ -9,12 +9,12 @@ every source gets the same images, less any it could not decode. Every cell's bo
 
 Embedding sources:
 - each [[encoders]] entry: its `store`, or OUT/stores/<label>.h5, extracted (or finished) when incomplete;
-- the autoencoder baseline: trained once on the train images (no labels: a label budget does not limit it,
-  as it does not limit the foundation model's pretraining), its store OUT/stores/autoencoder.h5 then gets
+- each autoencoder baseline: trained once on the train images (no labels: a label budget does not limit it,
+  as it does not limit the foundation model's pretraining), its store OUT/stores/<label>.h5 then gets
   the same heads x budgets x seeds as any encoder.
-The CNN baseline fine-tunes EfficientNet-Lite0 per (budget, seed) on the same budgeted train images (head
-"finetune", run directories under OUT/baselines/); on a CPU each run takes minutes, so its budgets default
-to 1.0 only.
+Each CNN baseline fine-tunes EfficientNet-Lite0 per (budget, seed) on the same budgeted train images (head
+"finetune", run directories OUT/baselines/<label>-budget<b>-seed<s>/); on a CPU each run takes minutes, so its
+budgets default to 1.0 only. A baseline's label is its kind unless the config gives one.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from medembed.protocol.steps import fit_and_evaluate, val_shortfalls, val_size_w
 from medembed.protocol.splits import Split, load_joined_splits, load_splits
 from medembed.store import open_store
 from medembed.sweep.budgets import MIN_PER_CLASS, budget_subset
-from medembed.sweep.config import AUTOENCODER, BASELINE_KINDS, CNN, EncoderSpec, EnsembleSpec, SweepConfig, source_label
+from medembed.sweep.config import AUTOENCODER, CNN, BaselineSpec, EncoderSpec, EnsembleSpec, SweepConfig, source_label
 from medembed.sweep.report import write_report
 from medembed.sweep.results import CellKey, ResultsLog, cell_row, read_results, row_key
 
@@ -79,7 +79,8 @@ def run_sweep(config: SweepConfig, *, baselines: bool = True, log: Callable[[str
     manifest = read_manifest(config.manifest)
     grid = grid_cells(config)
     with ResultsLog(config.out, _protocol(config)) as results:
-        active = [cell for cell in grid if baselines or cell.encoder not in BASELINE_KINDS]
+        baseline_labels = {spec.label for spec in config.baselines}
+        active = [cell for cell in grid if baselines or cell.encoder not in baseline_labels]
         sweep = _Sweep(config, manifest, results, log, total=len(active))
         for head in config.heads:
             # Every parameter, defaults included: a changed medembed default changes the results too.
@@ -93,12 +94,10 @@ def run_sweep(config: SweepConfig, *, baselines: bool = True, log: Callable[[str
             for members in ensemble.sources(config.encoders):
                 label = source_label(members)
                 sweep.run_ensemble([c for c in grid if (c.encoder, c.head) == (label, ensemble.label)], ensemble, members)
-        autoencoder = config.baseline(AUTOENCODER)
-        if baselines and autoencoder is not None:
-            sweep.run_heads(_cells_of(grid, AUTOENCODER), lambda: sweep.autoencoder_store(autoencoder.options))
-        cnn = config.baseline(CNN)
-        if baselines and cnn is not None:
-            sweep.run_cnn(_cells_of(grid, CNN), cnn.options)
+        for spec in (config.baselines_of(AUTOENCODER) if baselines else ()):
+            sweep.run_heads(_cells_of(grid, spec.label), lambda spec=spec: sweep.autoencoder_store(spec))
+        for spec in (config.baselines_of(CNN) if baselines else ()):
+            sweep.run_cnn(_cells_of(grid, spec.label), spec)
         record = results.record
     in_grid = set(grid)
     rows = [row for row in read_results(results.path) if row_key(row) in in_grid]
@@ -116,7 +115,7 @@ def run_sweep(config: SweepConfig, *, baselines: bool = True, log: Callable[[str
 
 def grid_cells(config: SweepConfig) -> list[CellKey]:
     """Every cell the config asks for, baselines included, in the order they run."""
-    sources = [spec.label for spec in config.encoders] + ([AUTOENCODER] if config.baseline(AUTOENCODER) else [])
+    sources = [spec.label for spec in config.encoders] + [spec.label for spec in config.baselines_of(AUTOENCODER)]
     cells = [
         CellKey(source, head, budget, seed)
         for source in sources for seed in config.seeds for budget in config.budgets for head in config.heads
@@ -131,10 +130,16 @@ def grid_cells(config: SweepConfig) -> list[CellKey]:
         for ensemble in config.ensembles for members in ensemble.sources(config.encoders)
         for seed in config.seeds for budget in config.budgets
     ]
-    cnn = config.baseline(CNN)
-    if cnn is not None:
-        cells += [CellKey(CNN, CNN_HEAD, budget, seed) for seed in cnn.seeds for budget in cnn.budgets]
+    cells += [
+        CellKey(cnn.label, CNN_HEAD, budget, seed)
+        for cnn in config.baselines_of(CNN) for seed in cnn.seeds for budget in cnn.budgets
+    ]
     return cells
+
+
+def cnn_run_name(key: CellKey) -> str:
+    """The run directory name (under OUT/baselines/) of a CNN baseline's cell: <label>-budget<b>-seed<s>."""
+    return f"{key.encoder}-budget{key.budget:g}-seed{key.seed}"
 
 
 def _cells_of(cells: list[CellKey], source: str) -> list[CellKey]:
@@ -273,9 +278,9 @@ class _Sweep:
             self.log(summary.format())
         return path
 
-    def autoencoder_store(self, options: dict) -> Path:
-        """OUT/stores/autoencoder.h5, trained and written unless it is there already."""
-        path = self.config.out / "stores" / f"{AUTOENCODER}.h5"
+    def autoencoder_store(self, spec: BaselineSpec) -> Path:
+        """OUT/stores/<label>.h5 of an autoencoder baseline, trained and written unless it is there already."""
+        path, options = self.config.out / "stores" / f"{spec.label}.h5", spec.options
         expected = dataclasses.asdict(AutoencoderOptions(**options))
         trained = weights_dir(path) / "model.json"
         self._check_store_options(path, expected, read_json(trained, "autoencoder model.json")["options"] if trained.exists() else None)
@@ -284,9 +289,9 @@ class _Sweep:
             if missing:
                 raise MedembedError(f"{path}: lacks {missing} of the manifest's images (a sweep stopped while writing it?); delete it to train the autoencoder again")
             return path
-        self.log(f"training the autoencoder baseline into {path}")
+        self.log(f"training the autoencoder baseline {spec.label} into {path}")
         run = run_autoencoder_baseline(self.config.manifest, self._root("training the autoencoder"), path, AutoencoderOptions(**options), log=self.log)
-        self.log(f"autoencoder: {run.embedded} images embedded in {run.seconds['total']:.0f} s")
+        self.log(f"{spec.label}: {run.embedded} images embedded in {run.seconds['total']:.0f} s")
         return path
 
     def _check_store_options(self, path: Path, expected: dict, recorded: dict | None = None) -> None:
@@ -319,22 +324,22 @@ class _Sweep:
             raise MedembedError(f"{self.config.source}: root: {purpose} needs the images; set `root` to the folder the manifest's paths are relative to")
         return self.config.root
 
-    # -- the CNN baseline --------------------------------------------------------------------------------
+    # -- the CNN baselines -------------------------------------------------------------------------------
 
-    def run_cnn(self, cells: list[CellKey], options: dict) -> None:
-        """Fine-tune the CNN for the `cells` not done yet, on the same budgeted train rows the heads get."""
+    def run_cnn(self, cells: list[CellKey], spec: BaselineSpec) -> None:
+        """Fine-tune the CNN of `spec` for the `cells` not done yet, on the same budgeted train rows the heads get."""
         todo = self._todo(cells)
         if not todo:
             return
-        identity = {k: v for k, v in dataclasses.asdict(CNNOptions(**options)).items() if k not in _RUNTIME_OPTIONS + ("seed",)}
-        self.results.check_source("sources", CNN, {"options": identity})
+        identity = {k: v for k, v in dataclasses.asdict(CNNOptions(**spec.options)).items() if k not in _RUNTIME_OPTIONS + ("seed",)}
+        self.results.check_source("sources", spec.label, {"options": identity})
         for key, chosen in self._budgets(todo):
-            self._record(self._cnn_cell, key, options, chosen)
+            self._record(self._cnn_cell, key, spec.options, chosen)
 
     def _cnn_cell(self, key: CellKey, options: dict, chosen: np.ndarray) -> dict:
-        out = self.config.out / "baselines" / f"{CNN}-budget{key.budget:g}-seed{key.seed}"
+        out = self.config.out / "baselines" / cnn_run_name(key)
         run = run_cnn_baseline(
-            self.config.manifest, self._root("the CNN baseline"), out, CNNOptions(**options, seed=key.seed), self.fit_options(),
+            self.config.manifest, self._root(f"the CNN baseline {key.encoder}"), out, CNNOptions(**options, seed=key.seed), self.fit_options(),
             log=lambda line: self.log(f"  {key}: {line}"), train_ids=chosen,
         )
         sizes = json.loads((out / "run.json").read_text())["split_sizes"]

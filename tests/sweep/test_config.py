@@ -127,3 +127,65 @@ def test_defaults_are_fits(tmp_path):
         defaults.threshold, defaults.calibration, defaults.aggregation, defaults.n_resamples
     )
     assert (config.name, config.root, config.budgets, config.seeds, config.baselines) == ("sweep", None, (1.0,), (0,), ())
+
+
+LABELLED_BASELINES = """
+manifest = "m.csv"
+out = "o"
+heads = ["logreg"]
+seeds = [0, 1]
+
+[[encoders]]
+name = "efficientnet-lite0"
+
+[[baselines]]
+kind = "cnn"
+label = "cnn-128"
+
+[[baselines]]
+kind = "cnn"
+label = "cnn-224"
+options = { size = 224, epochs = 10 }
+seeds = [0]
+
+[[baselines]]
+kind = "autoencoder"
+"""
+
+
+def test_baselines_of_one_kind_under_their_own_labels(tmp_path):
+    config = load_config(write(tmp_path, LABELLED_BASELINES))
+    assert [(b.kind, b.label, b.options, b.seeds) for b in config.baselines] == [
+        ("cnn", "cnn-128", {}, (0, 1)), ("cnn", "cnn-224", {"size": 224, "epochs": 10}, (0,)), ("autoencoder", "autoencoder", {}, ()),
+    ]
+    assert [b.label for b in config.baselines_of("cnn")] == ["cnn-128", "cnn-224"]
+    assert config.baseline("cnn-224").options["size"] == 224 and config.baseline("cnn") is None
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (('label = "cnn-128"', 'label = "cnn-224"'), r"baselines: cnn-224 appears twice; give each encoder and baseline a distinct `label`"),
+        (('label = "cnn-128"\n', ""), None),  # one unlabelled CNN beside a labelled one is fine
+        (('label = "cnn-128"', 'label = "efficientnet-lite0"'), r"baselines: efficientnet-lite0 appears twice"),
+        (('label = "cnn-128"', 'label = "autoencoder"'), r"baselines\[0\].label: 'autoencoder' must be .* not another baseline's name \(autoencoder\)"),
+        (('label = "cnn-128"', 'label = "cnn 128"'), r"baselines\[0\].label: 'cnn 128' must be letters"),
+        (('kind = "autoencoder"', 'kind = "autoencoder"\nlabel = "cnn"'), r"baselines\[2\].label: 'cnn' must be"),
+    ],
+)
+def test_baseline_labels_are_checked_as_encoder_labels_are(tmp_path, change, message):
+    old, new = change
+    assert old in LABELLED_BASELINES
+    path = write(tmp_path, LABELLED_BASELINES.replace(old, new, 1))
+    if message is None:
+        assert [b.label for b in load_config(path).baselines_of("cnn")] == ["cnn", "cnn-224"]
+        return
+    with pytest.raises(SweepConfigError, match=message) as error:
+        load_config(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_two_unlabelled_baselines_of_one_kind_are_refused(tmp_path):
+    twice = LABELLED_BASELINES.replace('label = "cnn-128"\n', "").replace('label = "cnn-224"\n', "")
+    with pytest.raises(SweepConfigError, match=r"baselines: cnn appears twice"):
+        load_config(write(tmp_path, twice))
