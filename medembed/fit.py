@@ -86,6 +86,48 @@ def check_ensemble_levels(stores: list[Path], options: FitOptions) -> None:
             level_head_params(head, level, stores[k], {})
 
 
+def ensemble_views(stores: list[Path], joined: Any, options: FitOptions) -> tuple[tuple[Any, ...] | None, dict[str, Any], list[str]]:
+    """The augmentation views an ensemble's members draw from: one `TrainViews` or None per member block (each
+    (store, level) block of --level, else each store's pooled vectors), what run.json records (one entry per
+    block) and notes. One rule: a member draws views iff its block's store has a bank and its head trains in
+    epochs (mlp, attention, adapter); concat members read every store's vectors joined, which no one store's views
+    stand in for, so they never do. Views are of the joined train rows only (`load_train_views` drops the rest)."""
+    from medembed.scorers.ensemble import parse_heads
+
+    sources = [(block["store"], block["level"]) for block in joined.blocks] or [(k, None) for k in range(len(stores))]
+    if not any(bank_path(stores[k]).exists() for k, _ in sources):
+        return None, {}, []
+    if not options.augment_bank:
+        return None, {}, ["augmentation bank not used (--no-augment-bank): ensemble members train on the original train images"]
+    heads = parse_heads(options.head)
+    drawing = [head for head in heads if getattr(make_head(head), "consumes_views", False)]
+    usable = bool(drawing) and options.ensemble != "concat"
+    views: list[Any] = []
+    records: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for k, level in sources:
+        loaded, record, loaded_notes = load_train_views([stores[k]], joined.splits["train"].image_id, level)  # every bank is checked
+        where = stores[k].name + (f" {level}" if level else "")
+        used = usable and loaded is not None
+        views.append(loaded if used else None)
+        records.append({"store": str(stores[k].resolve()), "level": level, "used": used, **(record or {"banks": []})})
+        if used:
+            notes += [f"{where}: {note}" for note in loaded_notes]
+        elif usable:
+            notes.append(f"augmentation bank: {where} has none; its members train on the original train images")
+    if options.ensemble == "concat":
+        notes.append("augmentation bank not used: --ensemble concat members read every store's vectors joined, which no one store's "
+                     "views stand in for; they train on the original train images")
+    elif not drawing:
+        notes.append(f"augmentation bank not used: heads {options.head} do not draw views per epoch (mlp, attention and adapter do); "
+                     "ensemble members train on the original train images")
+    elif len(drawing) < len(heads):
+        others = ", ".join(head for head in heads if head not in drawing)
+        notes.append(f"augmentation bank: {', '.join(drawing)} members draw views; {others} members train on the original train images")
+    used_any = any(v is not None for v in views)
+    return (tuple(views) if used_any else None), {"used": used_any, "blocks": records}, notes
+
+
 def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fit, calibrate and evaluate on the stores; write the run directory `out`. Returns the test metrics. `log`
     receives what the fit chose on its own (the level of --level auto)."""
@@ -101,8 +143,10 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
         new_scorer = lambda seed: make_ensemble(options.head, options.head_params, options.ensemble, joined.widths, options.ensemble_folds, seed,  # noqa: E731
                                                 blocks=joined.blocks, member_seeds=options.ensemble_seeds)
         fit_params = {"groups": splits["train"].patient_id}
-        if any(bank_path(s).exists() for s in stores):
-            notes.append("augmentation bank not used: ensemble members train on the original train images")
+        member_views, views_record, view_notes = ensemble_views(stores, joined, options)
+        notes += view_notes
+        if member_views is not None:
+            fit_params["views"] = member_views
     else:
         level_choice = None
         if options.level == AUTO_LEVEL:  # the chosen level is what the run records (the caller's options stay as given)

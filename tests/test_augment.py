@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -238,3 +239,95 @@ def test_bank_refusals_before_any_view_is_embedded(tmp_path, monkeypatch, banked
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(MedembedError, match="torchrun"):
         check_bank_recipe(banked, AugmentOptions(augment=K))
+
+
+def test_train_views_subset_keeps_the_views_of_its_rows_counted_within_it():
+    recipe = AugmentRecipe.from_options(AugmentOptions(augment=2))
+    views = TrainViews(np.arange(6, dtype=np.float32).reshape(6, 1), np.array([0, 0, 1, 2, 2, 3]), recipe)
+    part = views.subset(np.array([3, 1]))  # row 3 becomes row 0, row 1 row 1; the views of rows 0 and 2 are dropped
+    assert part.row.tolist() == [1, 0] and part.X[:, 0].tolist() == [2.0, 5.0] and part.recipe == recipe
+    part.check(2, (1,))
+    mask = views.subset(np.array([False, False, True, True, True]))  # a mask: rows 2, 3, 4 -> 0, 1, 2 (row 4 has none)
+    assert mask.row.tolist() == [0, 0, 1] and mask.X[:, 0].tolist() == [3.0, 4.0, 5.0]
+    assert len(views.subset(np.array([], dtype=int)).X) == 0
+    with pytest.raises(MedembedError, match="distinct"):
+        views.subset(np.array([1, 1]))
+
+
+@pytest.fixture(scope="module")
+def bankless(tmp_path_factory, banked) -> Path:
+    """A second "encoder's" store of the same images without a bank: the banked store's rows, their vectors' first
+    half under another fingerprint (cheaper than a second extraction; a view misrouted to it could not fit)."""
+    from medembed.store import StoreWriter
+
+    table = open_store(banked).read()
+    half = table.embeddings.shape[1] // 2
+    out = tmp_path_factory.mktemp("bankless") / "half.h5"
+    columns = {name: table.columns[name] for name in ("label", "study_id", "patient_id", "body_part", "split")}
+    with StoreWriter(out, dim=half, fingerprint={**open_store(banked).fingerprint, "encoder": "half-of-lite0"}) as writer:
+        writer.append(table.image_id.tolist(), table.embeddings[:, :half], columns)
+    return out
+
+
+def _member_selections(run_dir: Path) -> dict[str, dict]:
+    run = json.loads((run_dir / "run.json").read_text())
+    return {m["member"]: m["selection"] for m in run["details"]["seeds"][0]["selection"]["members"]}
+
+
+MEMBER_MLP = {"max_epochs": 3, "hidden": [16]}
+
+
+@pytest.mark.filterwarnings("ignore:the val split is small")
+def test_ensemble_members_draw_views_from_their_own_stores_bank(tmp_path, banked, bankless):
+    from medembed.fit import ensemble_views, fit_run
+    from medembed.protocol.splits import load_joined_splits
+    from medembed.scorers.ensemble import make_ensemble
+    from medembed.scorers.options import FitOptions
+
+    stores = [banked, bankless]
+    options = FitOptions(head="mlp", ensemble="mean", ensemble_seeds=2, head_params=MEMBER_MLP, n_resamples=0)
+    fit_run(stores, tmp_path / "bank", options)
+    run = json.loads((tmp_path / "bank" / "run.json").read_text())
+    augmentation = run["details"]["augmentation"]
+    assert augmentation["used"] is True and [b["used"] for b in augmentation["blocks"]] == [True, False]
+    assert augmentation["blocks"][0]["recipe"]["views"] == K and augmentation["blocks"][1]["banks"] == []
+    assert any(note.startswith(f"{banked.name}: augmentation bank:") for note in run["notes"])
+    assert any(f"{bankless.name} has none" in note for note in run["notes"])
+    assert not any("bank not used" in note for note in run["notes"])
+    drawn = _member_selections(tmp_path / "bank")
+    assert [name for name, s in drawn.items() if "views" in s] == ["mlp@0#0", "mlp@0#1"]  # store 0's members, not store 1's
+    assert drawn["mlp@0#0"]["views"]["views"] == len(open_store(bank_path(banked)).read())
+
+    # --no-augment-bank: no views, one note; the same ensemble fitted on the originals trains otherwise
+    joined = load_joined_splits(stores, val_fraction=options.val_fraction, seed=options.seed)
+    assert ensemble_views(stores, joined, replace(options, augment_bank=False)) == (
+        None, {}, ["augmentation bank not used (--no-augment-bank): ensemble members train on the original train images"])
+    train, val = joined.splits["train"], joined.splits["val"]
+    plain = make_ensemble("mlp", MEMBER_MLP, "mean", joined.widths, options.ensemble_folds, options.seed, member_seeds=2)
+    plain.fit(train.X, train.y, eval_set=[(val.X, val.y)], groups=train.patient_id)
+    originals = {m["member"]: m["selection"] for m in plain.selection_["members"]}
+    assert not any("views" in s for s in originals.values())
+    assert drawn["mlp@0#0"]["train_loss"] != originals["mlp@0#0"]["train_loss"]  # the views were trained on
+    assert drawn["mlp@1#0"]["train_loss"] == originals["mlp@1#0"]["train_loss"]  # the bankless store's members were not
+    # views are a training-time input only: the saved ensemble is the one a fit without them writes
+    plain.save(tmp_path / "plain")
+    saved = [json.loads((folder / "ensemble.json").read_text()) for folder in (tmp_path / "bank" / "scorer", tmp_path / "plain")]
+    assert saved[0]["params"] == saved[1]["params"] and saved[0]["members"] == saved[1]["members"]
+
+
+def test_stacked_ensemble_fold_members_draw_only_their_folds_views(banked):
+    from medembed.protocol.splits import load_joined_splits
+    from medembed.scorers.ensemble import EnsembleScorer
+
+    joined = load_joined_splits([banked], val_fraction=0.125, seed=0)
+    train, val = joined.splits["train"], joined.splits["val"]
+    views, _, _ = load_train_views([banked], train.image_id, None)
+    scorer = EnsembleScorer(heads=("mlp", "logreg"), head_params={"mlp": {"max_epochs": 2, "hidden": [8]}, "logreg": {}}, combine="stack",
+                            widths=joined.widths, folds=2)
+    # each fold's mlp gets its fit rows' views counted within them (unsubset views would name rows outside the fold)
+    scorer.fit(train.X, train.y, eval_set=[(val.X, val.y)], groups=train.patient_id, views=(views,))
+    members = {m["member"]: m["selection"] for m in scorer.selection_["members"]}
+    assert members["mlp@0"]["views"]["views"] == len(views.X) and "views" not in members["logreg@0"]
+    assert scorer.meta_["folds"] == 2 and np.isfinite(scorer.predict_proba(val.X)).all()
+    with pytest.raises(MedembedError, match="one TrainViews or None per block"):
+        scorer.fit(train.X, train.y, eval_set=[(val.X, val.y)], views=(views, None))

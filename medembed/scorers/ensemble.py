@@ -41,6 +41,7 @@ from medembed.errors import MedembedError
 from medembed.scorers.members import MemberInputs
 from medembed.scorers.heads import Head, load_head, make_head
 from medembed.scorers.heads._checks import check_embeddings, check_labels
+from medembed.store.views import TrainViews
 
 KIND = "ensemble"
 BLOCK_KEYS = frozenset({"store", "level", "token_shape", "encoder", "encoder_options"})
@@ -107,9 +108,15 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
 
     # -- the scorer contract ---------------------------------------------------------------------------------
 
-    def fit(self, X: Any, y: np.ndarray, *, eval_set: Any = None, groups: np.ndarray | None = None) -> EnsembleScorer:
+    def fit(self, X: Any, y: np.ndarray, *, eval_set: Any = None, groups: np.ndarray | None = None,
+            views: tuple[TrainViews | None, ...] | None = None) -> EnsembleScorer:
         """Fit every member on train (`eval_set=[(X_val, y_val)]` for their own choices), and for "stack" the
-        meta-model on out-of-fold train predictions; `groups` [N] (patients) keeps a patient in one fold."""
+        meta-model on out-of-fold train predictions; `groups` [N] (patients) keeps a patient in one fold.
+
+        `views`: one `TrainViews` (or None) per block (token blocks, else stores), the augmented views of train
+        rows from that block's store bank, at its level; members whose head draws views per epoch
+        (`consumes_views`) train on them, the others (and concat members, which read every store) on the originals.
+        A training-time input only: the fitted ensemble is the same kind of object with or without them."""
         self._check_params()
         X = self._joined(X, "X")
         y = check_labels(y, len(X), "y")
@@ -118,9 +125,10 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
         X_val, y_val = eval_set[0]
         X_val = self._joined(X_val, "X_val")
         y_val = check_labels(y_val, len(X_val), "y_val")
+        views = self._checked_views(views)
         members = self.member_names()
-        self.members_ = [self._fit_member(k, X, y, X_val, y_val) for k in range(len(members))]
-        self.meta_ = self._fit_meta(X, y, X_val, y_val, groups) if self.combine == "stack" else None
+        self.members_ = [self._fit_member(k, X, y, X_val, y_val, views=views) for k in range(len(members))]
+        self.meta_ = self._fit_meta(X, y, X_val, y_val, groups, views) if self.combine == "stack" else None
         self.classes_ = np.array([0, 1])
         self.selection_ = {
             "combine": self.combine,
@@ -245,19 +253,40 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
         if found != (channels, [tokens, channels]) or getattr(head, "level", block["level"]) != block["level"]:
             raise MedembedError(f"{path}: member-{k} does not read its block ({block['level']} {block['token_shape']})")
 
-    def _fit_member(self, k: int, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, rows: np.ndarray | None = None, seed_offset: int = 0) -> Head:
+    def _fit_member(self, k: int, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, rows: np.ndarray | None = None,
+                    seed_offset: int = 0, views: tuple[TrainViews | None, ...] | None = None) -> Head:
         train = slice(None) if rows is None else rows
-        return self._new_member(k, seed_offset).fit(self._block(X, k)[train], y[train], eval_set=[(self._block(X_val, k), y_val)])
+        member = self._new_member(k, seed_offset)
+        own = self._member_views(k, views) if getattr(member, "consumes_views", False) else None
+        if own is not None and rows is not None:  # a fold's member sees only its fit rows' views, counted within them
+            own = own.subset(rows)
+        extra = {"views": own} if own is not None else {}
+        return member.fit(self._block(X, k)[train], y[train], eval_set=[(self._block(X_val, k), y_val)], **extra)
 
-    def _fit_meta(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, groups: np.ndarray | None) -> dict[str, Any]:
+    def _member_views(self, k: int, views: tuple[TrainViews | None, ...] | None) -> TrainViews | None:
+        """The views member k may draw from: its block's. A concat member reads every store's vectors joined, which
+        no one store's views stand in for, so it has none."""
+        if views is None or self.combine == "concat":
+            return None
+        return views[self._member_block(k)]
+
+    def _checked_views(self, views: Any) -> tuple[TrainViews | None, ...] | None:
+        if views is None:
+            return None
+        if not isinstance(views, (list, tuple)) or len(views) != self._n_blocks() or not all(v is None or isinstance(v, TrainViews) for v in views):
+            raise MedembedError(f"an ensemble's views must be one TrainViews or None per block ({self._n_blocks()}), got {views!r:.80}")
+        return tuple(views)
+
+    def _fit_meta(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, groups: np.ndarray | None,
+                  views: tuple[TrainViews | None, ...] | None = None) -> dict[str, Any]:
         """The stacking model: logistic regression on the members' logits, fitted on their out-of-fold train
-        predictions (each train row predicted by members that never saw it); val is used only by the members'
-        own choices inside each fold, never to fit the meta-model."""
+        predictions (each train row predicted by members that never saw it, nor its views); val is used only by
+        the members' own choices inside each fold, never to fit the meta-model."""
         folds = _folds(y, groups, self.folds, self.seed)
         oof = np.zeros((len(y), len(self.members_)))
         for fold, (fit_rows, held_out) in enumerate(folds):
             for k in range(len(self.members_)):
-                member = self._fit_member(k, X, y, X_val, y_val, rows=fit_rows, seed_offset=fold + 1)
+                member = self._fit_member(k, X, y, X_val, y_val, rows=fit_rows, seed_offset=fold + 1, views=views)
                 oof[held_out, k] = _standardized(
                     _logit(member.predict_proba(self._block(X, k)[held_out])[:, 1]), _logit_scale(member, self._block(X, k)[fit_rows])
                 )[:, 0]

@@ -52,6 +52,21 @@ class TrainViews:
         chosen[has_view] = n_rows + order[starts[has_view] + pick[has_view] - 1]
         return chosen
 
+    def subset(self, rows: np.ndarray) -> TrainViews:
+        """The views of train rows `rows` (distinct indices, or a boolean mask), re-indexed so that `row` counts
+        within the subset (view of `rows[j]` -> row j); views of other rows are dropped. For a fit on part of
+        train, such as a stacked ensemble's out-of-fold members."""
+        rows = np.asarray(rows)
+        rows = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.intp, copy=False)
+        if rows.ndim != 1 or len(np.unique(rows)) != len(rows) or (len(rows) and rows.min() < 0):
+            raise MedembedError("a subset of train views needs distinct non-negative row indices")
+        size = int(max(rows.max(initial=-1), np.asarray(self.row).max(initial=-1))) + 1
+        position = np.full(size, -1, dtype=np.intp)
+        position[rows] = np.arange(len(rows), dtype=np.intp)
+        row = position[np.asarray(self.row, dtype=np.intp)]
+        kept = row >= 0
+        return TrainViews(self.X[kept], row[kept], self.recipe)
+
     def record(self) -> dict[str, Any]:
         """What run.json records about the views a fit drew from."""
         return {"recipe": self.recipe.to_dict(), "views": int(len(self.X)),
