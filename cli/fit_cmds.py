@@ -95,7 +95,11 @@ def evaluate(
     if on is not None:
         from .transfer_cmds import evaluate_on
 
-        evaluate_on(run, on, root, split or "all", bootstrap, transfer)
+        from medembed.transfer.external import external_metrics
+
+        result = evaluate_on(run, on, root, split or "all", bootstrap, transfer)
+        asked = {"on": str(on), "split": split or "all", "bootstrap": bootstrap, "transfer": vars(transfer), "written": result["directory"]}
+        track(tracking, run, external_metrics(result), "evaluate-on", {"evaluate": asked}, figures=Path(result["directory"]) / "figures")
         return
     split = split or "test"
     if split not in ("train", "val", "test"):

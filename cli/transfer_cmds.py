@@ -12,8 +12,9 @@ from medembed.options.transfer import TransferOptions
 from ._generate import command
 
 
-def evaluate_on(run: Path, target: Path, root: Path | None, split: str, bootstrap: int | None, transfer: TransferOptions) -> None:
-    """External validation (called by `medembed evaluate --on`): print the comparison, drift and OOD lines."""
+def evaluate_on(run: Path, target: Path, root: Path | None, split: str, bootstrap: int | None, transfer: TransferOptions) -> dict:
+    """External validation (called by `medembed evaluate --on`): print the comparison, drift and OOD lines; returns
+    the result (external.json's content)."""
     from medembed.transfer.external import evaluate_on as run_external
 
     result = run_external(run, target, root=root, split=split, n_resamples=bootstrap, options=transfer)
@@ -30,6 +31,7 @@ def evaluate_on(run: Path, target: Path, root: Path | None, split: str, bootstra
     for note in result["notes"]:
         typer.echo(f"note: {note}", err=True)
     typer.echo(f"report: {Path(result['directory']) / 'report.md'}")
+    return result
 
 
 def recalibrate(

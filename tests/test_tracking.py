@@ -78,6 +78,20 @@ def test_evaluate_logs_into_its_experiment_with_what_was_asked(tracked):
     assert {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "figures")} == {p.name for p in (written / "figures").iterdir()}
 
 
+def test_evaluate_on_another_store_logs_its_metrics_and_drift(tracked):
+    folder, uri, _, _ = tracked
+    target = write_store(folder / "other-site.h5")
+    evaluate = medembed("evaluate", folder / "run", "--on", target, "--bootstrap", "20", "--track", "--track-uri", uri, "--track-experiment", "external")
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    client = client_for(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("external").experiment_id])
+    assert f"tracked in MLflow: run {run.info.run_id}, experiment 'external'" in evaluate.stdout
+    assert run.data.tags["medembed.kind"] == "evaluate-on" and run.data.params["evaluate.on"] == str(target)
+    written = json.loads((Path(run.data.params["evaluate.written"]) / "external.json").read_text())
+    assert run.data.metrics["study.auroc"] == pytest.approx(written["metrics"]["study"]["overall"]["auroc"]["value"])
+    assert run.data.metrics["drift.target_called_abnormal"] == pytest.approx(written["drift"]["prevalence"]["target_called_abnormal"])
+
+
 def test_sweep_logs_a_parent_run_and_one_nested_run_per_cell(tmp_path):
     pytest.importorskip("mlflow", reason=NEEDS_MLFLOW)
     manifest, store = write_study(tmp_path / "study")

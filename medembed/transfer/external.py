@@ -187,3 +187,18 @@ def write_predictions(path: Path, rows: Split, p: np.ndarray, threshold: float, 
         writer.writerow([text_cell(image_id), text_cell(study_id), "" if label < 0 else int(label), f"{p[k]:.6f}",
                          int(p[k] >= threshold), sets[k], score, flag])
     atomic_write_text(path, buffer.getvalue())
+
+
+def external_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """What experiment tracking logs of an `evaluate_on` result, as a metrics document: the target's labelled
+    metrics (when it had labels), and the label-free figures as {"value"} leaves (shift MMD² and p, the share
+    called abnormal against the run's val, the share flagged out of distribution)."""
+    drift = result["drift"]
+    found: dict[str, Any] = dict(result.get("metrics") or {})
+    found["drift"] = {"target_called_abnormal": {"value": drift["prevalence"]["target_called_abnormal"]},
+                      "source_called_abnormal": {"value": drift["prevalence"]["source_called_abnormal"]}}
+    if "shift" in drift:
+        found["drift"] |= {"shift_mmd2": {"value": drift["shift"]["mmd2"]}, "shift_p_value": {"value": drift["shift"]["p_value"]}}
+    if "ood" in result:
+        found["ood"] = {"flagged": {"value": result["ood"]["flagged"]}}
+    return found
