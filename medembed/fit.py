@@ -35,10 +35,12 @@ from medembed.scorers.options import AUTO_LEVEL, FitOptions
 def choose_level(stores: list[Path], options: FitOptions) -> tuple[str, dict[str, Any]]:
     """The store level whose `options.head` (first seed) reaches the best AUROC on val, and what was tried (levels
     the head cannot read, e.g. a pooled grid for the adapter, are listed as skipped with why). Train fits, val
-    chooses: test is never read."""
+    chooses: test is never read. Each level is fitted as the run will be: a head that draws views per epoch draws
+    them from the store's augmentation bank at that level unless --no-augment-bank."""
     tried: dict[str, float] = {}
     skipped: dict[str, str] = {}
     costs: dict[str, Any] = {}
+    drawn: list[str] = []
     for level in open_store(stores[0]).token_shapes:
         try:
             params = level_head_params(options.head, level, stores[0], options.head_params)
@@ -47,7 +49,10 @@ def choose_level(stores: list[Path], options: FitOptions) -> tuple[str, dict[str
             continue
         splits, _, _ = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed, level=level)
         head = make_head(options.head, seed=options.seed, **params)
-        head.fit(splits["train"].X, splits["train"].y, eval_set=[(splits["val"].X, splits["val"].y)])
+        views = load_train_views(stores, splits["train"].image_id, level)[0] if options.augment_bank and getattr(head, "consumes_views", False) else None
+        head.fit(splits["train"].X, splits["train"].y, eval_set=[(splits["val"].X, splits["val"].y)], **({"views": views} if views is not None else {}))
+        if views is not None:
+            drawn.append(level)
         tried[level] = float(roc_auc_score(splits["val"].y, head.predict_proba(splits["val"].X)[:, 1]))
         if "cost" in head.selection_:
             costs[level] = head.selection_["cost"]
@@ -58,7 +63,8 @@ def choose_level(stores: list[Path], options: FitOptions) -> tuple[str, dict[str
             + (f"; e.g. {next(iter(skipped.values()))}" if skipped else "")
         )
     best = max(tried, key=tried.get)
-    return best, {"searched": "level", "val_auroc": tried, "chosen": best, **({"skipped": skipped} if skipped else {}), **({"cost": costs} if costs else {})}
+    return best, {"searched": "level", "val_auroc": tried, "chosen": best, **({"skipped": skipped} if skipped else {}), **({"cost": costs} if costs else {}),
+                  **({"augmentation_bank": drawn} if drawn else {})}
 
 
 def level_head_params(head: str, level: str, store: Path, params: dict[str, Any]) -> dict[str, Any]:

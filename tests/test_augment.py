@@ -202,7 +202,7 @@ def test_fit_run_records_the_bank_and_other_heads_say_they_do_not_use_it(tmp_pat
 
 @pytest.mark.filterwarnings("ignore:the val split is small")
 def test_attention_and_adapter_heads_draw_views_of_a_token_level(tmp_path, small_manifest, fracatlas_root):
-    from medembed.fit import fit_run
+    from medembed.fit import choose_level, fit_run
     from medembed.scorers.options import FitOptions
 
     options = {"size": 64, "levels": "block14"}
@@ -224,6 +224,9 @@ def test_attention_and_adapter_heads_draw_views_of_a_token_level(tmp_path, small
         run = json.loads((tmp_path / head / "run.json").read_text())
         assert run["details"]["augmentation"]["used"] is True, head
         assert run["details"]["seeds"][0]["selection"]["views"]["views"] == len(views.X)
+    auto = FitOptions(head="attention", level="auto", head_params={"max_epochs": 2})  # each level tried as the run trains it
+    assert choose_level([out], auto)[1]["augmentation_bank"] == ["block14"]
+    assert "augmentation_bank" not in choose_level([out], replace(auto, augment_bank=False))[1]
 
 
 def test_bank_refusals_before_any_view_is_embedded(tmp_path, monkeypatch, banked, small_manifest, fracatlas_root):
