@@ -9,6 +9,14 @@ fit time per seed and the level's store bytes per image, from one EfficientNet-L
 
 The deeper adapters' rows (`block12`, `block10`: full grids, 19,200 and 44,128 B per image) need a store with
 those levels (`--levels block14,block12,block10`); rows whose level the store lacks are skipped and say so.
+The augmentation bank's rows (`*-bank`: one of K stored augmented views per train image per epoch) need a store
+extracted with `--augment K` (its bank `S.views.h5` beside it); on such a store every other row passes
+`--no-augment-bank`, so each row says whether it trained on the bank:
+
+    medembed extract data_manifests/fracatlas.csv --root ../shared/data/fracatlas -e efficientnet-lite0 \
+        --levels block14,block12,block10,final@4x4 --augment 4 --out work/tokens/fracatlas-effl0-deep.h5
+    python tests/benchmarks/bench_levels.py --store work/tokens/fracatlas-effl0-deep.h5 --out work/tokens/bench-deep
+
 `--epoch-cost` measures instead what one adapter training epoch costs per starting level: real Lite0 weights,
 float16 tokens of each level's 224 px shape, a few timed batches of 32 (forward, backward, AdamW step) after
 one warm-up batch, extrapolated to FracAtlas's 2,858 train images (no store needed):
@@ -33,6 +41,7 @@ from _fit_rows import metric_cells, timed_fit
 
 from medembed.scorers.options import FitOptions
 from medembed.store import open_store
+from medembed.store.views import bank_path, bank_summary
 
 SEEDS = 3
 
@@ -45,12 +54,14 @@ class Row:
     params: dict = field(default_factory=dict)
     ensemble: str = ""
     ensemble_seeds: int = 1
+    bank: bool = False  # draw from the store's augmentation bank (extract --augment K); other rows train on the originals
 
     def command(self, store: Path) -> str:
         level = f" --level {self.level}" if self.level else ""
         params = "".join(f" -p {key}={value}" for key, value in self.params.items())
         ensemble = f" --ensemble {self.ensemble} --ensemble-seeds {self.ensemble_seeds}" if self.ensemble else ""
-        return f"medembed fit {store} --head {self.head}{level}{params}{ensemble} --seeds {SEEDS} --out runs/{self.name}"
+        bank = "" if self.bank or not bank_path(store).exists() else " --no-augment-bank"
+        return f"medembed fit {store} --head {self.head}{level}{params}{ensemble}{bank} --seeds {SEEDS} --out runs/{self.name}"
 
 
 ROWS = (
@@ -68,6 +79,13 @@ ROWS = (
     Row("block12-adapter", "adapter", "block12"),
     Row("block10-adapter", "adapter", "block10"),
     Row("block14-adapter-3-seed-mean", "adapter", "block14", ensemble="mean", ensemble_seeds=3),
+    # The augmentation bank's rows need a store extracted with --augment K (its S.views.h5 beside it).
+    Row("pooled-mlp-bank", "mlp", bank=True),
+    Row("block14-attention-bank", "attention", "block14", bank=True),
+    Row("final@4x4-attention-bank", "attention", "final@4x4", bank=True),
+    Row("block14-adapter-bank", "adapter", "block14", bank=True),
+    Row("block14-adapter-bank-bn-train", "adapter", "block14", {"bn": "train"}, bank=True),
+    Row("block12-adapter-bank", "adapter", "block12", bank=True),
 )
 EPOCH_COST_LEVELS = ("block15", "block14", "block12", "block10", "block7", "block4", "stem")
 FRACATLAS_TRAIN = 2858
@@ -82,13 +100,27 @@ def bytes_per_image(store: Path, level: str) -> int:
     return sum(int(np.prod(opened.token_shapes[name])) * itemsize for name in level.split("+"))
 
 
+def bank_views(store: Path) -> int:
+    """Augmented views per train image in the store's bank (0 without one): a bank row's train images take
+    (1 + K) x bytes_per_image."""
+    summary = bank_summary(store)
+    return int(summary["views_per_image"]) if summary else 0
+
+
 def measure(row: Row, store: Path, out: Path) -> dict:
     options = FitOptions(head=row.head, level=row.level, head_params=dict(row.params), seeds=SEEDS, ensemble=row.ensemble,
-                         ensemble_seeds=row.ensemble_seeds)
+                         ensemble_seeds=row.ensemble_seeds, augment_bank=row.bank)
     return {
         "name": row.name, "command": row.command(store), "bytes_per_image": bytes_per_image(store, row.level),
+        "bank_views": bank_views(store) if row.bank else 0,
         **timed_fit([store], out / "runs" / row.name, options),
     }
+
+
+def stored_bytes(row: dict) -> str:
+    """The row's bytes per image: the level's, and for a bank row what each train image adds (K views)."""
+    k = row.get("bank_views", 0)
+    return f"{row['bytes_per_image']:,}" + (f" + {k} × {row['bytes_per_image']:,} per train image (bank)" if k else "")
 
 
 def table(results: list[dict]) -> str:
@@ -98,7 +130,7 @@ def table(results: list[dict]) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r['name']} | {metric_cells(r)} | {r['fit_seconds_per_seed']:.1f} | {r['bytes_per_image']:,} | `{r['command']}` |"
+            f"| {r['name']} | {metric_cells(r)} | {r['fit_seconds_per_seed']:.1f} | {stored_bytes(r)} | `{r['command']}` |"
         )
     return "\n".join(lines)
 
