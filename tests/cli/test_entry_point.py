@@ -219,7 +219,10 @@ def test_ctrl_c_at_any_point_of_start_up_is_one_line_and_exit_130(delay):
     import time
 
     env = {key: value for key, value in os.environ.items() if key != "MEDEMBED_DEBUG"}
-    process = subprocess.Popen([MEDEMBED, "encoders", "check", "-e", "efficientnet-lite0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT back to its default in the child: a test runner started in the background of a shell without job
+    # control inherits it ignored, and a process that starts with SIGINT ignored rightly keeps ignoring it.
+    process = subprocess.Popen([MEDEMBED, "encoders", "check", "-e", "efficientnet-lite0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
