@@ -49,9 +49,11 @@ def choose_level(stores: list[Path], options: FitOptions) -> tuple[str, dict[str
             continue
         splits, _, _ = load_splits(stores, val_fraction=options.val_fraction, seed=options.seed, level=level)
         head = make_head(options.head, seed=options.seed, **params)
-        views = load_train_views(stores, splits["train"].image_id, level)[0] if options.augment_bank and getattr(head, "consumes_views", False) else None
-        head.fit(splits["train"].X, splits["train"].y, eval_set=[(splits["val"].X, splits["val"].y)], **({"views": views} if views is not None else {}))
-        if views is not None:
+        draws_views = options.augment_bank and getattr(head, "consumes_views", False)
+        views = load_train_views(stores, splits["train"].image_id, level)[0] if draws_views else None
+        fit_params = {"views": views} if views is not None else {}
+        head.fit(splits["train"].X, splits["train"].y, eval_set=[(splits["val"].X, splits["val"].y)], **fit_params)
+        if fit_params:
             drawn.append(level)
         tried[level] = float(roc_auc_score(splits["val"].y, head.predict_proba(splits["val"].X)[:, 1]))
         if "cost" in head.selection_:
