@@ -97,10 +97,9 @@ def check_ensemble_levels(stores: list[Path], options: FitOptions) -> None:
 def ensemble_views(stores: list[Path], joined: Any, options: FitOptions) -> tuple[tuple[Any, ...] | None, dict[str, Any], list[str]]:
     """The augmentation views an ensemble's members draw from: one `TrainViews` or None per member block (each
     (store, level) block of --level, else each store's pooled vectors), what run.json records (one entry per
-    block) and notes. One rule: a member draws views iff its block's store has a bank and its head trains in
-    epochs (mlp, attention, adapter); concat members read every store's vectors joined, which no one store's views
-    stand in for, so they never do. Views are of the joined train rows only (`load_train_views` drops the rest)."""
-    from medembed.scorers.ensemble import parse_heads
+    block) and notes. A member draws views iff its block's store has a bank and `member_draws_views` says its head
+    does. Views are of the joined train rows only (`load_train_views` drops the rest)."""
+    from medembed.scorers.ensemble import member_draws_views, parse_heads
 
     sources = [(block["store"], block["level"]) for block in joined.blocks] or [(k, None) for k in range(len(stores))]
     if not any(bank_path(stores[k]).exists() for k, _ in sources):
@@ -108,8 +107,8 @@ def ensemble_views(stores: list[Path], joined: Any, options: FitOptions) -> tupl
     if not options.augment_bank:
         return None, {}, ["augmentation bank not used (--no-augment-bank): ensemble members train on the original train images"]
     heads = parse_heads(options.head)
-    drawing = [head for head in heads if getattr(make_head(head), "consumes_views", False)]
-    usable = bool(drawing) and options.ensemble != "concat"
+    drawing = [head for head in heads if member_draws_views(make_head(head), options.ensemble)]
+    usable = bool(drawing)
     views: list[Any] = []
     records: list[dict[str, Any]] = []
     notes: list[str] = []

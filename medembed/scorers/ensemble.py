@@ -63,6 +63,13 @@ def parse_heads(text: str) -> tuple[str, ...]:
     return heads
 
 
+def member_draws_views(head: Head, combine: str) -> bool:
+    """Whether an ensemble member of this head draws augmentation views: its head trains in epochs
+    (`consumes_views`: mlp, attention, adapter) and the ensemble is not concat, whose members read every store's
+    vectors joined, which no one store's views stand in for."""
+    return combine != "concat" and bool(getattr(head, "consumes_views", False))
+
+
 def split_head_params(heads: tuple[str, ...], params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each head's hyperparameters from fit's flat `-p` mapping: `mlp.hidden=[256]` goes to the MLP only, a key
     without a head prefix to every head (each must accept it)."""
@@ -257,18 +264,11 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
                     seed_offset: int = 0, views: tuple[TrainViews | None, ...] | None = None) -> Head:
         train = slice(None) if rows is None else rows
         member = self._new_member(k, seed_offset)
-        own = self._member_views(k, views) if getattr(member, "consumes_views", False) else None
+        own = views[self._member_block(k)] if views is not None and member_draws_views(member, self.combine) else None
         if own is not None and rows is not None:  # a fold's member sees only its fit rows' views, counted within them
             own = own.subset(rows)
         extra = {"views": own} if own is not None else {}
         return member.fit(self._block(X, k)[train], y[train], eval_set=[(self._block(X_val, k), y_val)], **extra)
-
-    def _member_views(self, k: int, views: tuple[TrainViews | None, ...] | None) -> TrainViews | None:
-        """The views member k may draw from: its block's. A concat member reads every store's vectors joined, which
-        no one store's views stand in for, so it has none."""
-        if views is None or self.combine == "concat":
-            return None
-        return views[self._member_block(k)]
 
     def _checked_views(self, views: Any) -> tuple[TrainViews | None, ...] | None:
         if views is None:
