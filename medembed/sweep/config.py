@@ -194,10 +194,6 @@ class SweepConfig:
     def bootstrap(self) -> int:
         return self.protocol.n_resamples
 
-    def baseline(self, label: str) -> BaselineSpec | None:
-        """The baseline with this label (a baseline's kind unless it sets one), if the sweep has one."""
-        return next((b for b in self.baselines if b.label == label), None)
-
     def baselines_of(self, kind: str) -> tuple[BaselineSpec, ...]:
         """The sweep's baselines of one kind, in config order."""
         return tuple(b for b in self.baselines if b.kind == kind)

@@ -61,9 +61,9 @@ def test_a_valid_config(tmp_path, monkeypatch):
     assert [(e.label, e.options, e.store) for e in config.encoders] == [
         ("effl0-64", {"size": 64}, None), ("efficientnet-lite0", {}, Path("given.h5"))
     ]
-    cnn = config.baseline("cnn")
-    assert (cnn.options, cnn.budgets, cnn.seeds) == ({"size": 64, "epochs": 1}, (0.5, 1.0), (0, 1))
-    assert config.baseline("autoencoder").options == {"size": 32}
+    cnn, autoencoder = config.baselines
+    assert (cnn.label, cnn.options, cnn.budgets, cnn.seeds) == ("cnn", {"size": 64, "epochs": 1}, (0.5, 1.0), (0, 1))
+    assert (autoencoder.label, autoencoder.options) == ("autoencoder", {"size": 32})
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,6 @@ def test_baselines_of_one_kind_under_their_own_labels(tmp_path):
         ("cnn", "cnn-128", {}, (0, 1)), ("cnn", "cnn-224", {"size": 224, "epochs": 10}, (0,)), ("autoencoder", "autoencoder", {}, ()),
     ]
     assert [b.label for b in config.baselines_of("cnn")] == ["cnn-128", "cnn-224"]
-    assert config.baseline("cnn-224").options["size"] == 224 and config.baseline("cnn") is None
 
 
 @pytest.mark.parametrize(
