@@ -16,11 +16,13 @@ app = typer.Typer(
     "and an autoencoder whose embeddings `medembed fit` takes like any store.",
     no_args_is_help=True,
 )
+MANIFEST = typer.Argument(..., metavar="MANIFEST", help="Manifest CSV with train/val/test splits.")
+ROOT = typer.Option(..., "--root", help="Folder the manifest's paths are relative to.")
 
 
 def cnn(
-    manifest: Path = typer.Argument(..., metavar="MANIFEST", help="Manifest CSV with train/val/test splits."),
-    root: Path = typer.Option(..., "--root", help="Folder the manifest's paths are relative to."),
+    manifest: Path = MANIFEST,
+    root: Path = ROOT,
     out: Path = typer.Option(..., "--out", "-o", help="Run directory to write (like `medembed fit`'s)."),
     options: CNNOptions = None,
     protocol: ProtocolOptions = None,
@@ -44,8 +46,8 @@ def cnn(
 
 
 def autoencoder(
-    manifest: Path = typer.Argument(..., metavar="MANIFEST", help="Manifest CSV with train/val/test splits."),
-    root: Path = typer.Option(..., "--root", help="Folder the manifest's paths are relative to."),
+    manifest: Path = MANIFEST,
+    root: Path = ROOT,
     out: Path = typer.Option(..., "--out", "-o", help="Embedding store to write (must not exist); weights go beside it."),
     options: AutoencoderOptions = None,
 ) -> None:
