@@ -1,4 +1,4 @@
-"""Paired comparisons of two runs: DeLong against a slow structural-components reference, the paired bootstrap
+"""Paired comparisons of two runs: DeLong (plain and clustered) against slow structural-components references, the paired bootstrap
 against a slow sklearn reference, predictions.csv validation, pairing, and real fitted runs."""
 
 import json
@@ -53,6 +53,70 @@ def test_delong_agrees_with_the_slow_structural_components(seed, decimals):
     assert ours["auroc_b"] == pytest.approx(auc_b, abs=1e-12)
     assert ours["se"] == pytest.approx(sqrt(variance), rel=1e-9)
     assert ours["p_value"] == pytest.approx(erfc(abs(auc_b - auc_a) / sqrt(variance) / sqrt(2)), rel=1e-9)
+
+
+def _slow_clustered_variance(y, p_a, p_b, clusters):
+    """Obuchowski (Biometrics 1997) as written: a loop over clusters summing each unit's psi shares, O(m n)."""
+    ids = sorted(set(clusters))
+    m, n = (y == 1).sum(), (y == 0).sum()
+    pos = [c for c in ids if ((clusters == c) & (y == 1)).any()]
+    neg = [c for c in ids if ((clusters == c) & (y == 0)).any()]
+    x_parts, y_parts, aucs = [], [], []
+    for p in (p_a, p_b):
+        x, w = p[y == 1], p[y == 0]
+        psi = (x[:, None] > w[None, :]) + 0.5 * (x[:, None] == w[None, :])
+        auc = psi.mean()
+        shares_pos, shares_neg = psi.mean(axis=1), psi.mean(axis=0)
+        cx, cw = clusters[y == 1], clusters[y == 0]
+        x_parts.append(np.array([shares_pos[cx == c].sum() - (cx == c).sum() * auc for c in ids]))
+        y_parts.append(np.array([shares_neg[cw == c].sum() - (cw == c).sum() * auc for c in ids]))
+        aucs.append(auc)
+    def cov(i, j):
+        s10 = len(pos) / ((len(pos) - 1) * m) * np.sum(x_parts[i] * x_parts[j])
+        s01 = len(neg) / ((len(neg) - 1) * n) * np.sum(y_parts[i] * y_parts[j])
+        s11 = len(ids) / (len(ids) - 1) * np.sum(x_parts[i] * y_parts[j])
+        s11_t = len(ids) / (len(ids) - 1) * np.sum(x_parts[j] * y_parts[i])
+        return s10 / m + s01 / n + (s11 + s11_t) / (m * n)
+    return cov(0, 0) + cov(1, 1) - 2 * cov(0, 1)
+
+
+@pytest.mark.parametrize(("seed", "decimals"), [(0, 6), (1, 2)])
+def test_clustered_delong_agrees_with_obuchowskis_loop(seed, decimals):
+    from math import sqrt
+
+    y, a, b = _scores(seed, decimals=decimals)
+    clusters = np.random.default_rng(seed + 10).integers(0, 60, len(y))  # ~5 rows per cluster, classes mixed within
+    ours = delong_test(y, a, b, groups=clusters)
+    assert ours["clusters"] == len(set(clusters))
+    assert ours["se"] == pytest.approx(sqrt(_slow_clustered_variance(y, a, b, clusters)), rel=1e-9)
+    assert ours["difference"] == pytest.approx(delong_test(y, a, b)["difference"], abs=1e-15)  # clusters change the variance only
+
+
+def test_clustered_delong_with_one_row_per_cluster_is_delong():
+    y, a, b = _scores(4)
+    plain, singletons = delong_test(y, a, b), delong_test(y, a, b, groups=np.arange(len(y)) * 7)
+    for key in ("se", "z", "p_value"):
+        assert singletons[key] == pytest.approx(plain[key], rel=1e-12)
+
+
+def test_copies_of_every_image_are_not_new_evidence_when_clustered():
+    """Every image twice under its patient: clustered, the variance is the original's; taken as independent rows
+    it about halves (ddof=1 over twice the rows) and the p-value shrinks: the too-small image-level p the clustering
+    exists to prevent."""
+    y, a, b = _scores(5, noise=0.5)
+    original = delong_test(y, a, b)
+    patients = np.tile(np.arange(len(y)), 2)
+    doubled = delong_test(np.tile(y, 2), np.tile(a, 2), np.tile(b, 2), groups=patients)
+    independent = delong_test(np.tile(y, 2), np.tile(a, 2), np.tile(b, 2))
+    assert doubled["se"] == pytest.approx(original["se"], rel=1e-9) and doubled["p_value"] == pytest.approx(original["p_value"], rel=1e-9)
+    assert independent["se"] == pytest.approx(original["se"] / np.sqrt(2), rel=0.01) and independent["p_value"] < original["p_value"]
+
+
+def test_clustered_delong_needs_two_clusters_of_each_class():
+    y, a, b = _scores(6, n=40)
+    one_positive_cluster = np.where(y == 1, 0, 1 + np.arange(len(y)))
+    result = delong_test(y, a, b, groups=one_positive_cluster)
+    assert np.isnan(result["p_value"]) and not np.isnan(result["difference"])
 
 
 def test_delong_is_symmetric_and_identical_scores_give_p_one():
@@ -191,6 +255,7 @@ def test_a_paired_comparison_of_real_runs_reproduces_each_runs_own_metrics(two_r
         low, high = entry["auroc"]["ci"]
         assert low <= entry["auroc"]["difference"] <= high and 0 < entry["auroc"]["p_value"] <= 1
         assert 0 < entry["auroc"]["delong"]["p_value"] <= 1
+        assert entry["auroc"]["delong"]["clusters"] == 30  # the test split's patients (one study each), not its 60 images
     baseline_first = compare_runs([two_runs / "logreg", two_runs / "mlp"], baseline=two_runs / "mlp", n_resamples=50)
     assert baseline_first.baseline == "mlp" and list(baseline_first.paired) == ["logreg"]
     assert baseline_first.paired["logreg"]["levels"]["image"]["auroc"]["difference"] == pytest.approx(-result["levels"]["image"]["auroc"]["difference"])

@@ -9,8 +9,10 @@ Two statistics, at image and study level:
   side of 0, with the +1 correction ((1 + count) / (1 + R)), capped at 1: the smallest alpha at which the percentile
   interval would exclude 0.
 - **DeLong's test** for two correlated AUROCs (DeLong, DeLong & Clarke-Pearson, Biometrics 1988) in the fast
-  midrank form of Sun & Xu (IEEE SPL 2014), O(N log N). It treats rows as independent: at image level with several
-  images per patient its p-value is too small; the bootstrap's is not.
+  midrank form of Sun & Xu (IEEE SPL 2014), O(N log N), with Obuchowski's variance for clustered data (Biometrics
+  1997): the structural components are summed per cluster (the unit the bootstrap resamples: patients, else
+  studies), so several images of one patient do not count as independent evidence. With one row per cluster it is
+  DeLong's variance exactly.
 
 Each run's scored images come from its predictions.csv (untrusted: `read_predictions` validates every row) and
 its own thresholds from run.json decide its calls, hence its kappa.
@@ -163,18 +165,22 @@ def pair(baseline: Scored, other: Scored, intersect: bool = False) -> tuple[Scor
     return replace(a, patient_id=patients), replace(b, patient_id=patients), notes
 
 
-def delong_test(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray) -> dict[str, float]:
-    """DeLong's test of AUROC(b) − AUROC(a) for two scores p_a, p_b [N] of the same rows with labels y [N].
+def delong_test(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, groups: np.ndarray | None = None) -> dict[str, float]:
+    """DeLong's test of AUROC(b) − AUROC(a) for two scores p_a, p_b [N] of the same rows with labels y [N], rows
+    clustered by `groups` [N] (None: each row its own cluster).
 
-    Returns {"auroc_a", "auroc_b", "difference", "se", "z", "p_value"} (two-sided, normal approximation). Needs at
-    least two rows of each class; otherwise every value but the AUROCs is NaN. Identical scores give p = 1."""
+    Returns {"auroc_a", "auroc_b", "difference", "se", "z", "p_value", "clusters"} (two-sided, normal approximation).
+    Needs at least two clusters holding a positive and two holding a negative; otherwise every value but the AUROCs
+    (and clusters) is NaN. Identical scores give p = 1."""
     y = np.asarray(y)
     scores = np.stack([np.asarray(p_a, dtype=np.float64), np.asarray(p_b, dtype=np.float64)])
+    cluster = group_index(groups, len(y))
+    n_clusters = int(cluster.max()) + 1 if len(y) else 0
     positive = y == 1
     m, n = int(positive.sum()), int((~positive).sum())
     nan = float("nan")
     if m == 0 or n == 0:
-        return {"auroc_a": nan, "auroc_b": nan, "difference": nan, "se": nan, "z": nan, "p_value": nan}
+        return {"auroc_a": nan, "auroc_b": nan, "difference": nan, "se": nan, "z": nan, "p_value": nan, "clusters": n_clusters}
     v10, v01, auroc = [], [], []
     for row in scores:
         x, w = row[positive], row[~positive]
@@ -183,15 +189,39 @@ def delong_test(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray) -> dict[str, fl
         v10.append((tz[:m] - tx) / n)  # per positive: the share of negatives ranked below it (ties half)
         v01.append(1.0 - (tz[m:] - tw) / m)  # per negative: the share of positives ranked above it
     difference = float(auroc[1] - auroc[0])
-    result = {"auroc_a": float(auroc[0]), "auroc_b": float(auroc[1]), "difference": difference, "se": nan, "z": nan, "p_value": nan}
-    if m < 2 or n < 2:
+    result = {"auroc_a": float(auroc[0]), "auroc_b": float(auroc[1]), "difference": difference, "se": nan, "z": nan, "p_value": nan,
+              "clusters": n_clusters}
+    variance = _clustered_difference_variance(np.array(auroc), np.stack(v10), np.stack(v01), cluster[positive], cluster[~positive], n_clusters)
+    if math.isnan(variance):
         return result
-    covariance = np.cov(np.stack(v10)) / m + np.cov(np.stack(v01)) / n
-    variance = float(covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1])
     if variance <= 1e-300:  # identical (or perfectly concordant) scores: no spread to test against
         return result | {"se": 0.0, "z": 0.0 if difference == 0 else math.copysign(math.inf, difference), "p_value": 1.0 if difference == 0 else 0.0}
     z = difference / math.sqrt(variance)
     return result | {"se": math.sqrt(variance), "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}
+
+
+def _clustered_difference_variance(auroc: np.ndarray, v10: np.ndarray, v01: np.ndarray, positive_cluster: np.ndarray,
+                                   negative_cluster: np.ndarray, n_clusters: int) -> float:
+    """Var(AUROC_b − AUROC_a) by Obuchowski (1997) from the two scores' structural components (v10 [2, M] per
+    positive, v01 [2, N] per negative) and each row's cluster: per cluster, the components' sums minus their count
+    times the AUROC; S10 and S01 their (co)variances over clusters holding a positive or a negative, S11 the
+    within-cluster cross-products of positives with negatives. NaN below two clusters of either class."""
+    m, n = v10.shape[1], v01.shape[1]
+    holding_positive, holding_negative = len(np.unique(positive_cluster)), len(np.unique(negative_cluster))
+    if holding_positive < 2 or holding_negative < 2:
+        return float("nan")
+
+    def centred_sums(components: np.ndarray, clusters: np.ndarray) -> np.ndarray:  # [2, n_clusters]
+        counts = np.bincount(clusters, minlength=n_clusters)
+        sums = np.stack([np.bincount(clusters, weights=row, minlength=n_clusters) for row in components])
+        return sums - counts[None, :] * auroc[:, None]
+
+    dx, dy = centred_sums(v10, positive_cluster), centred_sums(v01, negative_cluster)
+    s10 = holding_positive / ((holding_positive - 1) * m) * (dx @ dx.T)
+    s01 = holding_negative / ((holding_negative - 1) * n) * (dy @ dy.T)
+    s11 = n_clusters / (n_clusters - 1) * (dx @ dy.T)
+    covariance = s10 / m + s01 / n + (s11 + s11.T) / (m * n)
+    return float(covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1])
 
 
 def _midranks(x: np.ndarray) -> np.ndarray:
@@ -266,5 +296,5 @@ def paired_comparison(baseline: Scored, other: Scored, n_resamples: int = 1000, 
 def _level(y, p_a, p_b, threshold_a, threshold_b, groups, unit, n_resamples, seed, alpha) -> dict[str, Any]:
     result: dict[str, Any] = {"unit": unit, "n": len(y), "n_pos": int(np.sum(y))}
     result |= paired_bootstrap(y, p_a, p_b, threshold_a, threshold_b, groups, n_resamples, seed, alpha)
-    result["auroc"]["delong"] = delong_test(y, p_a, p_b)
+    result["auroc"]["delong"] = delong_test(y, p_a, p_b, groups)
     return result

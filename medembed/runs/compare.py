@@ -141,8 +141,9 @@ def paired_markdown(comparison: Comparison) -> str:
     )
     note = (
         f"Δ = run − {comparison.baseline}, both runs scored on the same resamples ({described}); p two-sided, the bootstrap's "
-        "the smallest level at which its interval excludes 0. DeLong's test treats rows as independent (with several images "
-        "per patient its image-level p is too small); each run's own calibrated thresholds decide its kappa."
+        "the smallest level at which its interval excludes 0. DeLong's test takes the bootstrap's unit as its clusters "
+        "(Obuchowski's variance), so several images of one patient are not independent evidence; each run's own calibrated "
+        "thresholds decide its kappa."
     )
     return "\n".join([f"## Paired differences against {comparison.baseline}", "", *markdown_table(header, rows), "", note])
 
