@@ -229,9 +229,7 @@ def test_attention_and_adapter_heads_draw_views_of_a_token_level(tmp_path, small
     assert "augmentation_bank" not in choose_level([out], replace(auto, augment_bank=False))[1]
 
 
-def test_bank_refusals_before_any_view_is_embedded(tmp_path, monkeypatch, banked, small_manifest, fracatlas_root):
-    from medembed.extract.runner import check_bank_recipe
-
+def test_bank_refusals_before_any_view_is_embedded(tmp_path, banked, small_manifest, fracatlas_root):
     manifest = read_manifest(small_manifest)
     with pytest.raises(MedembedError, match="no store to augment"):
         extract_bank(manifest, fracatlas_root, encoder(), tmp_path / "none.h5", OPTIONS, AugmentOptions(augment=1))
@@ -239,9 +237,21 @@ def test_bank_refusals_before_any_view_is_embedded(tmp_path, monkeypatch, banked
         extract_bank(manifest, fracatlas_root, encoder(), banked, OPTIONS, AugmentOptions(augment=K, rotate=5.0))
     with pytest.raises(MedembedError, match="another encoder, preprocessing or precision"):
         extract_bank(manifest, fracatlas_root, build_encoder("efficientnet-lite0", {"size": 96}), banked, OPTIONS, AugmentOptions(augment=K))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(MedembedError, match="torchrun"):
-        check_bank_recipe(banked, AugmentOptions(augment=K))
+
+
+def test_torchrun_two_processes_write_the_bank_one_process_writes(tmp_path, banked, small_manifest, fracatlas_root):
+    from tests.test_extract import assert_same_embeddings, torchrun_extract
+
+    out = tmp_path / "dist.h5"
+    done = torchrun_extract(out, small_manifest, fracatlas_root, "--workers", "0", "--device", "cpu", "--augment", str(K), port=29521)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(tmp_path.glob("*.rank*")), "the shard stores of the store and of its bank are merged and removed"
+    bank, reference = open_store(bank_path(out)), open_store(bank_path(banked))
+    assert bank.attrs["augment"] == reference.attrs["augment"] and bank.attrs["source_store"] == "dist.h5"
+    assert set(bank.failed()) == set(reference.failed())
+    assert_same_embeddings(bank.read(), reference.read())
+    train = load_splits([out])[0]["train"]
+    assert len(load_train_views([out], train.image_id, None)[0].X) == len(bank.read().image_id)  # fit draws from it
 
 
 def test_train_views_subset_keeps_the_views_of_its_rows_counted_within_it():

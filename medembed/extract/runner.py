@@ -20,7 +20,8 @@ merges the shards into the output store at the end.
 
 `extract_bank` (``extract --augment K``) then embeds K seeded augmented views of every train image into the
 store's augmentation bank ``S.views.h5`` (`medembed.data.augment`): the same `extract` over a manifest of views, so
-it resumes, records failures and survives a kill as any store does; views preprocess in the decoding workers.
+it resumes, records failures, survives a kill and shards across torchrun ranks as any store does; views preprocess
+in the decoding workers.
 """
 
 from __future__ import annotations
@@ -320,13 +321,10 @@ def view_manifest(manifest: Manifest, views: int) -> Manifest:
 
 
 def check_bank_recipe(out: Path, augment: AugmentOptions) -> Path:
-    """The bank path of store `out`; refused in one line when a bank is there with another recipe (or none), and
-    under torchrun (the bank is written by one process)."""
+    """The bank path of store `out`; refused in one line when a bank is there with another recipe (or none)."""
     from medembed.data.augment import AugmentRecipe
     from medembed.store.views import bank_path
 
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise MedembedError("--augment is not supported under torchrun yet: extract the bank in one process (rerun the command without torchrun)")
     recipe = AugmentRecipe.from_options(augment)
     path = bank_path(out)
     if path.exists():
@@ -352,8 +350,9 @@ def extract_bank(
 ) -> BankSummary:
     """Embed `augment.augment` seeded views of every train image of `manifest` into the augmentation bank of the
     store `out` (`medembed.data.augment.bank_path`), resuming it if it exists; the main store must exist already
-    (extract it first) and have this run's fingerprint. Refused in one line: a bank with another recipe, a main
-    store of another encoder or preprocessing, and torchrun (the bank is written by one process)."""
+    (extract it first) and have this run's fingerprint. Refused in one line: a bank with another recipe, and a main
+    store of another encoder or preprocessing. Under torchrun the views are sharded across the ranks like any
+    manifest (`extract`), after the main store's merge: every rank reads the merged store."""
     from medembed.data.augment import AugmentedPreprocess, AugmentRecipe
 
     options = options or ExtractOptions()
