@@ -143,6 +143,9 @@ def test_an_adapters_seeds_and_two_levels_of_one_store_through_the_cli(stores, t
 def test_bad_level_combinations_are_refused_in_one_line(stores, tmp_path):
     lite0, lite1 = stores
     assert block_plan(2, "block14") == [(0, "block14"), (1, "block14")] and block_plan(1, "a,b") == [(0, "a"), (0, "b")]
+    assert block_plan(3, "block14,block19,block19") == [(0, "block14"), (1, "block19"), (2, "block19")]  # Lite0, Lite1, Lite2
+    with pytest.raises(MedembedError, match="names a level of the store twice"):
+        block_plan(1, "block14,block14")
     for stores_given, options, message in [
         ([lite0, lite1], dict(ensemble="mean", head="attention", level="block12,block14,block19"), "names 3 levels for 2 stores"),
         ([lite0, lite1], dict(ensemble="concat", head="attention", level="block14,block19"), "concat joins pooled embeddings"),

@@ -29,13 +29,13 @@ def block_plan(n_stores: int, level: str) -> list[tuple[int, str]]:
         return []
     if "auto" in levels:
         raise MedembedError("an ensemble's --level names its levels (one for every store, one per store, or several of one store); auto is not searched")
-    if len(set(levels)) != len(levels):
-        raise MedembedError(f"--level {level!r} names a level twice")
     if len(levels) == 1:
         return [(k, levels[0]) for k in range(n_stores)]
-    if len(levels) == n_stores:
+    if len(levels) == n_stores and n_stores > 1:  # one per store: two encoders' stores may name the same level
         return list(enumerate(levels))
     if n_stores == 1:
+        if len(set(levels)) != len(levels):
+            raise MedembedError(f"--level {level!r} names a level of the store twice")
         return [(0, name) for name in levels]
     raise MedembedError(
         f"--level {level!r} names {len(levels)} levels for {n_stores} stores; give one level (every store's), one per store in "
