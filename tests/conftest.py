@@ -25,6 +25,17 @@ def predict_cache(tmp_path_factory) -> Iterator[Path]:
         os.environ["MEDEMBED_CACHE"] = previous
 
 
+@pytest.fixture
+def single_torch_thread() -> Iterator[None]:
+    """Tiny forwards: one intra-op thread avoids OpenMP spin-waits when the 2 CI cores are busy."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def fracatlas_root() -> Path:
     """The FracAtlas folder (../shared/data/fracatlas). Required in CI, skipped elsewhere when absent."""

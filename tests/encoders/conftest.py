@@ -27,12 +27,8 @@ def offline_hub(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny forwards: one intra-op thread avoids OpenMP spin-waits when the 2 CI cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def single_thread(single_torch_thread):
+    """Every encoder test on one intra-op thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture

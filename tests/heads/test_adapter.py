@@ -16,14 +16,7 @@ from medembed.scorers.heads.adapter import adapter_start
 
 OPTIONS = {"size": 64, "levels": "stem,block12,block10,block10@2x2", "tokens": "1x1"}
 TINY = dict(encoder="efficientnet-lite0", encoder_options=OPTIONS, batch_size=16, n_jobs=1)
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
