@@ -69,6 +69,32 @@ def choose_level(stores: list[Path], options: FitOptions) -> tuple[str, dict[str
                   **({"augmentation_bank": drawn} if drawn else {})}
 
 
+def member_reads(names: list[str], stores: list[Path], blocks: tuple[dict[str, Any], ...]) -> list[str]:
+    """What each ensemble member reads, from its name ("adapter@1#2": block 1): its store and level, its store's
+    pooled vectors, or every store joined ("logreg@all", concat)."""
+    reads = []
+    for name in names:
+        where = name.partition("@")[2].partition("#")[0]
+        if where == "all":
+            reads.append("all stores joined")
+        elif blocks:
+            block = blocks[int(where)]
+            reads.append(f"{stores[int(block['store'])].name} {block['level']}")
+        else:
+            reads.append(f"{stores[int(where)].name} pooled")
+    return reads
+
+
+def with_members_section(extras: Callable[[Path], list[str]], members: dict[str, Any], combine: str) -> Callable[[Path], list[str]]:
+    """`extras` (`fitted_extras`'s) with report.md's Members section after its own."""
+    from medembed.protocol.members import members_section
+
+    def written(directory: Path) -> list[str]:
+        return [*extras(directory), members_section(members, combine)]
+
+    return written
+
+
 def level_head_params(head: str, level: str, store: Path, params: dict[str, Any]) -> dict[str, Any]:
     """`params`, plus for the adapter the encoder, its options and the level it starts from (from the store),
     refused in one line (before any tokens are read) when the adapter cannot start from that level."""
@@ -189,6 +215,13 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
         for k in range(options.seeds)
     ]
     best = fitted[0]
+    members = None
+    if options.ensemble:  # what each member brings, beside the ensemble (test is read, never chosen on)
+        from medembed.protocol.members import member_aurocs, members_line
+
+        members = member_aurocs(fitted, splits["test"], options.aggregation, member_reads(best.scorer.member_names(), stores, joined.blocks))
+        if log:
+            log(members_line(members))
     # Several seeds: the first seed's result (its scorer is the one the run keeps) and, beside it, the summary over
     # seeds that stands for the run wherever its headline is shown (medembed.protocol.metrics.headline_leaf).
     over_seeds = {"over_seeds": {**summarize_seeds([f.metrics for f in fitted]), "seeds": [f.seed for f in fitted]}} if len(fitted) > 1 else {}
@@ -219,8 +252,11 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
             **({"members": joined.members} if options.ensemble else {}),
             **({"level_selection": level_choice} if not options.ensemble and level_choice else {}),
             **({"augmentation": views_record} if views_record else {}),
+            **({"member_aurocs": members} if members else {}),
         },
     )
     extras = fitted_extras(best, splits, options.seed, options.n_resamples)
+    if members:
+        extras = with_members_section(extras, members, options.ensemble)
     write_run(out, record, best.scorer, Evaluation(best.p_test, splits["test"], metrics), extras=extras)
     return metrics

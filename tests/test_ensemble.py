@@ -52,6 +52,26 @@ def test_a_head_ensemble_on_one_store_writes_an_ensemble_run_that_evaluates_alik
     assert sorted(p.name for p in (tmp_path / "run" / "scorer").iterdir()) == ["ensemble.json", "member-0", "member-1"]
 
 
+def test_each_members_own_test_auroc_is_recorded_reported_and_printed(stores, tmp_path):
+    base, a, b, noise = stores
+    fit_run([a, b, noise], tmp_path / "run", FitOptions(head="logreg", ensemble="mean", seeds=2, **FAST))
+    table = json.loads((tmp_path / "run" / "run.json").read_text())["details"]["member_aurocs"]
+    assert table["members"] == ["logreg@0", "logreg@1", "logreg@2"] and table["seeds"] == [0, 1]
+    assert table["reads"] == ["a.h5 pooled", "b.h5 pooled", "noise.h5 pooled"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for level in ("image", "study"):
+        first = table[level]["members"][0]
+        assert min(first[0], first[1]) > 0.85 > first[2]  # the noise store's member brings nothing (30 test studies: far from 0.5)
+        assert table[level]["ensemble"][0] == pytest.approx(metrics[level]["overall"]["auroc"]["value"], abs=1e-12)
+    alone = fit_run([a], tmp_path / "alone", FitOptions(head="logreg", **FAST))  # the same train rows, the same logreg
+    assert table["image"]["members"][0][0] == pytest.approx(alone["image"]["overall"]["auroc"]["value"], abs=1e-9)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Members" in report and "| logreg@2 | noise.h5 pooled |" in report and "**ensemble (mean)**" in report
+    done = run_cli("fit", a, b, "--ensemble", "mean", "--head", "logreg", "--bootstrap", "0", "--out", tmp_path / "cli")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"members' test AUROC \(study level, before combining\): logreg@0 \(a\.h5 pooled\) [01]\.\d{3}; logreg@1", done.stdout + done.stderr)
+
+
 def test_stacking_weighs_members_by_out_of_fold_train_predictions(stores):
     """The meta-model learns, from train rows each member never saw, to trust the informative store over noise."""
     base, a, _, n = stores

@@ -94,6 +94,7 @@ def test_attention_members_of_two_encoders_levels_fit_load_and_predict(stores, t
     fit_run([lite0, lite1], run, FitOptions(head="attention", ensemble="mean", level="block14,block19", head_params=params, **FAST))
     record = json.loads((run / "run.json").read_text())
     assert record["kind"] == "ensemble" and record["options"]["level"] == "block14,block19"
+    assert record["details"]["member_aurocs"]["reads"] == ["efficientnet-lite0.h5 block14", "efficientnet-lite1.h5 block19"]
     loaded = load_run(run)
     scorer = loaded.scorer
     assert scorer.member_names() == ["attention@0", "attention@1"]
