@@ -69,22 +69,6 @@ def choose_level(stores: list[Path], options: FitOptions) -> tuple[str, dict[str
                   **({"augmentation_bank": drawn} if drawn else {})}
 
 
-def member_reads(names: list[str], stores: list[Path], blocks: tuple[dict[str, Any], ...]) -> list[str]:
-    """What each ensemble member reads, from its name ("adapter@1#2": block 1): its store and level, its store's
-    pooled vectors, or every store joined ("logreg@all", concat)."""
-    reads = []
-    for name in names:
-        where = name.partition("@")[2].partition("#")[0]
-        if where == "all":
-            reads.append("all stores joined")
-        elif blocks:
-            block = blocks[int(where)]
-            reads.append(f"{stores[int(block['store'])].name} {block['level']}")
-        else:
-            reads.append(f"{stores[int(where)].name} pooled")
-    return reads
-
-
 def with_members_section(extras: Callable[[Path], list[str]], members: dict[str, Any], combine: str) -> Callable[[Path], list[str]]:
     """`extras` (`fitted_extras`'s) with report.md's Members section after its own."""
     from medembed.protocol.members import members_section
@@ -219,7 +203,7 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
     if options.ensemble:  # what each member brings, beside the ensemble (test is read, never chosen on)
         from medembed.protocol.members import member_aurocs, members_line
 
-        members = member_aurocs(fitted, splits["test"], options.aggregation, member_reads(best.scorer.member_names(), stores, joined.blocks))
+        members = member_aurocs(fitted, splits["test"], options.aggregation, best.scorer.member_reads([s.name for s in stores]))
         if log:
             log(members_line(members))
     # Several seeds: the first seed's result (its scorer is the one the run keeps) and, beside it, the summary over

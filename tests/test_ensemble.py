@@ -133,6 +133,7 @@ def test_an_ensemble_of_two_stores_keeps_each_member_fingerprint_and_checks_it_o
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert [m["fingerprint"]["encoder"] for m in record["details"]["members"]] == ["synthetic", "other-encoder"]
     assert record["fingerprint"]["encoder"] == "synthetic + other-encoder"
+    assert record["details"]["member_aurocs"]["reads"] == (["all stores joined"] if combine == "concat" else ["a.h5 pooled", "b.h5 pooled"])
     assert evaluate_run(tmp_path / "run", stores=[a, b])["study"]["overall"]["auroc"]["value"] > 0.85
     with pytest.raises(MedembedError, match="differ from member 1"):
         evaluate_run(tmp_path / "run", stores=[a, a])

@@ -221,6 +221,20 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
     def _n_blocks(self) -> int:
         return len(self.blocks) if self.blocks else len(self.widths)
 
+    def member_reads(self, store_names: list[str]) -> list[str]:
+        """What each member reads, its stores named by `store_names` (one per member store): its store and level
+        ("effl1.h5 block19"), its store's pooled vectors, or every store joined (concat)."""
+        reads = []
+        for k in range(len(self.member_names())):
+            block = self._member_block(k)
+            if self.combine == "concat":
+                reads.append("all stores joined")
+            elif self.blocks:
+                reads.append(f"{store_names[int(self.blocks[block]['store'])]} {self.blocks[block]['level']}")
+            else:
+                reads.append(f"{store_names[block]} pooled")
+        return reads
+
     def _member_head(self, k: int) -> str:
         return self.member_names()[k].split("@")[0]
 
