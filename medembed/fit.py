@@ -69,6 +69,25 @@ def choose_level(stores: list[Path], options: FitOptions) -> tuple[str, dict[str
                   **({"augmentation_bank": drawn} if drawn else {})}
 
 
+def epoch_budget_warnings(fitted: list[Any]) -> list[str]:
+    """One line per head, or ensemble member, that used up its -p max_epochs while its val AUROC still rose (in any
+    seed): it stopped under-trained, and the line says which parameter gives it more epochs."""
+    from medembed.scorers.heads.base import stopped_while_improving
+
+    cut: dict[str, tuple[str, int, list[int]]] = {}
+    for one in fitted:
+        members = list(zip(one.scorer.member_names(), one.scorer.members_)) if hasattr(one.scorer, "members_") else [("", one.scorer)]
+        for member, head in members:
+            if stopped_while_improving(head):
+                parameter = f"{head.name}.max_epochs" if member else "max_epochs"
+                cut.setdefault(member or head.name, (parameter, head.max_epochs, []))[2].append(one.seed)
+    return [
+        f"{name}: its best val AUROC was at its last epoch ({epochs} of -p {parameter}={epochs}) in seed{'s' if len(seeds) > 1 else ''} "
+        f"{', '.join(map(str, seeds))}: still rising when training stopped; a larger -p {parameter} may fit better"
+        for name, (parameter, epochs, seeds) in cut.items()
+    ]
+
+
 def with_members_section(extras: Callable[[Path], list[str]], members: dict[str, Any], combine: str) -> Callable[[Path], list[str]]:
     """`extras` (`fitted_extras`'s) with report.md's Members section after its own."""
     from medembed.protocol.members import members_section
@@ -199,6 +218,9 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
         for k in range(options.seeds)
     ]
     best = fitted[0]
+    for line in epoch_budget_warnings(fitted):  # on the console and in the report's notes
+        warnings.warn(line, stacklevel=2)
+        notes.append(line)
     members = None
     if options.ensemble:  # what each member brings, beside the ensemble (test is read, never chosen on)
         from medembed.protocol.members import member_aurocs, members_line

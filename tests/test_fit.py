@@ -122,6 +122,22 @@ def _no_labels(ids, emb, cols):
     cols["label"] = [-1] * len(ids)
 
 
+def test_a_head_that_used_up_its_epochs_while_improving_is_named_with_the_parameter_that_gives_more(tmp_path):
+    from tests.cli.test_entry_point import run_cli
+
+    store = write_store(tmp_path / "s.h5")
+    done = run_cli("fit", store, "--head", "mlp", "-p", "max_epochs=1", "--seeds", "2", "--bootstrap", "0", "--out", tmp_path / "mlp")
+    assert done.returncode == 0, done.stderr
+    line = ("mlp: its best val AUROC was at its last epoch (1 of -p max_epochs=1) in seeds 0, 1: still rising when training "
+            "stopped; a larger -p max_epochs may fit better")
+    assert f"warning: {line}" in done.stderr and line in json.loads((tmp_path / "mlp" / "run.json").read_text())["notes"]
+    fit_run([store], tmp_path / "ensemble", FitOptions(head="logreg,mlp", ensemble="mean", head_params={"mlp.max_epochs": 1}, n_resamples=0))
+    notes = json.loads((tmp_path / "ensemble" / "run.json").read_text())["notes"]
+    assert [n.split(":")[0] for n in notes if "last epoch" in n] == ["mlp@0"] and any("(1 of -p mlp.max_epochs=1)" in n for n in notes)
+    fit_run([store], tmp_path / "room", FitOptions(head="mlp", head_params={"max_epochs": 200, "patience": 2}, n_resamples=0))
+    assert not any("last epoch" in n for n in json.loads((tmp_path / "room" / "run.json").read_text())["notes"])  # early stopping ended it
+
+
 @pytest.mark.parametrize(
     "corrupt, message",
     [(_nan_row, "NaN or infinite"), (_single_class_train, "train split has a single class"), (_leak_patient, "leakage"), (_no_labels, "no labels")],

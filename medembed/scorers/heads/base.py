@@ -24,7 +24,7 @@ from medembed.scorers.heads._checks import check_bool, check_choice, check_embed
 from medembed.scorers.heads._features import l2_normalize_rows
 from medembed.scorers.heads._json import HeadLoadError, read_json, require, write_json
 
-__all__ = ["FORMAT_VERSION", "HEAD_FILE", "Head", "HeadLoadError", "read_head_document", "selection_record"]
+__all__ = ["FORMAT_VERSION", "HEAD_FILE", "Head", "HeadLoadError", "read_head_document", "selection_record", "stopped_while_improving"]
 
 FORMAT_VERSION = 1
 HEAD_FILE = "head.json"
@@ -44,6 +44,14 @@ def selection_record(
         "best_val_auroc": val_auroc[best],
         **extra,
     }
+
+
+def stopped_while_improving(head: Any) -> bool:
+    """Whether a head trained in epochs ran all its `max_epochs` and chose the last one: its val AUROC was still
+    rising when training was cut, so more epochs may fit better."""
+    selection = getattr(head, "selection_", None) or {}
+    epochs = selection.get("values") or []
+    return selection.get("searched") == "epochs" and len(epochs) == getattr(head, "max_epochs", None) and selection.get("chosen") == epochs[-1]
 
 
 EvalSet = Sequence[tuple[np.ndarray, np.ndarray]] | tuple[np.ndarray, np.ndarray]
