@@ -22,7 +22,7 @@ from medembed.options import check_positive, long_flags
 from medembed.options.transfer import TransferOptions
 from medembed.protocol.steps import evaluate_split
 from medembed.runs.inputs import run_inputs, with_manifest_columns
-from medembed.runs.record import load_run
+from medembed.runs.record import RUN_FILE, load_run
 from medembed.runs.writer import Evaluation, write_evaluation
 from medembed.transfer.reference import run_reference
 from medembed.transfer.sections import source_sections
@@ -81,6 +81,21 @@ def evaluation_directory(run_dir: Path, name: str) -> Path:
     return target
 
 
+def ensemble_members_sections(run: Any, rows: Any, p: Any, metrics: dict[str, Any], stores: list[Path] | None) -> list[str]:
+    """An ensemble's Members section for this evaluation (of the scorer the run keeps, its first seed's); [] for
+    any other run. Its stores are named by their file names only (run.json is read as text, nothing is opened)."""
+    if run.record.kind != "ensemble":
+        return []
+    from medembed.protocol.members import member_aurocs, members_section
+    from medembed.protocol.steps import Fitted
+    from medembed.runs.inputs import run_members
+
+    names = [Path(s).name for s in (stores or [m["store"] for m in run_members(run.record.details, run.directory / RUN_FILE)])]
+    fitted = Fitted(run.scorer, run.calibration, p, metrics, run.record.protocol.seed)
+    table = member_aurocs([fitted], rows, run.record.protocol.aggregation, run.scorer.member_reads(names))
+    return [members_section(table, run.scorer.combine)]
+
+
 def evaluate_run(
     run_dir: Path, stores: list[Path] | None = None, split: str = "test", n_resamples: int | None = None, transfer: TransferOptions | None = None,
     image_root: Path | None = None,
@@ -107,8 +122,9 @@ def evaluate_run(
         reference, unavailable = run_reference(run), ""
     except MedembedError as error:  # e.g. --store given and the run's own store gone: the metrics still come
         reference, unavailable = None, str(error)
+    members = ensemble_members_sections(run, rows, p, metrics, stores)
     extras = lambda directory: source_sections(  # noqa: E731
-        directory, reference, rows, p, run.calibration.image_threshold, transfer, options.n_resamples, options.seed, unavailable)
+        directory, reference, rows, p, run.calibration.image_threshold, transfer, options.n_resamples, options.seed, unavailable) + members
     record = run.record
     if stores:  # the evaluated stores' images, not the fit's, are what report.html's gallery shows
         record = replace(record, inputs={**record.inputs, "stores": [str(Path(s).resolve()) for s in stores]})

@@ -67,6 +67,9 @@ def test_each_members_own_test_auroc_is_recorded_reported_and_printed(stores, tm
     assert table["image"]["members"][0][0] == pytest.approx(alone["image"]["overall"]["auroc"]["value"], abs=1e-9)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Members" in report and "| logreg@2 | noise.h5 pooled |" in report and "**ensemble (mean)**" in report
+    evaluate_run(tmp_path / "run")  # an evaluation of the kept (first-seed) scorer shows its members too
+    evaluated = next((tmp_path / "run" / "evaluations").glob("*/report.md")).read_text()
+    assert f"| logreg@0 | a.h5 pooled | {table['image']['members'][0][0]:.3f} |" in evaluated
     done = run_cli("fit", a, b, "--ensemble", "mean", "--head", "logreg", "--bootstrap", "0", "--out", tmp_path / "cli")
     assert done.returncode == 0, done.stderr[-2000:]
     assert re.search(r"members' test AUROC \(study level, before combining\): logreg@0 \(a\.h5 pooled\) [01]\.\d{3}; logreg@1", done.stdout + done.stderr)

@@ -224,6 +224,8 @@ class EnsembleScorer(ClassifierMixin, BaseEstimator):
     def member_reads(self, store_names: list[str]) -> list[str]:
         """What each member reads, its stores named by `store_names` (one per member store): its store and level
         ("effl1.h5 block19"), its store's pooled vectors, or every store joined (concat)."""
+        if len(store_names) != len(self.widths):
+            raise MedembedError(f"an ensemble of {len(self.widths)} stores read with {len(store_names)} store names")
         reads = []
         for k in range(len(self.member_names())):
             block = self._member_block(k)
