@@ -147,6 +147,7 @@ def test_bad_level_combinations_are_refused_in_one_line(stores, tmp_path):
     assert block_plan(3, "block14,block19,block19") == [(0, "block14"), (1, "block19"), (2, "block19")]  # Lite0, Lite1, Lite2
     with pytest.raises(MedembedError, match="names a level of the store twice"):
         block_plan(1, "block14,block14")
+    FitOptions(ensemble="mean", head="adapter", level="block14,block19,block19")  # the options alone do not refuse it
     for stores_given, options, message in [
         ([lite0, lite1], dict(ensemble="mean", head="attention", level="block12,block14,block19"), "names 3 levels for 2 stores"),
         ([lite0, lite1], dict(ensemble="concat", head="attention", level="block14,block19"), "concat joins pooled embeddings"),
