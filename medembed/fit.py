@@ -88,16 +88,6 @@ def epoch_budget_warnings(fitted: list[Any]) -> list[str]:
     ]
 
 
-def with_members_section(extras: Callable[[Path], list[str]], members: dict[str, Any], combine: str) -> Callable[[Path], list[str]]:
-    """`extras` (`fitted_extras`'s) with report.md's Members section after its own."""
-    from medembed.protocol.members import members_section
-
-    def written(directory: Path) -> list[str]:
-        return [*extras(directory), members_section(members, combine)]
-
-    return written
-
-
 def level_head_params(head: str, level: str, store: Path, params: dict[str, Any]) -> dict[str, Any]:
     """`params`, plus for the adapter the encoder, its options and the level it starts from (from the store),
     refused in one line (before any tokens are read) when the adapter cannot start from that level."""
@@ -221,11 +211,12 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
     for line in epoch_budget_warnings(fitted):  # on the console and in the report's notes
         warnings.warn(line, stacklevel=2)
         notes.append(line)
-    members = None
+    members, member_sections = None, []
     if options.ensemble:  # what each member brings, beside the ensemble (test is read, never chosen on)
-        from medembed.protocol.members import member_aurocs, members_line
+        from medembed.protocol.members import member_aurocs, members_line, members_section
 
         members = member_aurocs(fitted, splits["test"], options.aggregation, best.scorer.member_reads([s.name for s in stores]))
+        member_sections = [members_section(members, options.ensemble)]
         if log:
             log(members_line(members))
     # Several seeds: the first seed's result (its scorer is the one the run keeps) and, beside it, the summary over
@@ -261,8 +252,6 @@ def fit_run(stores: list[Path], out: Path, options: FitOptions, log: Callable[[s
             **({"member_aurocs": members} if members else {}),
         },
     )
-    extras = fitted_extras(best, splits, options.seed, options.n_resamples)
-    if members:
-        extras = with_members_section(extras, members, options.ensemble)
+    extras = fitted_extras(best, splits, options.seed, options.n_resamples, sections=member_sections)
     write_run(out, record, best.scorer, Evaluation(best.p_test, splits["test"], metrics), extras=extras)
     return metrics

@@ -160,10 +160,12 @@ def _interval(ci: list[float] | None) -> str:
     return "n/a" if not ci or any(v is None or math.isnan(v) for v in ci) else format_interval(ci)
 
 
-def fitted_extras(fitted: Any, splits: dict[str, Split], seed: int, n_resamples: int, options: TransferOptions | None = None) -> Any:
+def fitted_extras(fitted: Any, splits: dict[str, Split], seed: int, n_resamples: int, options: TransferOptions | None = None,
+                  sections: list[str] | tuple[str, ...] = ()) -> Any:
     """What a fit adds to its run directory, for one `medembed.protocol.steps.Fitted` of any scorer: the reference (val
-    scores; a train-embedding sample for embedding scorers) and the report sections of the test split. Returned
-    as the `extras` callable `medembed.runs.writer.write_run` takes."""
+    scores; a train-embedding sample for embedding scorers) and the report sections of the test split, then
+    `sections` (finished ones the fit wrote, e.g. an ensemble's Members). Returned as the `extras` callable
+    `medembed.runs.writer.write_run` takes."""
     from medembed.scorers.contract import positive_scores
     from medembed.transfer.reference import REFERENCE_DIR, build_reference
 
@@ -175,6 +177,6 @@ def fitted_extras(fitted: Any, splits: dict[str, Split], seed: int, n_resamples:
     def extras(directory: Path) -> list[str]:
         reference.save(Path(directory) / REFERENCE_DIR)
         return source_sections(directory, reference, splits["test"], fitted.p_test, fitted.calibration.image_threshold,
-                               options or TransferOptions(), n_resamples, seed)
+                               options or TransferOptions(), n_resamples, seed) + list(sections)
 
     return extras
