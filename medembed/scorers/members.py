@@ -22,18 +22,20 @@ import numpy as np
 from medembed.errors import MedembedError
 
 
-def check_no_auto(levels: list[str]) -> None:
-    """Refuse auto among an ensemble's --level names (what can be refused before the stores are known)."""
+def ensemble_level_names(level: str) -> list[str]:
+    """An ensemble's --level names (comma-separated; "" reads the pooled embeddings: none), refused in one line when
+    they name auto: what can be refused before the stores are known."""
+    levels = [part.strip() for part in str(level).split(",") if part.strip()]
     if "auto" in levels:
         raise MedembedError("an ensemble's --level names its levels (one for every store, one per store, or several of one store); auto is not searched")
+    return levels
 
 
 def block_plan(n_stores: int, level: str) -> list[tuple[int, str]]:
     """The ensemble's blocks `(store index, level)` for `--level` (comma-separated; "" reads the pooled embeddings: no blocks)."""
-    levels = [part.strip() for part in str(level).split(",") if part.strip()]
+    levels = ensemble_level_names(level)
     if not levels:
         return []
-    check_no_auto(levels)
     if len(levels) == 1:
         return [(k, levels[0]) for k in range(n_stores)]
     if len(levels) == n_stores and n_stores > 1:  # one per store: two encoders' stores may name the same level

@@ -63,12 +63,12 @@ class FitOptions(ProtocolOptions):
                 make_head(head, **params)
                 check_level_head(head, self.level)
             if self.level:
-                from medembed.scorers.members import check_no_auto
+                from medembed.scorers.members import ensemble_level_names
 
                 if self.ensemble == "concat":
                     raise MedembedError("--ensemble concat joins pooled embeddings; members on token levels (--level) are combined by mean or stack")
 
-                check_no_auto([part.strip() for part in self.level.split(",")])  # the count and repeats are checked against the stores
+                ensemble_level_names(self.level)  # refuses auto; the count and repeats are checked against the stores
             return
         if self.ensemble_seeds != 1:
             raise MedembedError("option ensemble_seeds sets the seeds of each --ensemble member; without --ensemble use --seeds")
