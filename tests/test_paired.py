@@ -61,7 +61,7 @@ def _slow_clustered_variance(y, p_a, p_b, clusters):
     m, n = (y == 1).sum(), (y == 0).sum()
     pos = [c for c in ids if ((clusters == c) & (y == 1)).any()]
     neg = [c for c in ids if ((clusters == c) & (y == 0)).any()]
-    x_parts, y_parts, aucs = [], [], []
+    x_parts, y_parts = [], []
     for p in (p_a, p_b):
         x, w = p[y == 1], p[y == 0]
         psi = (x[:, None] > w[None, :]) + 0.5 * (x[:, None] == w[None, :])
@@ -70,7 +70,6 @@ def _slow_clustered_variance(y, p_a, p_b, clusters):
         cx, cw = clusters[y == 1], clusters[y == 0]
         x_parts.append(np.array([shares_pos[cx == c].sum() - (cx == c).sum() * auc for c in ids]))
         y_parts.append(np.array([shares_neg[cw == c].sum() - (cw == c).sum() * auc for c in ids]))
-        aucs.append(auc)
     def cov(i, j):
         s10 = len(pos) / ((len(pos) - 1) * m) * np.sum(x_parts[i] * x_parts[j])
         s01 = len(neg) / ((len(neg) - 1) * n) * np.sum(y_parts[i] * y_parts[j])
